@@ -1,0 +1,70 @@
+//! Port I/O: the serial line and the structured control port.
+
+use core::arch::asm;
+use guest_protocol::control::{Event, ARG_HI_PORT, ARG_LO_PORT, CONTROL_PORT, SERIAL_PORT};
+
+fn outl(port: u16, value: u32) {
+    // SAFETY: port I/O has no memory effects in this guest; the VMM owns every port.
+    unsafe {
+        asm!("out dx, eax", in("dx") port, in("eax") value, options(nomem, nostack, preserves_flags))
+    };
+}
+
+/// Reports `event` with `arg` on the control port.
+pub fn event(event: Event, arg: u64) {
+    outl(ARG_LO_PORT, arg as u32);
+    outl(ARG_HI_PORT, (arg >> 32) as u32);
+    outl(CONTROL_PORT, event as u32);
+}
+
+/// Writes text to COM1 with one `rep outsb`: KVM hands the whole string to
+/// the VMM in one exit instead of one exit per byte.
+pub fn print(s: &str) {
+    if s.is_empty() {
+        return;
+    }
+    // SAFETY: reads `s.len()` bytes from `s`, which is valid for that long;
+    // the direction flag is clear (the VMM starts vCPUs with RFLAGS = 2 and
+    // nothing sets it).
+    unsafe {
+        asm!(
+            "rep outsb",
+            in("dx") SERIAL_PORT,
+            inout("rsi") s.as_ptr() => _,
+            inout("rcx") s.len() => _,
+            options(nostack, preserves_flags, readonly)
+        )
+    };
+}
+
+/// Writes an unsigned decimal number to COM1 (no `core::fmt` in this guest).
+pub fn print_u64(mut v: u64) {
+    let mut buf = [0u8; 20];
+    let mut i = buf.len();
+    loop {
+        i -= 1;
+        buf[i] = b'0' + (v % 10) as u8;
+        v /= 10;
+        if v == 0 {
+            break;
+        }
+    }
+    // SAFETY: the bytes are ASCII digits.
+    print(unsafe { core::str::from_utf8_unchecked(&buf[i..]) });
+}
+
+/// Prints `vcpu N: ` at the start of a line.
+pub fn prefix(vcpu: u64) {
+    print("vcpu ");
+    print_u64(vcpu);
+    print(": ");
+}
+
+/// Stops this vCPU for good (interrupts are off, so `hlt` never returns in a
+/// meaningful way; the VMM has already stopped running it after `Done`).
+pub fn halt() -> ! {
+    loop {
+        // SAFETY: halting has no memory effects.
+        unsafe { asm!("cli", "hlt", options(nomem, nostack)) };
+    }
+}

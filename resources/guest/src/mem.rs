@@ -1,0 +1,88 @@
+//! The memory functions the compiler expects; the host target's `core` does
+//! not provide them to a `no_std` binary. Volatile accesses keep LLVM from
+//! turning these loops back into calls to themselves.
+
+use core::ptr::{read_volatile, write_volatile};
+
+/// # Safety
+/// `dest` and `src` must be valid for `n` bytes and not overlap.
+#[no_mangle]
+pub unsafe extern "C" fn memcpy(dest: *mut u8, src: *const u8, n: usize) -> *mut u8 {
+    // SAFETY: the caller guarantees both ranges are valid and disjoint.
+    unsafe { memmove(dest, src, n) }
+}
+
+/// # Safety
+/// `dest` and `src` must be valid for `n` bytes.
+#[no_mangle]
+pub unsafe extern "C" fn memmove(dest: *mut u8, src: *const u8, n: usize) -> *mut u8 {
+    if (dest as usize) <= (src as usize) {
+        let mut i = 0;
+        while i < n {
+            // SAFETY: i < n, both ranges valid for n bytes; copying forward is
+            // safe when dest is below src.
+            unsafe { write_volatile(dest.add(i), read_volatile(src.add(i))) };
+            i += 1;
+        }
+    } else {
+        let mut i = n;
+        while i > 0 {
+            i -= 1;
+            // SAFETY: i < n as above; copying backward is safe when dest is above src.
+            unsafe { write_volatile(dest.add(i), read_volatile(src.add(i))) };
+        }
+    }
+    dest
+}
+
+/// # Safety
+/// `dest` must be valid for `n` bytes.
+#[no_mangle]
+pub unsafe extern "C" fn memset(dest: *mut u8, c: i32, n: usize) -> *mut u8 {
+    let mut i = 0;
+    // Word stores where aligned: guest instructions are emulated, so fewer is faster.
+    if (dest as usize).is_multiple_of(8) {
+        let b = (c as u8) as u64;
+        let w = b * 0x0101_0101_0101_0101;
+        while i + 8 <= n {
+            // SAFETY: dest is 8-aligned and i + 8 <= n.
+            unsafe { write_volatile(dest.add(i) as *mut u64, w) };
+            i += 8;
+        }
+    }
+    while i < n {
+        // SAFETY: i < n.
+        unsafe { write_volatile(dest.add(i), c as u8) };
+        i += 1;
+    }
+    dest
+}
+
+/// # Safety
+/// `a` and `b` must be valid for `n` bytes.
+#[no_mangle]
+pub unsafe extern "C" fn memcmp(a: *const u8, b: *const u8, n: usize) -> i32 {
+    let mut i = 0;
+    while i < n {
+        // SAFETY: i < n.
+        let (x, y) = unsafe { (read_volatile(a.add(i)), read_volatile(b.add(i))) };
+        if x != y {
+            return x as i32 - y as i32;
+        }
+        i += 1;
+    }
+    0
+}
+
+/// # Safety
+/// `a` and `b` must be valid for `n` bytes.
+#[no_mangle]
+pub unsafe extern "C" fn bcmp(a: *const u8, b: *const u8, n: usize) -> i32 {
+    // SAFETY: same contract.
+    unsafe { memcmp(a, b, n) }
+}
+
+/// The precompiled `core` refers to this symbol; with `panic = "abort"` it is
+/// never called.
+#[no_mangle]
+pub extern "C" fn rust_eh_personality() {}

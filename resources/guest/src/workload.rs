@@ -1,0 +1,246 @@
+//! The workload loop: page steps from the shared schedule, command polling,
+//! progress events and the consistency oracle.
+
+use crate::{fail, io};
+use core::ptr::{read_volatile, write_volatile};
+use guest_protocol::boot_info::{BootInfo, Command, CommandOp, VcpuState, Workload, POLL_INTERVAL};
+use guest_protocol::control::Event;
+use guest_protocol::layout::{WorkArea, PAGE_SIZE};
+use guest_protocol::oracle;
+use guest_protocol::schedule::{word, PassSteps, ScheduleParams, Step};
+
+/// What a poll of the command word decided.
+#[derive(PartialEq, Eq)]
+enum Poll {
+    Continue,
+    Stop,
+}
+
+struct Ctx {
+    vcpu: u64,
+    boot_info: *const BootInfo,
+    state: *mut VcpuState,
+    params: ScheduleParams,
+    area: WorkArea,
+    verify_at_end: bool,
+}
+
+impl Ctx {
+    fn page_ptr(&self, vcpu: u64, page: u64) -> *mut u64 {
+        self.area.page_gpa(vcpu, page) as *mut u64
+    }
+
+    fn cursor(&self) -> u64 {
+        // SAFETY: the state page is this vCPU's own, identity-mapped.
+        unsafe { read_volatile(&raw const (*self.state).cursor) }
+    }
+
+    fn set_cursor(&self, v: u64) {
+        // SAFETY: as in `cursor`.
+        unsafe { write_volatile(&raw mut (*self.state).cursor, v) }
+    }
+
+    fn add_pages_written(&self) -> u64 {
+        // SAFETY: as in `cursor`.
+        unsafe {
+            let p = &raw mut (*self.state).pages_written;
+            let n = read_volatile(p) + 1;
+            write_volatile(p, n);
+            n
+        }
+    }
+
+    fn pages_written(&self) -> u64 {
+        // SAFETY: as in `cursor`.
+        unsafe { read_volatile(&raw const (*self.state).pages_written) }
+    }
+
+    fn read_mismatches(&self) -> u64 {
+        // SAFETY: as in `cursor`.
+        unsafe { read_volatile(&raw const (*self.state).read_mismatches) }
+    }
+
+    // The state page is guest memory reached through a raw pointer, not
+    // data owned by `Ctx`.
+    #[allow(clippy::mut_from_ref)]
+    fn state(&self) -> &mut VcpuState {
+        // SAFETY: only this vCPU touches its state page while it runs; the VMM
+        // reads it only while the vCPU is paused or finished.
+        unsafe { &mut *self.state }
+    }
+
+    /// Runs the oracle over this vCPU's range; read-check failures count too.
+    fn verify(&self) -> u64 {
+        let n = self.params.pages as usize;
+        let scratch = self.area.vcpu_scratch_gpa(self.vcpu) as *mut u64;
+        // SAFETY: the VMM laid out `pages` u64 of scratch for this vCPU,
+        // used by nobody else.
+        let expected = unsafe { core::slice::from_raw_parts_mut(scratch, n) };
+        let state = *self.state();
+        let m = oracle::verify_vcpu(&self.params, self.vcpu, &state, expected, |page| {
+            // SAFETY: page < pages, inside this vCPU's own range.
+            unsafe { read_volatile(self.page_ptr(self.vcpu, page)) }
+        });
+        m + self.read_mismatches()
+    }
+
+    fn report_verify(&self) {
+        let m = self.verify();
+        io::prefix(self.vcpu);
+        io::print("verify: ");
+        io::print_u64(m);
+        io::print(" mismatches\n");
+        io::event(Event::VerifyResult, m);
+    }
+
+    fn command(&self) -> (u32, u32, u64) {
+        // SAFETY: the boot-info page is identity-mapped and vcpu < MAX_VCPUS;
+        // the word is read before the argument, which the VMM writes first.
+        unsafe {
+            let slot = &raw const (*self.boot_info).commands[self.vcpu as usize];
+            let w = read_volatile(&raw const (*slot).word);
+            let arg = read_volatile(&raw const (*slot).arg);
+            let (seq, op) = Command::unpack(w);
+            (seq, op, arg)
+        }
+    }
+
+    /// Acts on every new command in the command word.
+    fn poll(&self) -> Poll {
+        loop {
+            let (seq, op, arg) = self.command();
+            if seq as u64 == self.state().last_command_seq {
+                return Poll::Continue;
+            }
+            self.state().last_command_seq = seq as u64;
+            io::event(Event::CommandAck, seq as u64);
+            match CommandOp::from_u32(op) {
+                Some(CommandOp::Continue) => {}
+                Some(CommandOp::Verify) => self.report_verify(),
+                Some(CommandOp::Stop) => return Poll::Stop,
+                Some(CommandOp::EndRound) => {
+                    io::event(Event::RoundEnd, self.pages_written());
+                    while self.command().0 == seq {
+                        core::hint::spin_loop();
+                    }
+                }
+                Some(CommandOp::SetSeed) => {
+                    if !self.state().push_seed(arg, self.params.pages) {
+                        fail(self.vcpu, "seed history full");
+                    }
+                }
+                None => fail(self.vcpu, "unknown command op"),
+            }
+        }
+    }
+}
+
+/// Runs the workload the boot-info page names on vCPU `vcpu`; never returns.
+pub fn run(vcpu: u64, boot_info: *const BootInfo) -> ! {
+    // SAFETY: identity-mapped boot-info page; its header does not change
+    // after boot.
+    let bi = unsafe { core::ptr::read_volatile(boot_info) };
+    let Some(workload) = Workload::from_u32(bi.workload) else {
+        fail(vcpu, "boot info: unknown workload");
+    };
+    if vcpu >= bi.num_vcpus as u64 || bi.pages_per_vcpu == 0 && workload != Workload::Idle {
+        fail(vcpu, "boot info: bad vCPU count or page count");
+    }
+    let ctx = Ctx {
+        vcpu,
+        boot_info,
+        state: (bi.state_gpa + vcpu * PAGE_SIZE) as *mut VcpuState,
+        params: ScheduleParams {
+            workload,
+            vcpus: bi.num_vcpus as u64,
+            pages: bi.pages_per_vcpu,
+            passes: bi.passes,
+            write_ratio: bi.write_ratio as u64,
+        },
+        area: WorkArea {
+            vcpus: bi.num_vcpus as u64,
+            pages_per_vcpu: bi.pages_per_vcpu,
+        },
+        verify_at_end: bi.verify_at_end != 0,
+    };
+    io::prefix(vcpu);
+    io::print("booted, workload ");
+    io::print(workload.name());
+    io::print(", ");
+    io::print_u64(bi.pages_per_vcpu);
+    io::print(" pages x ");
+    io::print_u64(bi.passes);
+    io::print(" passes\n");
+
+    if workload == Workload::Idle {
+        while ctx.poll() == Poll::Continue {
+            core::hint::spin_loop();
+        }
+    } else {
+        run_steps(&ctx);
+    }
+    if ctx.verify_at_end {
+        ctx.report_verify();
+    }
+    io::prefix(vcpu);
+    io::print("done, ");
+    io::print_u64(ctx.pages_written());
+    io::print(" page stores\n");
+    io::event(Event::Done, ctx.pages_written());
+    io::halt()
+}
+
+fn run_steps(ctx: &Ctx) {
+    let params = ctx.params;
+    let total = params.total_steps();
+    let mut current: Option<(u64, PassSteps)> = None;
+    loop {
+        let cursor = ctx.cursor();
+        if cursor.is_multiple_of(POLL_INTERVAL) || cursor >= total {
+            io::event(Event::Progress, ctx.pages_written());
+            if ctx.poll() == Poll::Stop || cursor >= total {
+                return;
+            }
+        }
+        let pass = cursor / params.pages;
+        let index = cursor % params.pages;
+        let seed = ctx.state().seed_for_pass(pass);
+        let steps = match &mut current {
+            Some((p, steps)) if *p == pass => steps,
+            _ => {
+                let mut steps = PassSteps::new(params, ctx.vcpu, pass, seed);
+                steps.skip_to(index);
+                &mut current.insert((pass, steps)).1
+            }
+        };
+        match steps.step() {
+            Step::Write { page } => {
+                // SAFETY: page < pages: inside this vCPU's own range.
+                unsafe {
+                    write_volatile(
+                        ctx.page_ptr(ctx.vcpu, page),
+                        word(seed, ctx.vcpu, pass, page),
+                    )
+                };
+                ctx.add_pages_written();
+            }
+            Step::Read {
+                vcpu,
+                page,
+                expect_from_pass0,
+            } => {
+                // SAFETY: vcpu < vcpus and page < pages: inside the work area.
+                let got = unsafe { read_volatile(ctx.page_ptr(vcpu, page)) };
+                if expect_from_pass0 && got != word(ctx.state().seed_for_pass(0), vcpu, 0, page) {
+                    let s = ctx.state();
+                    s.read_mismatches += 1;
+                }
+            }
+            Step::Nothing => {}
+        }
+        ctx.set_cursor(cursor + 1);
+        if (cursor + 1).is_multiple_of(params.pages) {
+            io::event(Event::PassDone, pass);
+        }
+    }
+}

@@ -1,0 +1,311 @@
+//! The boot-info page (VMM → guest) and the per-vCPU state page (guest-owned,
+//! read by the VMM's oracle).
+//!
+//! Both are `#[repr(C)]` and hold only integers, so either side can read them
+//! from raw guest memory. The VMM fills the boot-info page before the first
+//! vCPU runs and afterwards writes only the command slots.
+
+use crate::layout::MAX_VCPUS;
+
+/// `BootInfo::magic`: "VMMBOOT1" in little-endian ASCII.
+pub const BOOT_INFO_MAGIC: u64 = u64::from_le_bytes(*b"VMMBOOT1");
+/// `BootInfo::version` of this protocol.
+pub const BOOT_INFO_VERSION: u32 = 1;
+/// Most seed changes a vCPU's history can hold.
+pub const MAX_SEEDS: usize = 200;
+/// A vCPU polls its command word at least once every this many page steps.
+pub const POLL_INTERVAL: u64 = 64;
+
+/// The workloads the guest kernel runs.
+#[repr(u32)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Workload {
+    /// Write pages 0..N in order, every pass.
+    SeqWrite = 1,
+    /// Write N pages chosen by a seeded xorshift (repeats allowed) each pass.
+    RandWrite = 2,
+    /// Pass 0 writes the pattern in order; later passes read and check it.
+    Read = 3,
+    /// N random steps per pass, `write_ratio` percent writes to the own range,
+    /// the rest reads of any vCPU's range.
+    Mixed = 4,
+    /// Poll the command word until told to stop.
+    Idle = 5,
+}
+
+impl Workload {
+    /// All workloads, in CLI order.
+    pub const ALL: [Workload; 5] = [
+        Workload::SeqWrite,
+        Workload::RandWrite,
+        Workload::Read,
+        Workload::Mixed,
+        Workload::Idle,
+    ];
+
+    /// Decodes `BootInfo::workload`.
+    pub fn from_u32(v: u32) -> Option<Workload> {
+        Workload::ALL.into_iter().find(|w| *w as u32 == v)
+    }
+
+    /// The CLI name.
+    pub fn name(self) -> &'static str {
+        match self {
+            Workload::SeqWrite => "seq-write",
+            Workload::RandWrite => "rand-write",
+            Workload::Read => "read",
+            Workload::Mixed => "mixed",
+            Workload::Idle => "idle",
+        }
+    }
+
+    /// Parses a CLI name.
+    pub fn from_name(name: &str) -> Option<Workload> {
+        Workload::ALL.into_iter().find(|w| w.name() == name)
+    }
+}
+
+/// What the VMM asks a vCPU to do. Written into [`Command::word`].
+#[repr(u32)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum CommandOp {
+    /// Keep running the workload (also ends an `EndRound` wait).
+    Continue = 0,
+    /// Run the consistency oracle now, report the result, then continue.
+    Verify = 1,
+    /// Stop the workload at this poll point, run the final verify (if the
+    /// boot info asks for it) and report `Done`.
+    Stop = 2,
+    /// Report `RoundEnd` and wait until the command word changes again.
+    EndRound = 3,
+    /// Use seed `arg` from the next pass that has not started yet.
+    SetSeed = 4,
+}
+
+impl CommandOp {
+    /// Decodes the low half of a command word.
+    pub fn from_u32(v: u32) -> Option<CommandOp> {
+        [
+            CommandOp::Continue,
+            CommandOp::Verify,
+            CommandOp::Stop,
+            CommandOp::EndRound,
+            CommandOp::SetSeed,
+        ]
+        .into_iter()
+        .find(|c| *c as u32 == v)
+    }
+}
+
+/// One vCPU's command slot.
+///
+/// The VMM writes `arg` first, then `word = seq << 32 | op` with a single
+/// 8-byte store; `seq` increases with every command, so the guest acts on
+/// each command exactly once (it remembers the last `seq` in its state page).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default)]
+pub struct Command {
+    /// `seq << 32 | op`.
+    pub word: u64,
+    /// The operand (a seed for `SetSeed`).
+    pub arg: u64,
+}
+
+impl Command {
+    /// Packs a command word.
+    pub const fn pack(seq: u32, op: CommandOp) -> u64 {
+        ((seq as u64) << 32) | op as u64
+    }
+
+    /// Splits a command word into its sequence number and raw op.
+    pub const fn unpack(word: u64) -> (u32, u32) {
+        ((word >> 32) as u32, word as u32)
+    }
+}
+
+/// The boot-info page. Each vCPU enters with `rdi` = its index and `rsi` =
+/// the guest-physical address of this page.
+#[repr(C)]
+#[derive(Clone, Copy, Debug)]
+pub struct BootInfo {
+    /// [`BOOT_INFO_MAGIC`].
+    pub magic: u64,
+    /// [`BOOT_INFO_VERSION`].
+    pub version: u32,
+    /// Number of vCPUs.
+    pub num_vcpus: u32,
+    /// Bytes of guest RAM (one range starting at guest-physical 0).
+    pub mem_bytes: u64,
+    /// Guest-physical address of the work area.
+    pub work_gpa: u64,
+    /// Pages each vCPU owns in the work area.
+    pub pages_per_vcpu: u64,
+    /// Guest-physical address of the verify scratch.
+    pub scratch_gpa: u64,
+    /// Bytes of verify scratch per vCPU.
+    pub scratch_bytes_per_vcpu: u64,
+    /// Guest-physical address of vCPU 0's state page (one page per vCPU).
+    pub state_gpa: u64,
+    /// A [`Workload`] as `u32`.
+    pub workload: u32,
+    /// Percentage of writes in the `mixed` workload.
+    pub write_ratio: u32,
+    /// Passes over the work range.
+    pub passes: u64,
+    /// Non-zero: run the oracle when the workload ends.
+    pub verify_at_end: u32,
+    /// Reserved, zero.
+    pub reserved: u32,
+    /// One command slot per vCPU.
+    pub commands: [Command; MAX_VCPUS],
+}
+
+/// A seed change in a vCPU's history: passes from `from_pass` on use `seed`.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct SeedEntry {
+    /// First pass that uses `seed`.
+    pub from_pass: u64,
+    /// The seed.
+    pub seed: u64,
+}
+
+/// A vCPU's own state page: kept in guest memory so that the schedule can be
+/// replayed after a snapshot, restore or fork. The VMM initialises it at boot.
+#[repr(C)]
+#[derive(Clone, Copy, Debug)]
+pub struct VcpuState {
+    /// Schedule steps completed (pass × pages + step). The step at `cursor`
+    /// may already be in place (its store happens before the increment).
+    pub cursor: u64,
+    /// Page stores made.
+    pub pages_written: u64,
+    /// Reads that did not see the expected word (`read` workload).
+    pub read_mismatches: u64,
+    /// `seq` of the last command acted on.
+    pub last_command_seq: u64,
+    /// Valid entries in `seeds`.
+    pub seed_count: u64,
+    /// Seed history, ordered by `from_pass`; entry 0 has `from_pass` 0.
+    pub seeds: [SeedEntry; MAX_SEEDS],
+}
+
+impl VcpuState {
+    /// A fresh state page for a vCPU starting with `seed`.
+    pub fn new(seed: u64) -> VcpuState {
+        let mut seeds = [SeedEntry::default(); MAX_SEEDS];
+        seeds[0] = SeedEntry { from_pass: 0, seed };
+        VcpuState {
+            cursor: 0,
+            pages_written: 0,
+            read_mismatches: 0,
+            last_command_seq: 0,
+            seed_count: 1,
+            seeds,
+        }
+    }
+
+    /// The seed that pass `pass` uses.
+    pub fn seed_for_pass(&self, pass: u64) -> u64 {
+        let n = (self.seed_count as usize).clamp(1, MAX_SEEDS);
+        let mut seed = self.seeds[0].seed;
+        for e in &self.seeds[..n] {
+            if e.from_pass <= pass {
+                seed = e.seed;
+            }
+        }
+        seed
+    }
+
+    /// Records that passes from the first not yet started one use `seed`.
+    /// Returns false when the history is full.
+    pub fn push_seed(&mut self, seed: u64, pages_per_vcpu: u64) -> bool {
+        let from_pass = self.cursor.div_ceil(pages_per_vcpu.max(1));
+        let n = self.seed_count as usize;
+        if n > 0 && n <= MAX_SEEDS && self.seeds[n - 1].from_pass == from_pass {
+            self.seeds[n - 1].seed = seed;
+            return true;
+        }
+        if n >= MAX_SEEDS {
+            return false;
+        }
+        self.seeds[n] = SeedEntry { from_pass, seed };
+        self.seed_count += 1;
+        true
+    }
+}
+
+const _: () = assert!(core::mem::size_of::<BootInfo>() <= 4096);
+const _: () = assert!(core::mem::size_of::<VcpuState>() <= 4096);
+
+/// Plain-old-data page structures that can be viewed as bytes.
+///
+/// # Safety
+/// Implementors are `#[repr(C)]`, hold only integers (so every bit pattern is
+/// a valid value) and have no padding.
+pub unsafe trait PageStruct: Copy {
+    /// The structure's bytes, as they lie in guest memory.
+    fn as_bytes(&self) -> &[u8] {
+        // SAFETY: the trait's contract: no padding, so every byte is initialised.
+        unsafe {
+            core::slice::from_raw_parts(
+                self as *const Self as *const u8,
+                core::mem::size_of::<Self>(),
+            )
+        }
+    }
+
+    /// Reads the structure from bytes (`None` if too short).
+    fn from_bytes(bytes: &[u8]) -> Option<Self> {
+        if bytes.len() < core::mem::size_of::<Self>() {
+            return None;
+        }
+        // SAFETY: the length was checked; every bit pattern is valid by the
+        // trait's contract; `read_unaligned` tolerates any alignment.
+        Some(unsafe { core::ptr::read_unaligned(bytes.as_ptr() as *const Self) })
+    }
+}
+
+// SAFETY: repr(C), integers only; the field order leaves no padding (checked
+// by the size assertions below).
+unsafe impl PageStruct for BootInfo {}
+// SAFETY: as above.
+unsafe impl PageStruct for VcpuState {}
+
+const _: () = assert!(core::mem::size_of::<BootInfo>() == 88 + 16 * MAX_VCPUS);
+const _: () = assert!(core::mem::size_of::<VcpuState>() == 40 + 16 * MAX_SEEDS);
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn seed_history() {
+        let mut s = VcpuState::new(7);
+        assert_eq!(s.seed_for_pass(5), 7);
+        s.cursor = 10; // in pass 1 of 8-page passes
+        assert!(s.push_seed(9, 8));
+        assert_eq!(s.seed_for_pass(1), 7);
+        assert_eq!(s.seed_for_pass(2), 9);
+        s.cursor = 16; // exactly at the start of pass 2: it has not started
+        assert!(s.push_seed(11, 8));
+        assert_eq!(s.seed_count, 2);
+        assert_eq!(s.seed_for_pass(2), 11);
+    }
+
+    #[test]
+    fn command_word_round_trip() {
+        let w = Command::pack(5, CommandOp::SetSeed);
+        assert_eq!(Command::unpack(w), (5, CommandOp::SetSeed as u32));
+        assert_eq!(CommandOp::from_u32(4), Some(CommandOp::SetSeed));
+        assert_eq!(CommandOp::from_u32(99), None);
+    }
+
+    #[test]
+    fn workload_names() {
+        for w in Workload::ALL {
+            assert_eq!(Workload::from_name(w.name()), Some(w));
+            assert_eq!(Workload::from_u32(w as u32), Some(w));
+        }
+    }
+}

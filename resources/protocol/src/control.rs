@@ -1,0 +1,61 @@
+//! The guest-to-VMM channel.
+//!
+//! * Text: bytes written to COM1's data register ([`SERIAL_PORT`]); a line
+//!   ends with `\n`. The VMM reports the line-status register as "transmitter
+//!   empty", so the guest never waits.
+//! * Structured events: a 32-bit `out` of an [`Event`] code to
+//!   [`CONTROL_PORT`], after its 64-bit argument has been written as two
+//!   32-bit halves to [`ARG_LO_PORT`] and [`ARG_HI_PORT`]. The latch is per
+//!   vCPU, so vCPUs never interleave.
+
+/// COM1 data register.
+pub const SERIAL_PORT: u16 = 0x3f8;
+/// COM1 line-status register.
+pub const SERIAL_LSR_PORT: u16 = 0x3fd;
+/// Event code register.
+pub const CONTROL_PORT: u16 = 0x500;
+/// Low half of the next event's argument.
+pub const ARG_LO_PORT: u16 = 0x504;
+/// High half of the next event's argument.
+pub const ARG_HI_PORT: u16 = 0x508;
+
+/// Events a vCPU reports on [`CONTROL_PORT`].
+#[repr(u32)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Event {
+    /// The vCPU entered the guest kernel; arg = protocol version it speaks.
+    Boot = 1,
+    /// arg = page stores this vCPU has made so far (sent at every poll).
+    Progress = 2,
+    /// arg = the pass that just completed.
+    PassDone = 3,
+    /// The vCPU reached a round end and now waits on its command word;
+    /// arg = page stores so far.
+    RoundEnd = 4,
+    /// The oracle ran; arg = pages that differ (read-check failures included).
+    VerifyResult = 5,
+    /// The workload is over; arg = page stores made. The vCPU does no more.
+    Done = 6,
+    /// The guest kernel panicked; the message went to the serial line first.
+    Panic = 7,
+    /// The vCPU acted on a command; arg = the command's `seq`.
+    CommandAck = 8,
+}
+
+impl Event {
+    /// Decodes an event code.
+    pub fn from_u32(v: u32) -> Option<Event> {
+        [
+            Event::Boot,
+            Event::Progress,
+            Event::PassDone,
+            Event::RoundEnd,
+            Event::VerifyResult,
+            Event::Done,
+            Event::Panic,
+            Event::CommandAck,
+        ]
+        .into_iter()
+        .find(|e| *e as u32 == v)
+    }
+}

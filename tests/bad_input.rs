@@ -1,0 +1,228 @@
+//! Bad input gives a clear error and the documented exit code, never a panic.
+
+mod common;
+use common::*;
+
+fn assert_usage_error(args: &[&str], needle: &str) {
+    let o = vmm(args, T);
+    assert_eq!(
+        o.code, 2,
+        "{args:?}: want exit 2\nstdout: {}\nstderr: {}",
+        o.stdout, o.stderr
+    );
+    assert!(
+        o.stderr.contains(needle),
+        "{args:?}: stderr lacks {needle:?}:\n{}",
+        o.stderr
+    );
+    assert!(
+        !o.stderr.contains("panicked"),
+        "{args:?} panicked:\n{}",
+        o.stderr
+    );
+}
+
+#[test]
+fn invalid_sizes_and_counts_are_usage_errors() {
+    assert_usage_error(
+        &["run", "--mem", "1000"],
+        "not a multiple of the 4 KiB page size",
+    );
+    assert_usage_error(&["run", "--mem", "lots"], "invalid size");
+    assert_usage_error(&["run", "--mem", "1M"], "too small for the guest layout");
+    assert_usage_error(
+        &["run", "--mem", "1T"],
+        "larger than the guest layout can map",
+    );
+    assert_usage_error(&["run", "--mem", "64M", "--pages", "100000"], "at most");
+    assert_usage_error(&["run", "--vcpus", "0"], "--vcpus 0 is out of range");
+    assert_usage_error(&["run", "--vcpus", "65"], "out of range");
+    assert_usage_error(&["run", "--pages", "0"], "--pages must be at least 1");
+    assert_usage_error(&["run", "--workload", "bogus"], "unknown workload");
+    assert_usage_error(&["run", "--write-ratio", "101"], "not a percentage");
+    assert_usage_error(&["run", "--no-such-flag"], "unexpected argument");
+}
+
+#[test]
+fn mem_larger_than_host_ram_is_refused() {
+    // 64 GiB fits the layout (75 GiB) but exceeds this 24 GiB host; skip on
+    // a host that really has that much RAM.
+    let o = vmm(&["run", "--mem", "64G"], T);
+    if o.code == 0 {
+        eprintln!("skipped: this host has at least 64 GiB of RAM");
+        return;
+    }
+    assert_eq!(o.code, 2, "{}", o.stderr);
+    assert!(
+        o.stderr.contains("larger than this host's RAM"),
+        "{}",
+        o.stderr
+    );
+}
+
+#[test]
+fn usage_errors_in_json_mode_are_one_json_object() {
+    let o = vmm(&["run", "--json", "--mem", "1M"], T);
+    assert_eq!(o.code, 2);
+    let j = o.json();
+    assert_eq!(j["status"], "usage");
+    assert!(j["error"].as_str().unwrap_or("").contains("too small"));
+}
+
+#[test]
+fn kernel_that_is_not_an_elf_is_refused() {
+    let path = temp_file("not-elf", b"#!/bin/sh\necho hello\n");
+    let o = vmm(&["run", "--kernel", path.to_str().expect("utf-8 path")], T);
+    assert_eq!(o.code, 1, "{}", o.stderr);
+    assert!(
+        o.stderr.contains("is not a valid x86_64 ELF kernel"),
+        "{}",
+        o.stderr
+    );
+
+    let o = vmm(&["run", "--kernel", "/nonexistent/kernel"], T);
+    assert_eq!(o.code, 1);
+    assert!(
+        o.stderr.contains("cannot read kernel /nonexistent/kernel"),
+        "{}",
+        o.stderr
+    );
+
+    // An ELF for another machine.
+    let mut elf = tiny_elf(&HALT);
+    elf[18] = 183; // aarch64
+    let path = temp_file("arm.elf", &elf);
+    let o = vmm(&["run", "--kernel", path.to_str().expect("utf-8 path")], T);
+    assert_eq!(o.code, 1);
+    assert!(o.stderr.contains("machine is not x86_64"), "{}", o.stderr);
+}
+
+#[test]
+fn kernel_segments_outside_the_kernel_area_are_refused() {
+    let mut elf = tiny_elf(&HALT);
+    // Move the segment's physical address onto the page tables.
+    elf[64 + 24..64 + 32].copy_from_slice(&0x3000u64.to_le_bytes());
+    let path = temp_file("low.elf", &elf);
+    let o = vmm(&["run", "--kernel", path.to_str().expect("utf-8 path")], T);
+    assert_eq!(o.code, 1);
+    assert!(o.stderr.contains("outside the kernel area"), "{}", o.stderr);
+}
+
+#[test]
+fn triple_fault_reports_registers() {
+    // ud2 with no IDT: #UD -> #GP -> #DF -> triple fault.
+    let path = temp_file("ud2.elf", &tiny_elf(&[0x0f, 0x0b]));
+    let o = vmm(
+        &[
+            "run",
+            "--json",
+            "--kernel",
+            path.to_str().expect("utf-8 path"),
+        ],
+        T,
+    );
+    assert_eq!(o.code, 1, "{}", o.stderr);
+    let j = o.json();
+    assert_eq!(j["status"], "vcpu_fault");
+    let e = j["error"].as_str().unwrap_or("");
+    assert!(e.contains("triple fault"), "{e}");
+    assert!(e.contains("rip=0x200078"), "{e}");
+}
+
+#[test]
+fn guest_panic_is_an_error_with_its_message() {
+    let mut code = serial_code("PANIC: boom\n");
+    code.extend(event_code(7));
+    code.extend(HALT);
+    let path = temp_file("panic.elf", &tiny_elf(&code));
+    let o = vmm(&["run", "--kernel", path.to_str().expect("utf-8 path")], T);
+    assert_eq!(o.code, 1, "{}", o.stderr);
+    assert!(o.stdout.contains("PANIC: boom"), "{}", o.stdout);
+    assert!(
+        o.stdout
+            .contains("guest kernel panicked on vCPU 0: PANIC: boom"),
+        "{}",
+        o.stdout
+    );
+}
+
+#[test]
+fn hostile_guest_garbage_on_the_control_port_is_a_protocol_error() {
+    // Unknown ports are ignored like an empty ISA bus; an unknown event code is not.
+    let mut code = vec![0x66, 0xba, 0x34, 0x12, 0xb0, 0x55, 0xee]; // out 0x1234, 0x55
+    code.extend(event_code(0xdead));
+    code.extend(HALT);
+    let path = temp_file("garbage.elf", &tiny_elf(&code));
+    let o = vmm(
+        &[
+            "run",
+            "--json",
+            "--kernel",
+            path.to_str().expect("utf-8 path"),
+        ],
+        T,
+    );
+    assert_eq!(o.code, 1, "{}", o.stderr);
+    let j = o.json();
+    assert_eq!(j["status"], "protocol_error");
+    assert!(j["error"]
+        .as_str()
+        .unwrap_or("")
+        .contains("unknown event code 0xdead"));
+}
+
+#[test]
+fn foreign_kernel_that_halts_is_stopped_without_host_verify() {
+    // With the in-kernel irqchip, `hlt` with interrupts off parks the vCPU
+    // inside KVM; --stop-after-ms stops a kernel that cannot hear the
+    // protocol's stop command at once.
+    let mut code = serial_code("hello from a foreign kernel\n");
+    code.extend(HALT);
+    let path = temp_file("hello.elf", &tiny_elf(&code));
+    let kernel = path.to_str().expect("utf-8 path");
+    let o = vmm(
+        &[
+            "run",
+            "--json",
+            "--stop-after-ms",
+            "200",
+            "--kernel",
+            kernel,
+        ],
+        T,
+    );
+    assert!(
+        o.stderr.contains("hello from a foreign kernel"),
+        "{}",
+        o.stderr
+    );
+    let j = o.json();
+    assert_eq!(j["host_verify_mismatches"], serde_json::Value::Null);
+    assert_eq!(j["vcpu_reports"][0]["outcome"], "stopped", "{j}");
+    assert_eq!(o.code, 0);
+}
+
+#[test]
+fn missing_kvm_is_a_clear_error() {
+    // Hide /dev/kvm in a private mount namespace (needs root and unshare).
+    let ok = std::process::Command::new("unshare")
+        .args(["--mount", "true"])
+        .status()
+        .is_ok_and(|s| s.success());
+    if !ok {
+        eprintln!("skipped: cannot create a mount namespace here (needs root and unshare)");
+        return;
+    }
+    let script = format!("mount -t tmpfs none /dev && exec {} run --json", vmm_bin());
+    let out = std::process::Command::new("unshare")
+        .args(["--mount", "sh", "-c", &script])
+        .output()
+        .expect("run unshare");
+    assert_eq!(out.status.code(), Some(1));
+    let j: serde_json::Value = serde_json::from_slice(&out.stdout).expect("one JSON object");
+    assert_eq!(j["status"], "kvm_unavailable");
+    assert!(j["error"]
+        .as_str()
+        .unwrap_or("")
+        .contains("/dev/kvm does not exist"));
+}

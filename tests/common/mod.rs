@@ -1,0 +1,141 @@
+//! Helpers shared by the end-to-end tests: running the `vmm` binary with a
+//! deadline, and hand-made guest ELF images for hostile or broken kernels.
+#![allow(dead_code)]
+
+use std::io::Read;
+use std::process::{Command, Stdio};
+use std::time::{Duration, Instant};
+
+/// What a `vmm` invocation produced.
+pub struct Output {
+    /// Exit code (-1 when killed by a signal).
+    pub code: i32,
+    /// Standard output.
+    pub stdout: String,
+    /// Standard error.
+    pub stderr: String,
+}
+
+impl Output {
+    /// Parses stdout as exactly one JSON object.
+    pub fn json(&self) -> serde_json::Value {
+        serde_json::from_str(self.stdout.trim()).unwrap_or_else(|e| {
+            panic!(
+                "stdout is not one JSON object ({e}):\n{}\nstderr:\n{}",
+                self.stdout, self.stderr
+            )
+        })
+    }
+}
+
+/// Path of the `vmm` binary cargo built for these tests.
+pub fn vmm_bin() -> &'static str {
+    env!("CARGO_BIN_EXE_vmm")
+}
+
+/// Runs `vmm` with `args`, killing it after `timeout`.
+pub fn vmm(args: &[&str], timeout: Duration) -> Output {
+    let mut child = Command::new(vmm_bin())
+        .args(args)
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("spawn vmm");
+    let mut out = child.stdout.take().expect("stdout");
+    let mut err = child.stderr.take().expect("stderr");
+    let t_out = std::thread::spawn(move || {
+        let mut s = String::new();
+        let _ = out.read_to_string(&mut s);
+        s
+    });
+    let t_err = std::thread::spawn(move || {
+        let mut s = String::new();
+        let _ = err.read_to_string(&mut s);
+        s
+    });
+    let deadline = Instant::now() + timeout;
+    let status = loop {
+        if let Some(s) = child.try_wait().expect("wait") {
+            break s;
+        }
+        if Instant::now() > deadline {
+            let _ = child.kill();
+            let _ = child.wait();
+            panic!("vmm {args:?} did not finish within {timeout:?}");
+        }
+        std::thread::sleep(Duration::from_millis(5));
+    };
+    Output {
+        code: status.code().unwrap_or(-1),
+        stdout: t_out.join().expect("stdout reader"),
+        stderr: t_err.join().expect("stderr reader"),
+    }
+}
+
+/// The usual deadline for one small guest.
+pub const T: Duration = Duration::from_secs(60);
+
+/// Builds a minimal static x86_64 ELF whose single segment, loaded at
+/// 0x200000, holds `code`; the entry is the first byte of `code`.
+pub fn tiny_elf(code: &[u8]) -> Vec<u8> {
+    const HDR: usize = 64 + 56;
+    let base = 0x20_0000u64;
+    let total = (HDR + code.len()) as u64;
+    let mut e = Vec::new();
+    e.extend_from_slice(b"\x7fELF");
+    e.extend_from_slice(&[2, 1, 1, 0]); // 64-bit, little-endian, version 1, SysV
+    e.extend_from_slice(&[0; 8]);
+    e.extend_from_slice(&2u16.to_le_bytes()); // ET_EXEC
+    e.extend_from_slice(&62u16.to_le_bytes()); // x86_64
+    e.extend_from_slice(&1u32.to_le_bytes());
+    e.extend_from_slice(&(base + HDR as u64).to_le_bytes()); // entry
+    e.extend_from_slice(&64u64.to_le_bytes()); // phoff
+    e.extend_from_slice(&0u64.to_le_bytes()); // shoff
+    e.extend_from_slice(&0u32.to_le_bytes()); // flags
+    e.extend_from_slice(&64u16.to_le_bytes()); // ehsize
+    e.extend_from_slice(&56u16.to_le_bytes()); // phentsize
+    e.extend_from_slice(&1u16.to_le_bytes()); // phnum
+    e.extend_from_slice(&[0; 6]); // shentsize, shnum, shstrndx
+    assert_eq!(e.len(), 64);
+    e.extend_from_slice(&1u32.to_le_bytes()); // PT_LOAD
+    e.extend_from_slice(&5u32.to_le_bytes()); // R+X
+    e.extend_from_slice(&0u64.to_le_bytes()); // offset
+    e.extend_from_slice(&base.to_le_bytes()); // vaddr
+    e.extend_from_slice(&base.to_le_bytes()); // paddr
+    e.extend_from_slice(&total.to_le_bytes()); // filesz
+    e.extend_from_slice(&total.to_le_bytes()); // memsz
+    e.extend_from_slice(&0x1000u64.to_le_bytes()); // align
+    assert_eq!(e.len(), HDR);
+    e.extend_from_slice(code);
+    e
+}
+
+/// Machine code that writes `text` to COM1.
+pub fn serial_code(text: &str) -> Vec<u8> {
+    let mut c = vec![0x66, 0xba, 0xf8, 0x03]; // mov dx, 0x3f8
+    for b in text.bytes() {
+        c.extend_from_slice(&[0xb0, b, 0xee]); // mov al, b; out dx, al
+    }
+    c
+}
+
+/// Machine code that sends event `code` on the control port.
+pub fn event_code(code: u32) -> Vec<u8> {
+    let mut c = vec![0x66, 0xba, 0x00, 0x05, 0xb8]; // mov dx, 0x500; mov eax, imm32
+    c.extend_from_slice(&code.to_le_bytes());
+    c.push(0xef); // out dx, eax
+    c
+}
+
+/// `hlt` then spin.
+pub const HALT: [u8; 3] = [0xf4, 0xeb, 0xfd];
+
+/// Writes `bytes` to a fresh file in a temporary directory and returns its path.
+pub fn temp_file(name: &str, bytes: &[u8]) -> std::path::PathBuf {
+    let dir = std::env::temp_dir().join(format!("vmm-test-{}-{name}", std::process::id()));
+    std::fs::create_dir_all(&dir).expect("temp dir");
+    let path = dir.join(name);
+    std::fs::write(&path, bytes).expect("write temp file");
+    path
+}

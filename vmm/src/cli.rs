@@ -1,0 +1,159 @@
+//! The `vmm` command line.
+
+use crate::bench;
+use crate::config::{KernelSource, VmConfig};
+use crate::report::{error_json, EXIT_ERROR, EXIT_USAGE};
+use crate::runner::{run, RunHooks, SerialSink};
+use crate::size::parse_size;
+use clap::{Args, Parser, Subcommand};
+use guest_protocol::Workload;
+use std::ffi::OsString;
+use std::path::PathBuf;
+use std::time::Duration;
+
+/// A minimal KVM VMM whose guest RAM is run by its own memory manager.
+#[derive(Parser, Debug)]
+#[command(name = "vmm", version, about)]
+pub struct Cli {
+    /// What to do.
+    #[command(subcommand)]
+    pub command: CliCommand,
+}
+
+/// Subcommands.
+#[derive(Subcommand, Debug)]
+pub enum CliCommand {
+    /// Boot a micro-guest and run a memory workload on it.
+    Run(RunArgs),
+    /// Benchmarks.
+    #[command(subcommand)]
+    Bench(BenchCommand),
+}
+
+/// `vmm bench ...`.
+#[derive(Subcommand, Debug)]
+pub enum BenchCommand {
+    /// Spawn `vmm run` repeatedly: time from spawn to the first serial byte,
+    /// and the in-process boot time.
+    Boot(bench::boot::BootBenchArgs),
+}
+
+fn parse_mem(s: &str) -> Result<u64, String> {
+    parse_size(s).map_err(|e| e.to_string())
+}
+
+fn parse_workload(s: &str) -> Result<Workload, String> {
+    Workload::from_name(s).ok_or_else(|| {
+        let names: Vec<_> = Workload::ALL.iter().map(|w| w.name()).collect();
+        format!("unknown workload {s:?}; one of: {}", names.join(", "))
+    })
+}
+
+/// `vmm run` flags.
+#[derive(Args, Debug, Clone)]
+pub struct RunArgs {
+    /// Guest RAM size (e.g. 64M, 1G); a multiple of 4 KiB.
+    #[arg(long, default_value = "256M", value_parser = parse_mem)]
+    pub mem: u64,
+    /// Number of vCPUs (each runs the workload on its own pages).
+    #[arg(long, default_value_t = 1)]
+    pub vcpus: u32,
+    /// Workload: seq-write, rand-write, read, mixed or idle.
+    #[arg(long, default_value = "seq-write", value_parser = parse_workload)]
+    pub workload: Workload,
+    /// Pages each vCPU owns.
+    #[arg(long, default_value_t = 1024)]
+    pub pages: u64,
+    /// Passes over the pages.
+    #[arg(long, default_value_t = 2)]
+    pub passes: u64,
+    /// Initial seed of the workload schedule.
+    #[arg(long, default_value_t = 1)]
+    pub seed: u64,
+    /// Percent of steps that write, for the mixed workload.
+    #[arg(long, default_value_t = 50)]
+    pub write_ratio: u32,
+    /// Another guest ELF to boot, entered the same way as the built-in one.
+    #[arg(long)]
+    pub kernel: Option<PathBuf>,
+    /// Skip the guest's verify at the end of the workload.
+    #[arg(long)]
+    pub no_verify: bool,
+    /// Ask the guest to stop this many milliseconds after its vCPUs started
+    /// (default: run to the end; the idle workload stops after 100 ms).
+    /// A kernel that does not speak the protocol is stopped at once then.
+    #[arg(long)]
+    pub stop_after_ms: Option<u64>,
+    /// Print exactly one JSON object on stdout; serial output goes to stderr.
+    #[arg(long)]
+    pub json: bool,
+}
+
+impl RunArgs {
+    /// The VM configuration these flags describe (not yet validated).
+    pub fn to_config(&self) -> VmConfig {
+        VmConfig {
+            mem_bytes: self.mem,
+            vcpus: self.vcpus,
+            workload: self.workload,
+            pages: self.pages,
+            passes: self.passes,
+            seed: self.seed,
+            write_ratio: self.write_ratio,
+            kernel: self
+                .kernel
+                .clone()
+                .map_or(KernelSource::Embedded, KernelSource::File),
+            verify_at_end: !self.no_verify,
+            stop_after: self.stop_after_ms.map(Duration::from_millis),
+        }
+    }
+}
+
+/// Runs `vmm run` and returns the exit code.
+pub fn cmd_run(args: &RunArgs) -> i32 {
+    let sink = if args.json {
+        SerialSink::Stderr
+    } else {
+        SerialSink::Stdout
+    };
+    match run(&args.to_config(), RunHooks::default(), sink) {
+        Ok(report) => {
+            if args.json {
+                match serde_json::to_string(&report) {
+                    Ok(s) => println!("{s}"),
+                    Err(e) => {
+                        eprintln!("vmm: cannot encode the report: {e}");
+                        return EXIT_ERROR;
+                    }
+                }
+            } else {
+                print!("{}", report.human_summary());
+            }
+            report.exit_code()
+        }
+        Err(e) => {
+            if args.json {
+                println!("{}", error_json(e.kind(), &e.to_string()));
+            }
+            eprintln!("vmm: error: {e}");
+            e.exit_code()
+        }
+    }
+}
+
+/// Parses `args` and runs the command; returns the process exit code.
+pub fn main(args: impl IntoIterator<Item = OsString>) -> i32 {
+    let cli = match Cli::try_parse_from(args) {
+        Ok(c) => c,
+        Err(e) => {
+            let code = if e.use_stderr() { EXIT_USAGE } else { 0 };
+            let _ = e.print();
+            return code;
+        }
+    };
+    match cli.command {
+        CliCommand::Run(args) => cmd_run(&args),
+        CliCommand::Bench(BenchCommand::Boot(args)) => bench::boot::main(&args),
+    }
+}

@@ -1,0 +1,246 @@
+//! A validated description of the VM to boot and the workload to run.
+
+use crate::size::format_size;
+use guest_protocol::layout::{WorkArea, MAX_MEM_BYTES, MAX_VCPUS, PAGE_SIZE, WORK_GPA};
+use guest_protocol::Workload;
+use std::path::PathBuf;
+
+/// Where the guest kernel comes from.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum KernelSource {
+    /// The kernel built from `resources/guest` and embedded in `vmm`.
+    Embedded,
+    /// Another ELF, entered the same way.
+    File(PathBuf),
+}
+
+/// The VM and its workload.
+#[derive(Clone, Debug)]
+pub struct VmConfig {
+    /// Bytes of guest RAM.
+    pub mem_bytes: u64,
+    /// Number of vCPUs.
+    pub vcpus: u32,
+    /// The workload every vCPU runs.
+    pub workload: Workload,
+    /// Pages each vCPU owns.
+    pub pages: u64,
+    /// Passes over the pages.
+    pub passes: u64,
+    /// The initial seed.
+    pub seed: u64,
+    /// Percent of writes in `mixed`.
+    pub write_ratio: u32,
+    /// The guest kernel.
+    pub kernel: KernelSource,
+    /// Run the guest oracle when the workload ends.
+    pub verify_at_end: bool,
+    /// Ask the guest to stop this long after its vCPUs started (idle: default 100 ms).
+    pub stop_after: Option<std::time::Duration>,
+}
+
+impl Default for VmConfig {
+    fn default() -> Self {
+        VmConfig {
+            mem_bytes: 256 << 20,
+            vcpus: 1,
+            workload: Workload::SeqWrite,
+            pages: 1024,
+            passes: 2,
+            seed: 1,
+            write_ratio: 50,
+            kernel: KernelSource::Embedded,
+            verify_at_end: true,
+            stop_after: None,
+        }
+    }
+}
+
+/// Why a configuration cannot be booted. Each is a usage error (exit 2).
+#[derive(Debug, thiserror::Error, PartialEq, Eq)]
+pub enum ConfigError {
+    /// `--mem` is not page-aligned.
+    #[error("--mem {0} is not a multiple of the 4 KiB page size")]
+    MemNotAligned(u64),
+    /// `--mem` cannot hold the fixed layout.
+    #[error("--mem {} is too small for the guest layout: at least {} is needed", format_size(*.0), format_size(*.1))]
+    MemTooSmall(u64, u64),
+    /// `--mem` exceeds what the identity map covers.
+    #[error("--mem {} is larger than the guest layout can map ({})", format_size(*.0), format_size(MAX_MEM_BYTES))]
+    MemTooLarge(u64),
+    /// `--mem` exceeds the host's RAM.
+    #[error("--mem {} is larger than this host's RAM ({})", format_size(*.0), format_size(*.1))]
+    MemExceedsHost(u64, u64),
+    /// `--vcpus` out of range.
+    #[error("--vcpus {0} is out of range: 1 to {1}")]
+    Vcpus(u32, u32),
+    /// `--pages` is zero.
+    #[error("--pages must be at least 1")]
+    ZeroPages,
+    /// `--passes` is zero.
+    #[error("--passes must be at least 1")]
+    ZeroPasses,
+    /// The work area does not fit.
+    #[error("--pages {pages} with {vcpus} vCPU(s) needs {} of guest memory, but --mem is {}; at most {max_pages} pages per vCPU fit", format_size(*needed), format_size(*mem))]
+    PagesDoNotFit {
+        /// Requested pages per vCPU.
+        pages: u64,
+        /// vCPUs.
+        vcpus: u32,
+        /// Bytes the layout needs.
+        needed: u64,
+        /// `--mem`.
+        mem: u64,
+        /// Largest `--pages` that fits.
+        max_pages: u64,
+    },
+    /// `--write-ratio` above 100.
+    #[error("--write-ratio {0} is not a percentage (0 to 100)")]
+    WriteRatio(u32),
+    /// `--pages` beyond what a word can encode.
+    #[error("--pages {0} is too large: a page index must fit in 24 bits")]
+    PagesTooLarge(u64),
+}
+
+impl VmConfig {
+    /// The work area this configuration lays out.
+    pub fn work_area(&self) -> WorkArea {
+        WorkArea {
+            vcpus: self.vcpus as u64,
+            pages_per_vcpu: self.pages,
+        }
+    }
+
+    /// Checks the configuration against the layout and the host.
+    pub fn validate(&self, host_ram: Option<u64>) -> Result<(), ConfigError> {
+        if self.vcpus == 0 || self.vcpus as usize > MAX_VCPUS {
+            return Err(ConfigError::Vcpus(self.vcpus, MAX_VCPUS as u32));
+        }
+        if !self.mem_bytes.is_multiple_of(PAGE_SIZE) {
+            return Err(ConfigError::MemNotAligned(self.mem_bytes));
+        }
+        let min = WORK_GPA + 2 * PAGE_SIZE;
+        if self.mem_bytes < min {
+            return Err(ConfigError::MemTooSmall(self.mem_bytes, min));
+        }
+        if self.mem_bytes > MAX_MEM_BYTES {
+            return Err(ConfigError::MemTooLarge(self.mem_bytes));
+        }
+        if let Some(host) = host_ram {
+            if self.mem_bytes > host {
+                return Err(ConfigError::MemExceedsHost(self.mem_bytes, host));
+            }
+        }
+        if self.pages == 0 {
+            return Err(ConfigError::ZeroPages);
+        }
+        if self.pages > 1 << 24 {
+            return Err(ConfigError::PagesTooLarge(self.pages));
+        }
+        if self.passes == 0 {
+            return Err(ConfigError::ZeroPasses);
+        }
+        if self.write_ratio > 100 {
+            return Err(ConfigError::WriteRatio(self.write_ratio));
+        }
+        let needed = self.work_area().required_mem_bytes();
+        if needed > self.mem_bytes {
+            // Each page needs 4 KiB of work area plus 8 bytes of scratch.
+            let per_vcpu = (self.mem_bytes - WORK_GPA) / self.vcpus as u64;
+            let mut max_pages = per_vcpu / (PAGE_SIZE + 8);
+            while max_pages > 0
+                && (WorkArea {
+                    vcpus: self.vcpus as u64,
+                    pages_per_vcpu: max_pages,
+                })
+                .required_mem_bytes()
+                    > self.mem_bytes
+            {
+                max_pages -= 1;
+            }
+            return Err(ConfigError::PagesDoNotFit {
+                pages: self.pages,
+                vcpus: self.vcpus,
+                needed,
+                mem: self.mem_bytes,
+                max_pages,
+            });
+        }
+        Ok(())
+    }
+}
+
+/// The host's physical RAM in bytes, if it can be read.
+pub fn host_ram_bytes() -> Option<u64> {
+    // SAFETY: sysconf has no memory-safety preconditions.
+    let (pages, size) = unsafe {
+        (
+            libc::sysconf(libc::_SC_PHYS_PAGES),
+            libc::sysconf(libc::_SC_PAGESIZE),
+        )
+    };
+    if pages > 0 && size > 0 {
+        Some(pages as u64 * size as u64)
+    } else {
+        None
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn default_is_valid() {
+        assert_eq!(VmConfig::default().validate(Some(1 << 40)), Ok(()));
+    }
+
+    #[test]
+    fn rejects_each_bad_value() {
+        let c = |f: fn(&mut VmConfig)| {
+            let mut c = VmConfig::default();
+            f(&mut c);
+            c.validate(Some(1 << 34))
+        };
+        assert!(matches!(
+            c(|c| c.mem_bytes = 4097),
+            Err(ConfigError::MemNotAligned(_))
+        ));
+        assert!(matches!(
+            c(|c| c.mem_bytes = 1 << 20),
+            Err(ConfigError::MemTooSmall(..))
+        ));
+        assert!(matches!(
+            c(|c| c.mem_bytes = 1 << 40),
+            Err(ConfigError::MemTooLarge(_))
+        ));
+        assert!(matches!(
+            c(|c| c.mem_bytes = 32 << 30),
+            Err(ConfigError::MemExceedsHost(..))
+        ));
+        assert!(matches!(c(|c| c.vcpus = 0), Err(ConfigError::Vcpus(0, _))));
+        assert!(matches!(c(|c| c.pages = 0), Err(ConfigError::ZeroPages)));
+        assert!(matches!(c(|c| c.passes = 0), Err(ConfigError::ZeroPasses)));
+        assert!(matches!(
+            c(|c| c.write_ratio = 101),
+            Err(ConfigError::WriteRatio(101))
+        ));
+        let e = c(|c| {
+            c.mem_bytes = 8 << 20;
+            c.pages = 2000;
+        });
+        match e {
+            Err(ConfigError::PagesDoNotFit { max_pages, .. }) => {
+                let mut ok = VmConfig {
+                    mem_bytes: 8 << 20,
+                    pages: max_pages,
+                    ..VmConfig::default()
+                };
+                assert_eq!(ok.validate(None), Ok(()));
+                ok.pages += 1;
+                assert!(ok.validate(None).is_err());
+            }
+            other => panic!("unexpected {other:?}"),
+        }
+    }
+}

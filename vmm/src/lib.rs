@@ -1,0 +1,23 @@
+//! `vmm`: a minimal KVM virtual machine monitor whose guest RAM is run by its
+//! own guest-memory manager (`guest-mem`).
+//!
+//! * [`config`]: the VM and workload to run, validated.
+//! * [`vstate`]: KVM VM and vCPUs, long-mode boot state, the vCPU run loop.
+//! * [`devices`]: serial line and control port.
+//! * [`runner`]: boots a VM and supervises it from an event loop.
+//! * [`oracle`]: the host-side consistency check of guest memory.
+//! * [`report`]: run results, JSON and exit codes.
+//! * [`bench`]: `vmm bench ...`.
+//! * [`cli`]: the command line.
+
+pub mod bench;
+pub mod cli;
+pub mod config;
+pub mod devices;
+pub mod guest_image;
+pub mod oracle;
+pub mod report;
+pub mod runner;
+pub mod signals;
+pub mod size;
+pub mod vstate;

@@ -1,0 +1,735 @@
+//! Boots a VM and supervises it: vCPU threads run the guest, the supervisor
+//! serves their messages, signals and run hooks from an event loop built on
+//! event-manager, then the host-side oracle checks guest RAM.
+
+use crate::config::{host_ram_bytes, ConfigError, VmConfig};
+use crate::guest_image::{KernelError, KernelImage};
+use crate::oracle::verify_image;
+use crate::report::{RunReport, RunStatus, VcpuReport};
+use crate::signals::{install_kick_handler, kick_signal, TerminationSignals};
+use crate::vstate::boot::{setup_vcpu, write_boot_structures, BootError};
+use crate::vstate::control::{PauseTimeout, VcpuControl};
+use crate::vstate::vcpu::{MsgSender, VcpuMsg, VcpuOutcome, VcpuRunner};
+use crate::vstate::vm::{create_vm, open_kvm, VmError};
+use event_manager::{EventManager, EventOps, Events, MutEventSubscriber, SubscriberOps};
+use guest_mem::{GuestRam, RamError};
+use guest_protocol::boot_info::BOOT_INFO_VERSION;
+use guest_protocol::control::Event;
+use guest_protocol::layout::{state_gpa, BOOT_INFO_GPA};
+use guest_protocol::{BootInfo, Command, CommandOp, VcpuState};
+use std::os::fd::AsRawFd;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::mpsc::{self, Receiver};
+use std::sync::{Arc, Mutex, OnceLock, PoisonError};
+use std::thread::JoinHandle;
+use std::time::{Duration, Instant};
+use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
+use vmm_sys_util::signal::Killable;
+
+/// How long the guest gets to stop cleanly after a stop request before its
+/// vCPUs are stopped by force.
+const STOP_GRACE: Duration = Duration::from_secs(3);
+/// How long a pause may take before it is abandoned.
+const PAUSE_TIMEOUT: Duration = Duration::from_secs(5);
+/// Default run time of the idle workload.
+const IDLE_DEFAULT: Duration = Duration::from_millis(100);
+
+/// Why a VM could not be booted or supervised.
+#[derive(Debug, thiserror::Error)]
+pub enum RunError {
+    /// The configuration is invalid (usage error).
+    #[error(transparent)]
+    Config(#[from] ConfigError),
+    /// The kernel image is unusable.
+    #[error(transparent)]
+    Kernel(#[from] KernelError),
+    /// KVM or the VM could not be set up.
+    #[error(transparent)]
+    Vm(#[from] VmError),
+    /// Guest RAM could not be set up.
+    #[error(transparent)]
+    Ram(#[from] RamError),
+    /// Boot state could not be written.
+    #[error(transparent)]
+    Boot(#[from] BootError),
+    /// A vCPU could not be created.
+    #[error("cannot create vCPU {0}: {1}")]
+    CreateVcpu(u32, kvm_ioctls::Error),
+    /// A thread, eventfd, signal or event-loop resource failed.
+    #[error("VMM runtime error: {0}")]
+    Runtime(String),
+}
+
+impl RunError {
+    /// The JSON `status` kind of this error.
+    pub fn kind(&self) -> &'static str {
+        match self {
+            RunError::Config(_) => "usage",
+            RunError::Kernel(_) => "invalid_kernel",
+            RunError::Vm(VmError::NoKvm | VmError::KvmPermission | VmError::OpenKvm(_)) => {
+                "kvm_unavailable"
+            }
+            RunError::Vm(_) | RunError::CreateVcpu(..) | RunError::Boot(_) => "vm_setup_failed",
+            RunError::Ram(_) => "memory_setup_failed",
+            RunError::Runtime(_) => "runtime_error",
+        }
+    }
+
+    /// The process exit code: 2 for usage errors, 1 otherwise.
+    pub fn exit_code(&self) -> i32 {
+        match self {
+            RunError::Config(_) => crate::report::EXIT_USAGE,
+            _ => crate::report::EXIT_ERROR,
+        }
+    }
+}
+
+/// Where the guest's serial lines go.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum SerialSink {
+    /// Standard output (the default).
+    Stdout,
+    /// Standard error (with `--json`).
+    Stderr,
+    /// Kept in the report (tests).
+    Capture,
+}
+
+/// A hook failed; the run ends with status `hook_failed`.
+#[derive(Debug, thiserror::Error)]
+#[error("{0}")]
+pub struct HookError(pub String);
+
+impl From<PauseTimeout> for HookError {
+    fn from(e: PauseTimeout) -> Self {
+        HookError(e.to_string())
+    }
+}
+
+/// How long [`VmHandle::send_command`] waits for the previous command to be taken.
+pub const COMMAND_TIMEOUT: Duration = Duration::from_secs(2);
+
+/// A command could not be delivered.
+#[derive(Debug, thiserror::Error)]
+pub enum CommandError {
+    /// No such vCPU.
+    #[error("no vCPU {0}")]
+    NoSuchVcpu(u32),
+    /// The vCPU has finished; nobody will read the command.
+    #[error("vCPU {0} has finished")]
+    Exited(u32),
+    /// The guest did not take the previous command in time (paused, or not polling).
+    #[error("vCPU {0} did not take command {1} within {COMMAND_TIMEOUT:?}")]
+    NotTaken(u32, u32),
+    /// Guest RAM could not be accessed.
+    #[error(transparent)]
+    Ram(#[from] RamError),
+}
+
+impl From<CommandError> for HookError {
+    fn from(e: CommandError) -> Self {
+        HookError(e.to_string())
+    }
+}
+
+impl From<RamError> for HookError {
+    fn from(e: RamError) -> Self {
+        HookError(e.to_string())
+    }
+}
+
+/// An action run on the supervisor thread while the VM runs.
+pub type HookAction = Box<dyn FnOnce(&mut VmHandle) -> Result<(), HookError> + Send>;
+
+/// Actions to run at points of a run (snapshots, fault injection in tests).
+#[derive(Default)]
+pub struct RunHooks {
+    after_pages: Vec<(u64, HookAction)>,
+    at_exit: Vec<HookAction>,
+}
+
+impl RunHooks {
+    /// Runs `action` once the guest has made at least `pages` page stores in
+    /// total (seen at the vCPUs' progress reports, every 64 steps).
+    pub fn after_pages(mut self, pages: u64, action: HookAction) -> Self {
+        self.after_pages.push((pages, action));
+        self.after_pages.sort_by_key(|(p, _)| *p);
+        self
+    }
+
+    /// Runs `action` once every vCPU has left its run loop, while guest RAM
+    /// is still there.
+    pub fn at_exit(mut self, action: HookAction) -> Self {
+        self.at_exit.push(action);
+        self
+    }
+}
+
+/// The supervisor's grip on a running VM, handed to hooks.
+pub struct VmHandle {
+    ram: Arc<GuestRam>,
+    control: Arc<VcpuControl>,
+    threads: Vec<JoinHandle<()>>,
+    exited: Arc<Vec<AtomicBool>>,
+    command_seq: Vec<u32>,
+}
+
+impl VmHandle {
+    /// Guest RAM.
+    pub fn ram(&self) -> &GuestRam {
+        &self.ram
+    }
+
+    /// Number of vCPUs.
+    pub fn vcpus(&self) -> u32 {
+        self.command_seq.len() as u32
+    }
+
+    fn kick_all(&self) {
+        for (i, t) in self.threads.iter().enumerate() {
+            if !self.exited[i].load(Ordering::Acquire) {
+                // ESRCH for a thread that just ended is harmless.
+                let _ = t.kill(kick_signal());
+            }
+        }
+    }
+
+    /// Pauses every vCPU (out of `KVM_RUN`, parked) and returns how long it took.
+    pub fn pause(&self) -> Result<Duration, PauseTimeout> {
+        self.control.pause(|| self.kick_all(), PAUSE_TIMEOUT)
+    }
+
+    /// Resumes paused vCPUs.
+    pub fn resume(&self) {
+        self.control.resume();
+    }
+
+    /// Writes a command into vCPU `vcpu`'s command slot (argument first,
+    /// then the word with a new sequence number). The slot holds one
+    /// command, so this first waits (up to [`COMMAND_TIMEOUT`]) until the
+    /// guest has taken the previous one, as its state page records.
+    pub fn send_command(&mut self, vcpu: u32, op: CommandOp, arg: u64) -> Result<(), CommandError> {
+        let Some(&prev) = self.command_seq.get(vcpu as usize) else {
+            return Err(CommandError::NoSuchVcpu(vcpu));
+        };
+        let taken_at =
+            state_gpa(vcpu as u64) + std::mem::offset_of!(VcpuState, last_command_seq) as u64;
+        let start = Instant::now();
+        while prev != 0 && self.ram.load_u64(taken_at)? < prev as u64 {
+            if self
+                .exited
+                .get(vcpu as usize)
+                .is_some_and(|e| e.load(Ordering::Acquire))
+            {
+                return Err(CommandError::Exited(vcpu));
+            }
+            if start.elapsed() > COMMAND_TIMEOUT {
+                return Err(CommandError::NotTaken(vcpu, prev));
+            }
+            std::thread::sleep(Duration::from_micros(100));
+        }
+        let seq = &mut self.command_seq[vcpu as usize];
+        *seq += 1;
+        let slot = BOOT_INFO_GPA
+            + std::mem::offset_of!(BootInfo, commands) as u64
+            + vcpu as u64 * std::mem::size_of::<Command>() as u64;
+        self.ram.store_u64(slot + 8, arg)?;
+        self.ram.store_u64(slot, Command::pack(*seq, op))?;
+        Ok(())
+    }
+
+    /// Sends `op` to every vCPU still running.
+    pub fn broadcast(&mut self, op: CommandOp, arg: u64) -> Result<(), CommandError> {
+        for v in 0..self.vcpus() {
+            match self.send_command(v, op, arg) {
+                Ok(()) | Err(CommandError::Exited(_)) => {}
+                Err(e) => return Err(e),
+            }
+        }
+        Ok(())
+    }
+
+    /// Stops every vCPU thread now, wherever the guest is.
+    pub fn force_stop(&self) {
+        self.control.stop();
+        self.kick_all();
+    }
+}
+
+/// Boots `config`, runs it to its end and reports.
+pub fn run(config: &VmConfig, hooks: RunHooks, sink: SerialSink) -> Result<RunReport, RunError> {
+    config.validate(host_ram_bytes())?;
+    let image = KernelImage::from_source(&config.kernel)?;
+    image.validate()?;
+    install_kick_handler()
+        .map_err(|e| RunError::Runtime(format!("cannot install the vCPU kick handler: {e}")))?;
+    let signals =
+        TerminationSignals::new().map_err(|e| RunError::Runtime(format!("signalfd: {e}")))?;
+
+    let kvm = open_kvm()?;
+    let ram = Arc::new(GuestRam::new_anonymous(config.mem_bytes)?);
+    let created = Instant::now();
+    let vm = create_vm(&kvm, &ram, config.vcpus)?;
+    let entry = image.load(&ram)?.0;
+    write_boot_structures(&ram, config)?;
+
+    let mut fds = Vec::with_capacity(config.vcpus as usize);
+    for i in 0..config.vcpus {
+        let fd = vm
+            .create_vcpu(i as u64)
+            .map_err(|e| RunError::CreateVcpu(i, e))?;
+        setup_vcpu(&kvm, &fd, i, entry)?;
+        fds.push(fd);
+    }
+
+    let wake = Arc::new(
+        EventFd::new(EFD_NONBLOCK).map_err(|e| RunError::Runtime(format!("eventfd: {e}")))?,
+    );
+    let (tx, rx) = mpsc::channel();
+    let sender = MsgSender::new(tx, wake.clone());
+    let control = Arc::new(VcpuControl::new(config.vcpus as usize));
+    let first_io = Arc::new(OnceLock::new());
+    let exited: Arc<Vec<AtomicBool>> =
+        Arc::new((0..config.vcpus).map(|_| AtomicBool::new(false)).collect());
+    let mut threads = Vec::with_capacity(fds.len());
+    for (i, fd) in fds.into_iter().enumerate() {
+        let runner = VcpuRunner::new(
+            i as u32,
+            fd,
+            control.clone(),
+            sender.clone(),
+            first_io.clone(),
+        );
+        let exited = exited.clone();
+        let t = std::thread::Builder::new()
+            .name(format!("vcpu{i}"))
+            .spawn(move || {
+                runner.run();
+                exited[i].store(true, Ordering::Release);
+            })
+            .map_err(|e| RunError::Runtime(format!("cannot start vCPU thread {i}: {e}")));
+        match t {
+            Ok(t) => threads.push(t),
+            Err(e) => {
+                // Threads already started must not outlive the VM.
+                control.stop();
+                for t in threads {
+                    let _ = t.kill(kick_signal());
+                    let _ = t.join();
+                }
+                return Err(e);
+            }
+        }
+    }
+    drop(sender);
+
+    let handle = VmHandle {
+        ram: ram.clone(),
+        control,
+        threads,
+        exited,
+        command_seq: vec![0; config.vcpus as usize],
+    };
+    let stop_after = config
+        .stop_after
+        .or((config.workload == guest_protocol::Workload::Idle).then_some(IDLE_DEFAULT));
+    let supervisor = Arc::new(Mutex::new(Supervisor::new(
+        handle, rx, wake, signals, sink, hooks, stop_after,
+    )));
+    let loop_result = event_loop(&supervisor);
+    // The event manager (the only other owner) is gone once the loop returns.
+    let mut sup = match Arc::try_unwrap(supervisor) {
+        Ok(m) => m.into_inner().unwrap_or_else(PoisonError::into_inner),
+        Err(_) => {
+            return Err(RunError::Runtime(
+                "the event loop kept the supervisor".into(),
+            ))
+        }
+    };
+    if let Err(e) = loop_result {
+        sup.handle.force_stop();
+        sup.join_threads();
+        return Err(e);
+    }
+    sup.join_threads();
+    drop(vm);
+    sup.run_exit_hooks();
+
+    let boot_us = first_io
+        .get()
+        .map(|t| t.duration_since(created).as_micros() as u64);
+    Ok(sup.into_report(config, &ram, boot_us))
+}
+
+fn event_loop(supervisor: &Arc<Mutex<Supervisor>>) -> Result<(), RunError> {
+    let mut em: EventManager<Arc<Mutex<Supervisor>>> =
+        EventManager::new().map_err(|e| RunError::Runtime(format!("event manager: {e:?}")))?;
+    em.add_subscriber(supervisor.clone());
+    loop {
+        em.run_with_timeout(20)
+            .map_err(|e| RunError::Runtime(format!("event loop: {e:?}")))?;
+        let mut sup = supervisor.lock().unwrap_or_else(PoisonError::into_inner);
+        sup.tick();
+        if sup.finished() {
+            // Messages sent just before the last exit are still queued.
+            sup.drain();
+            return Ok(());
+        }
+    }
+}
+
+/// The event-loop side of a run.
+struct Supervisor {
+    handle: VmHandle,
+    rx: Option<Receiver<VcpuMsg>>,
+    wake: Option<Arc<EventFd>>,
+    signals: Option<TerminationSignals>,
+    sink: SerialSink,
+    hooks: Vec<(u64, HookAction)>,
+    at_exit: Vec<HookAction>,
+    stop_after: Option<Duration>,
+    progress: Vec<u64>,
+    verify: Vec<Option<u64>>,
+    outcomes: Vec<Option<VcpuOutcome>>,
+    speaks_protocol: bool,
+    first_boot: Option<Instant>,
+    last_end: Option<Instant>,
+    stop_sent: bool,
+    force_at: Option<Instant>,
+    interrupted: bool,
+    hook_error: Option<String>,
+    started: Instant,
+    panic_line: Option<String>,
+    serial: Vec<String>,
+}
+
+impl Supervisor {
+    #[allow(clippy::too_many_arguments)]
+    fn new(
+        handle: VmHandle,
+        rx: Receiver<VcpuMsg>,
+        wake: Arc<EventFd>,
+        signals: TerminationSignals,
+        sink: SerialSink,
+        hooks: RunHooks,
+        stop_after: Option<Duration>,
+    ) -> Supervisor {
+        let n = handle.vcpus() as usize;
+        Supervisor {
+            handle,
+            rx: Some(rx),
+            wake: Some(wake),
+            signals: Some(signals),
+            sink,
+            hooks: hooks.after_pages,
+            at_exit: hooks.at_exit,
+            stop_after,
+            progress: vec![0; n],
+            verify: vec![None; n],
+            outcomes: (0..n).map(|_| None).collect(),
+            speaks_protocol: false,
+            first_boot: None,
+            last_end: None,
+            stop_sent: false,
+            force_at: None,
+            interrupted: false,
+            hook_error: None,
+            started: Instant::now(),
+            panic_line: None,
+            serial: Vec::new(),
+        }
+    }
+
+    fn run_exit_hooks(&mut self) {
+        for action in std::mem::take(&mut self.at_exit) {
+            if let Err(e) = action(&mut self.handle) {
+                log::error!("exit hook failed: {e}");
+                self.hook_error.get_or_insert(e.0);
+            }
+        }
+    }
+
+    fn finished(&self) -> bool {
+        self.outcomes.iter().all(Option::is_some)
+    }
+
+    fn join_threads(&mut self) {
+        for t in self.handle.threads.drain(..) {
+            if t.join().is_err() {
+                log::error!("a vCPU thread panicked");
+            }
+        }
+    }
+
+    /// Asks every vCPU to stop at its next poll point; forces the stop if
+    /// the guest has not ended within the grace period, or at once for a
+    /// kernel that never announced the protocol (it cannot hear the request).
+    fn request_stop(&mut self) {
+        if !self.speaks_protocol {
+            self.force_stop();
+            return;
+        }
+        if !self.stop_sent {
+            self.stop_sent = true;
+            if let Err(e) = self.handle.broadcast(CommandOp::Stop, 0) {
+                log::warn!("cannot write the stop command: {e}");
+            }
+        }
+        self.force_at.get_or_insert(Instant::now() + STOP_GRACE);
+    }
+
+    fn force_stop(&mut self) {
+        self.handle.force_stop();
+        self.force_at = None;
+    }
+
+    /// Periodic work: deadlines.
+    fn tick(&mut self) {
+        if let Some(limit) = self.stop_after {
+            if self.started.elapsed() >= limit {
+                self.stop_after = None;
+                self.request_stop();
+            }
+        }
+        if self.force_at.is_some_and(|t| Instant::now() >= t) {
+            log::warn!("the guest did not stop within {STOP_GRACE:?}; stopping its vCPUs");
+            self.force_stop();
+        }
+    }
+
+    fn drain(&mut self) {
+        let msgs: Vec<VcpuMsg> = match &self.rx {
+            Some(rx) => rx.try_iter().collect(),
+            None => return,
+        };
+        for m in msgs {
+            self.handle_msg(m);
+        }
+    }
+
+    fn handle_msg(&mut self, msg: VcpuMsg) {
+        match msg {
+            VcpuMsg::Serial { line, .. } => self.serial_line(line),
+            VcpuMsg::Event { vcpu, event, arg } => self.guest_event(vcpu as usize, event, arg),
+            VcpuMsg::Exited { vcpu, outcome } => {
+                let v = vcpu as usize;
+                match &outcome {
+                    VcpuOutcome::Fault(f) => {
+                        log::error!("{f}");
+                        // The guest is broken: the others cannot finish meaningfully.
+                        self.force_stop();
+                    }
+                    VcpuOutcome::Panicked => self.force_stop(),
+                    _ => {}
+                }
+                if let Some(slot) = self.outcomes.get_mut(v) {
+                    *slot = Some(outcome);
+                }
+                self.last_end = Some(Instant::now());
+            }
+        }
+    }
+
+    fn serial_line(&mut self, line: String) {
+        use std::io::Write;
+        if line.contains("PANIC") {
+            self.panic_line.get_or_insert_with(|| line.clone());
+        }
+        match self.sink {
+            SerialSink::Stdout => {
+                let mut out = std::io::stdout().lock();
+                let _ = writeln!(out, "{line}");
+                let _ = out.flush();
+            }
+            SerialSink::Stderr => eprintln!("{line}"),
+            SerialSink::Capture => self.serial.push(line),
+        }
+    }
+
+    fn guest_event(&mut self, v: usize, event: Event, arg: u64) {
+        log::trace!("vCPU {v}: {event:?} {arg}");
+        match event {
+            Event::Boot => {
+                self.speaks_protocol |= arg == BOOT_INFO_VERSION as u64;
+                self.first_boot.get_or_insert_with(Instant::now);
+            }
+            Event::Progress | Event::Done | Event::RoundEnd => {
+                if let Some(p) = self.progress.get_mut(v) {
+                    *p = arg;
+                }
+                self.run_page_hooks();
+                if event == Event::RoundEnd {
+                    // No round consumer yet: let the vCPU go on.
+                    if let Err(e) = self.handle.send_command(v as u32, CommandOp::Continue, 0) {
+                        log::warn!("cannot release vCPU {v} from its round end: {e}");
+                    }
+                }
+            }
+            Event::VerifyResult => {
+                if let Some(slot) = self.verify.get_mut(v) {
+                    *slot = Some(arg);
+                }
+            }
+            Event::PassDone | Event::CommandAck | Event::Panic => {}
+        }
+    }
+
+    fn run_page_hooks(&mut self) {
+        let total: u64 = self.progress.iter().sum();
+        while self.hooks.first().is_some_and(|(n, _)| total >= *n) {
+            let (n, action) = self.hooks.remove(0);
+            log::debug!("running the hook set for {n} page stores at {total}");
+            if let Err(e) = action(&mut self.handle) {
+                log::error!("hook failed: {e}");
+                self.hook_error.get_or_insert(e.0);
+                // Never leave the guest paused behind a failed hook.
+                self.handle.resume();
+                self.request_stop();
+            }
+        }
+    }
+
+    fn on_signal(&mut self) {
+        let n = self.signals.as_ref().map_or(0, TerminationSignals::drain);
+        if n == 0 {
+            return;
+        }
+        if self.interrupted {
+            log::warn!("second interrupt: stopping the vCPUs now");
+            self.force_stop();
+        } else {
+            log::info!("interrupted: asking the guest to stop");
+            self.interrupted = true;
+            self.request_stop();
+        }
+    }
+
+    fn into_report(self, config: &VmConfig, ram: &GuestRam, boot_us: Option<u64>) -> RunReport {
+        let mut status = RunStatus::Ok;
+        let mut error = None;
+        let mut vcpu_reports = Vec::new();
+        for (i, outcome) in self.outcomes.iter().enumerate() {
+            let name = match outcome {
+                Some(VcpuOutcome::Done) => "done",
+                Some(VcpuOutcome::Halted) => "halted",
+                Some(VcpuOutcome::Stopped) => "stopped",
+                Some(VcpuOutcome::Panicked) => {
+                    status = RunStatus::GuestPanic;
+                    error.get_or_insert(format!(
+                        "guest kernel panicked on vCPU {i}{}",
+                        self.panic_line
+                            .as_ref()
+                            .map(|l| format!(": {l}"))
+                            .unwrap_or_default()
+                    ));
+                    "panicked"
+                }
+                Some(VcpuOutcome::Fault(f)) => {
+                    if status == RunStatus::Ok {
+                        status = match f {
+                            crate::vstate::vcpu::VcpuFault::Protocol { .. } => {
+                                RunStatus::ProtocolError
+                            }
+                            _ => RunStatus::VcpuFault,
+                        };
+                    }
+                    error.get_or_insert(f.to_string());
+                    "fault"
+                }
+                None => "unknown",
+            };
+            vcpu_reports.push(VcpuReport {
+                vcpu: i as u32,
+                outcome: name.to_string(),
+                pages_written: self.progress.get(i).copied().unwrap_or(0),
+                verify_mismatches: self.verify.get(i).copied().flatten(),
+            });
+        }
+        if let Some(e) = self.hook_error {
+            if status == RunStatus::Ok {
+                status = RunStatus::HookFailed;
+            }
+            error.get_or_insert(e);
+        }
+        let verify_mismatches = self
+            .verify
+            .iter()
+            .copied()
+            .reduce(|a, b| match (a, b) {
+                (Some(a), Some(b)) => Some(a + b),
+                (a, b) => a.or(b),
+            })
+            .flatten();
+        // Only a kernel that announced this protocol laid out guest RAM the
+        // way the oracle expects.
+        let host_verify_mismatches = if self.speaks_protocol {
+            match verify_image(ram) {
+                Ok(v) => Some(v.total),
+                Err(e) => {
+                    log::warn!("host-side verify failed: {e}");
+                    None
+                }
+            }
+        } else {
+            None
+        };
+        if status == RunStatus::Ok
+            && (verify_mismatches.unwrap_or(0) > 0 || host_verify_mismatches.unwrap_or(0) > 0)
+        {
+            status = RunStatus::VerifyMismatch;
+            error = Some(format!(
+                "verification found mismatching pages: {} (guest), {} (host)",
+                verify_mismatches.map_or("n/a".into(), |v| v.to_string()),
+                host_verify_mismatches.map_or("n/a".into(), |v| v.to_string())
+            ));
+        }
+        let workload_us = match (self.first_boot, self.last_end) {
+            (Some(a), Some(b)) if b >= a => Some(b.duration_since(a).as_micros() as u64),
+            _ => None,
+        };
+        RunReport {
+            status,
+            error,
+            vcpus: config.vcpus,
+            mem_bytes: config.mem_bytes,
+            workload: config.workload.name().to_string(),
+            pages: config.pages,
+            passes: config.passes,
+            pages_written: self.progress.iter().sum(),
+            verify_mismatches,
+            host_verify_mismatches,
+            boot_us,
+            workload_us,
+            interrupted: self.interrupted,
+            vcpu_reports,
+            serial: self.serial,
+        }
+    }
+}
+
+impl MutEventSubscriber for Supervisor {
+    fn init(&mut self, ops: &mut EventOps) {
+        if let Some(wake) = &self.wake {
+            if let Err(e) = ops.add(Events::new(wake.as_ref(), event_manager::EventSet::IN)) {
+                log::error!("cannot watch the vCPU eventfd: {e:?}");
+            }
+        }
+        if let Some(sig) = &self.signals {
+            if let Err(e) = ops.add(Events::new(sig, event_manager::EventSet::IN)) {
+                log::error!("cannot watch the signalfd: {e:?}");
+            }
+        }
+    }
+
+    fn process(&mut self, events: Events, _ops: &mut EventOps) {
+        let fd = events.fd();
+        if self.wake.as_ref().is_some_and(|w| w.as_raw_fd() == fd) {
+            if let Some(w) = &self.wake {
+                let _ = w.read();
+            }
+            self.drain();
+        } else if self.signals.as_ref().is_some_and(|s| s.as_raw_fd() == fd) {
+            self.on_signal();
+        }
+    }
+}

@@ -1,0 +1,6 @@
+//! The machine: KVM VM and vCPUs, long-mode boot state, and the vCPU run loop.
+
+pub mod boot;
+pub mod control;
+pub mod vcpu;
+pub mod vm;

@@ -1,0 +1,311 @@
+//! A vCPU thread: runs `KVM_RUN`, decodes the serial and control ports, and
+//! reports to the supervisor's event loop through a channel.
+
+use crate::devices::control_port::{ControlLatch, ControlWrite};
+use crate::devices::serial::{LineAssembler, LSR_IDLE};
+use crate::vstate::boot::describe_registers;
+use crate::vstate::control::VcpuControl;
+use guest_protocol::control::{Event, SERIAL_LSR_PORT, SERIAL_PORT};
+use kvm_ioctls::{VcpuExit, VcpuFd};
+use std::sync::mpsc;
+use std::sync::{Arc, OnceLock};
+use std::time::Instant;
+use vmm_sys_util::eventfd::EventFd;
+
+/// A message from a vCPU thread to the supervisor.
+#[derive(Debug)]
+pub enum VcpuMsg {
+    /// A complete line of serial output.
+    Serial {
+        /// Which vCPU wrote it.
+        vcpu: u32,
+        /// The line, without its newline.
+        line: String,
+    },
+    /// A control-port event.
+    Event {
+        /// Which vCPU sent it.
+        vcpu: u32,
+        /// The event.
+        event: Event,
+        /// Its argument.
+        arg: u64,
+    },
+    /// The thread left its run loop.
+    Exited {
+        /// Which vCPU.
+        vcpu: u32,
+        /// Why.
+        outcome: VcpuOutcome,
+    },
+}
+
+/// Why a vCPU stopped running.
+#[derive(Debug)]
+pub enum VcpuOutcome {
+    /// The guest reported `Done`.
+    Done,
+    /// The guest executed `hlt` (kernels that do not speak the protocol).
+    Halted,
+    /// The supervisor stopped it.
+    Stopped,
+    /// The guest reported a panic.
+    Panicked,
+    /// The vCPU failed.
+    Fault(VcpuFault),
+}
+
+/// A vCPU failure, with the registers where that helps.
+#[derive(Debug, thiserror::Error)]
+pub enum VcpuFault {
+    /// Triple fault: KVM reported a shutdown.
+    #[error("vCPU {vcpu}: triple fault (guest shutdown); {regs}")]
+    TripleFault {
+        /// The vCPU.
+        vcpu: u32,
+        /// Register dump.
+        regs: String,
+    },
+    /// KVM could not emulate an instruction.
+    #[error("vCPU {vcpu}: KVM internal error (suberror {suberror}): the instruction could not be run; {regs}")]
+    InternalError {
+        /// The vCPU.
+        vcpu: u32,
+        /// KVM's sub-error code.
+        suberror: u32,
+        /// Register dump.
+        regs: String,
+    },
+    /// VM entry failed.
+    #[error("vCPU {vcpu}: VM entry failed (hardware reason {reason:#x}); {regs}")]
+    FailEntry {
+        /// The vCPU.
+        vcpu: u32,
+        /// Hardware entry failure reason.
+        reason: u64,
+        /// Register dump.
+        regs: String,
+    },
+    /// The guest touched guest-physical memory that is not RAM.
+    #[error(
+        "vCPU {vcpu}: guest accessed guest-physical address {addr:#x}, which is not RAM; {regs}"
+    )]
+    Unmapped {
+        /// The vCPU.
+        vcpu: u32,
+        /// The address.
+        addr: u64,
+        /// Register dump.
+        regs: String,
+    },
+    /// The guest broke the control-port protocol.
+    #[error("vCPU {vcpu}: guest protocol error: {what}")]
+    Protocol {
+        /// The vCPU.
+        vcpu: u32,
+        /// What was wrong.
+        what: String,
+    },
+    /// An exit this VMM does not handle.
+    #[error("vCPU {vcpu}: unexpected VM exit {what}; {regs}")]
+    UnexpectedExit {
+        /// The vCPU.
+        vcpu: u32,
+        /// The exit.
+        what: String,
+        /// Register dump.
+        regs: String,
+    },
+    /// `KVM_RUN` itself failed.
+    #[error("vCPU {vcpu}: KVM_RUN failed: {source}")]
+    Run {
+        /// The vCPU.
+        vcpu: u32,
+        /// The ioctl error.
+        source: kvm_ioctls::Error,
+    },
+}
+
+/// Sends messages to the supervisor and wakes its event loop.
+#[derive(Clone)]
+pub struct MsgSender {
+    tx: mpsc::Sender<VcpuMsg>,
+    wake: Arc<EventFd>,
+}
+
+impl MsgSender {
+    /// A sender that signals `wake` after each message.
+    pub fn new(tx: mpsc::Sender<VcpuMsg>, wake: Arc<EventFd>) -> MsgSender {
+        MsgSender { tx, wake }
+    }
+
+    /// Sends a message (dropped if the supervisor is gone).
+    pub fn send(&self, msg: VcpuMsg) {
+        if self.tx.send(msg).is_ok() {
+            // A full eventfd counter still wakes the loop; nothing to do on error.
+            let _ = self.wake.write(1);
+        }
+    }
+}
+
+/// What the run loop does after an exit.
+enum Next {
+    Run,
+    Exit(VcpuOutcome),
+    Fault(fn(u32, String) -> VcpuFault),
+}
+
+/// One vCPU and its device state, run on its own thread.
+pub struct VcpuRunner {
+    index: u32,
+    fd: VcpuFd,
+    control: Arc<VcpuControl>,
+    tx: MsgSender,
+    first_io: Arc<OnceLock<Instant>>,
+    serial: LineAssembler,
+    latch: ControlLatch,
+}
+
+impl VcpuRunner {
+    /// A runner for vCPU `index`; `first_io` records the VM's first I/O exit.
+    pub fn new(
+        index: u32,
+        fd: VcpuFd,
+        control: Arc<VcpuControl>,
+        tx: MsgSender,
+        first_io: Arc<OnceLock<Instant>>,
+    ) -> VcpuRunner {
+        VcpuRunner {
+            index,
+            fd,
+            control,
+            tx,
+            first_io,
+            serial: LineAssembler::default(),
+            latch: ControlLatch::default(),
+        }
+    }
+
+    /// Runs until the guest is done, fails, or the supervisor stops it.
+    pub fn run(mut self) {
+        let outcome = self.run_loop();
+        if !self.serial.is_empty() {
+            let line = self.serial.take();
+            self.tx.send(VcpuMsg::Serial {
+                vcpu: self.index,
+                line,
+            });
+        }
+        self.control.exited();
+        self.tx.send(VcpuMsg::Exited {
+            vcpu: self.index,
+            outcome,
+        });
+    }
+
+    fn run_loop(&mut self) -> VcpuOutcome {
+        let vcpu = self.index;
+        loop {
+            if !self.control.checkpoint() {
+                return VcpuOutcome::Stopped;
+            }
+            let next = match self.fd.run() {
+                Ok(VcpuExit::IoOut(port, data)) => {
+                    self.first_io.get_or_init(Instant::now);
+                    let data = data.to_vec();
+                    self.io_out(port, &data)
+                }
+                Ok(VcpuExit::IoIn(port, data)) => {
+                    self.first_io.get_or_init(Instant::now);
+                    let fill = if port == SERIAL_LSR_PORT {
+                        LSR_IDLE
+                    } else {
+                        0xff
+                    };
+                    data.fill(fill);
+                    Next::Run
+                }
+                Ok(VcpuExit::Hlt) => Next::Exit(VcpuOutcome::Halted),
+                Ok(VcpuExit::Intr) => Next::Run,
+                Ok(VcpuExit::Shutdown) => {
+                    Next::Fault(|vcpu, regs| VcpuFault::TripleFault { vcpu, regs })
+                }
+                Ok(VcpuExit::InternalError) => {
+                    let suberror = self.internal_suberror();
+                    let regs = describe_registers(&self.fd);
+                    return VcpuOutcome::Fault(VcpuFault::InternalError {
+                        vcpu,
+                        suberror,
+                        regs,
+                    });
+                }
+                Ok(VcpuExit::FailEntry(reason, _cpu)) => {
+                    let regs = describe_registers(&self.fd);
+                    return VcpuOutcome::Fault(VcpuFault::FailEntry { vcpu, reason, regs });
+                }
+                Ok(VcpuExit::MmioRead(addr, _)) | Ok(VcpuExit::MmioWrite(addr, _)) => {
+                    let regs = describe_registers(&self.fd);
+                    return VcpuOutcome::Fault(VcpuFault::Unmapped { vcpu, addr, regs });
+                }
+                Ok(other) => {
+                    let what = format!("{other:?}");
+                    let regs = describe_registers(&self.fd);
+                    return VcpuOutcome::Fault(VcpuFault::UnexpectedExit { vcpu, what, regs });
+                }
+                Err(e) if e.errno() == libc::EINTR || e.errno() == libc::EAGAIN => Next::Run,
+                Err(source) => return VcpuOutcome::Fault(VcpuFault::Run { vcpu, source }),
+            };
+            match next {
+                Next::Run => {}
+                Next::Exit(outcome) => return outcome,
+                Next::Fault(make) => {
+                    return VcpuOutcome::Fault(make(vcpu, describe_registers(&self.fd)))
+                }
+            }
+        }
+    }
+
+    fn internal_suberror(&mut self) -> u32 {
+        let run = self.fd.get_kvm_run();
+        // SAFETY: after a KVM_EXIT_INTERNAL_ERROR exit the `internal` member
+        // of the exit union is the one KVM filled in.
+        unsafe { run.__bindgen_anon_1.internal.suberror }
+    }
+
+    fn io_out(&mut self, port: u16, data: &[u8]) -> Next {
+        let vcpu = self.index;
+        if port == SERIAL_PORT {
+            for b in data {
+                if let Some(line) = self.serial.push(*b) {
+                    self.tx.send(VcpuMsg::Serial { vcpu, line });
+                }
+            }
+            return Next::Run;
+        }
+        if !ControlLatch::claims(port) {
+            log::debug!("vCPU {vcpu}: write to unclaimed port {port:#x} ignored");
+            return Next::Run;
+        }
+        match self.latch.write(port, data) {
+            ControlWrite::Latched => Next::Run,
+            ControlWrite::Event(event, arg) => {
+                self.tx.send(VcpuMsg::Event { vcpu, event, arg });
+                match event {
+                    Event::Done => Next::Exit(VcpuOutcome::Done),
+                    Event::Panic => Next::Exit(VcpuOutcome::Panicked),
+                    _ => Next::Run,
+                }
+            }
+            ControlWrite::Unknown(code) => Next::Exit(VcpuOutcome::Fault(VcpuFault::Protocol {
+                vcpu,
+                what: format!("unknown event code {code:#x} on the control port"),
+            })),
+            ControlWrite::BadWidth(port, len) => {
+                Next::Exit(VcpuOutcome::Fault(VcpuFault::Protocol {
+                    vcpu,
+                    what: format!("{len}-byte write to control port {port:#x} (expected 4 bytes)"),
+                }))
+            }
+        }
+    }
+}
