@@ -1,10 +1,24 @@
-//! Guest RAM for the `vmm`: the host mapping of guest-physical memory.
+//! Guest RAM for the `vmm`, and the page-tracking layer under it.
 //!
-//! This crate knows nothing of KVM. Today it owns the anonymous mapping that
-//! backs guest RAM and exposes it through vm-memory; the EPT-style page table,
-//! regions with their own backings and the userfaultfd fault engine grow here
-//! (see docs/architecture.md).
+//! This crate knows nothing of KVM.
+//!
+//! * [`entry`]: one entry of the table (EPT-like bit layout, markers, rule 10's frame helper).
+//! * [`table`]: `Stage2Table`, the 4-level table of per-page state, and its range walk.
+//! * [`region`]: regions (the VMA analogue) and their host backings.
+//! * [`uffd`]: the userfaultfd ABI and a safe wrapper.
+//! * [`fault`]: the fault engine (handler threads, fault-around, counters).
+//! * [`ram`]: `GuestRam`, the front: regions, engine and a vm-memory view.
 
+mod core;
+pub mod entry;
+pub mod fault;
 pub mod ram;
+pub mod region;
+pub mod table;
+pub mod uffd;
 
-pub use ram::{GuestRam, RamError};
+pub use entry::{Entry, Flag, Frame, Marker};
+pub use fault::stats::FaultStats;
+pub use ram::{GuestRam, MemoryStats, RamConfig, RamError, RegionStats};
+pub use region::{AccessHint, BackingKind, Region, RegionFlags};
+pub use table::{Stage2Table, WalkAction, WalkOutcome, Walker};

@@ -1,7 +1,21 @@
-//! One contiguous range of guest RAM starting at guest-physical address 0,
-//! backed by an anonymous private mapping of the VMM process.
+//! Guest RAM: the memory manager's front. It owns the regions (through the
+//! shared core), the fault engine, and a vm-memory view of the RAM regions
+//! created at boot, for loaders and devices.
 
+use crate::core::{CoreError, MemoryCore};
+use crate::entry::Entry;
+use crate::entry::PAGE_SIZE;
+use crate::fault::stats::FaultStats;
+use crate::fault::FaultEngine;
+use crate::region::{BackingKind, Region, RegionFlags};
+use crate::table::{Stage2Table, WalkAction, Walker};
+use crate::uffd::sys::{
+    UFFD_FEATURE_MISSING_SHMEM, UFFD_FEATURE_PAGEFAULT_FLAG_WP, UFFD_FEATURE_POISON,
+    UFFD_FEATURE_THREAD_ID, UFFD_FEATURE_WP_HUGETLBFS_SHMEM, UFFD_FEATURE_WP_UNPOPULATED,
+};
+use crate::uffd::{UffdError, Userfaultfd};
 use std::sync::atomic::Ordering;
+use std::sync::Arc;
 use vm_memory::{
     mmap::MmapRegionBuilder, Bytes, GuestAddress, GuestMemoryMmap, GuestRegionMmap, MmapRegion,
 };
@@ -12,14 +26,18 @@ pub enum RamError {
     /// The size is zero or not a multiple of the 4 KiB page size.
     #[error("guest memory size {0:#x} is not a non-zero multiple of 4 KiB")]
     BadSize(u64),
-    /// The host refused the mapping.
-    #[error("cannot map {size} bytes of guest memory: {source}")]
-    Map {
-        /// Requested bytes.
-        size: u64,
-        /// The `mmap` error.
-        source: std::io::Error,
-    },
+    /// `fault_around_pages` is not a power of two in 1..=512.
+    #[error("fault-around of {0} pages is not a power of two between 1 and 512")]
+    BadFaultAround(u64),
+    /// userfaultfd is unavailable.
+    #[error(transparent)]
+    Uffd(#[from] UffdError),
+    /// A region could not be set up.
+    #[error(transparent)]
+    Region(#[from] CoreError),
+    /// The fault engine's threads could not start.
+    #[error("cannot start the fault engine: {0}")]
+    Engine(std::io::Error),
     /// vm-memory refused the region.
     #[error("cannot describe guest memory to vm-memory: {0}")]
     Describe(String),
@@ -33,80 +51,131 @@ pub enum RamError {
     },
 }
 
-/// Guest RAM: `[0, size)` of guest-physical memory mapped at `host_addr`.
-pub struct GuestRam {
-    host_addr: *mut u8,
-    size: u64,
-    memory: GuestMemoryMmap,
+/// How guest RAM is backed and populated.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct RamConfig {
+    /// The backing of the RAM region(s).
+    pub backing: BackingKind,
+    /// Ask for transparent huge pages.
+    pub thp: bool,
+    /// Fault-around window in pages (power of two, 1..=512).
+    pub fault_around_pages: u64,
+    /// Fault handler threads.
+    pub handler_threads: usize,
 }
 
-// SAFETY: the mapping is plain memory owned by this struct; all access goes
-// through vm-memory's volatile accessors or raw pointers handed to KVM, both
-// of which tolerate concurrent use by several threads.
-unsafe impl Send for GuestRam {}
-// SAFETY: as above.
-unsafe impl Sync for GuestRam {}
+impl Default for RamConfig {
+    fn default() -> Self {
+        RamConfig {
+            backing: BackingKind::Memfd,
+            thp: false,
+            fault_around_pages: 16,
+            handler_threads: 1,
+        }
+    }
+}
+
+/// Memory statistics for reports.
+#[derive(Clone, Debug)]
+pub struct MemoryStats {
+    /// The backing.
+    pub backing: BackingKind,
+    /// Pages populated (from the table, or resident pages for `plain`).
+    pub populated_pages: u64,
+    /// Fault counters (all zero for `plain`).
+    pub faults: FaultStats,
+    /// The fault-around window.
+    pub fault_around_pages: u64,
+    /// Bytes of table memory.
+    pub table_bytes: u64,
+    /// The live regions.
+    pub regions: Vec<RegionStats>,
+    /// THP was asked for.
+    pub thp_requested: bool,
+    /// Bytes the host backs with huge pages now (from /proc/self/smaps).
+    pub thp_bytes: Option<u64>,
+}
+
+/// One region's part of [`MemoryStats`].
+#[derive(Clone, Debug)]
+pub struct RegionStats {
+    /// First guest-physical address.
+    pub gpa: u64,
+    /// Size in bytes.
+    pub size: u64,
+    /// vCPUs that faulted on it (bit = vCPU id % 64).
+    pub accessors: u64,
+}
+
+/// Guest RAM.
+pub struct GuestRam {
+    // Field order is drop order: the engine stops before the core (and the
+    // mappings it owns) goes away.
+    engine: Option<FaultEngine>,
+    core: Arc<MemoryCore>,
+    memory: GuestMemoryMmap,
+    boot_regions: Vec<Arc<Region>>,
+    size: u64,
+    config: RamConfig,
+}
+
+/// The userfaultfd features the fault engine needs, and those it uses when present.
+fn uffd_features(backing: BackingKind) -> (u64, u64) {
+    let mut required = UFFD_FEATURE_THREAD_ID | UFFD_FEATURE_PAGEFAULT_FLAG_WP;
+    if backing == BackingKind::Memfd {
+        required |= UFFD_FEATURE_MISSING_SHMEM | UFFD_FEATURE_WP_HUGETLBFS_SHMEM;
+    }
+    (required, UFFD_FEATURE_WP_UNPOPULATED | UFFD_FEATURE_POISON)
+}
 
 impl GuestRam {
-    /// Maps `size` bytes of zeroed anonymous memory (`MAP_NORESERVE`: pages
-    /// are allocated by the host on first touch).
-    pub fn new_anonymous(size: u64) -> Result<GuestRam, RamError> {
-        if size == 0 || !size.is_multiple_of(4096) {
+    /// Guest RAM of `size` bytes at guest-physical 0, one region, backed and
+    /// populated as `config` says.
+    pub fn new(size: u64, config: RamConfig) -> Result<GuestRam, RamError> {
+        if size == 0 || !size.is_multiple_of(PAGE_SIZE) {
             return Err(RamError::BadSize(size));
         }
-        let len = usize::try_from(size).map_err(|_| RamError::BadSize(size))?;
-        // SAFETY: an anonymous private mapping at an address the kernel picks:
-        // it aliases nothing, and the result is checked below.
-        let addr = unsafe {
-            libc::mmap(
-                std::ptr::null_mut(),
-                len,
-                libc::PROT_READ | libc::PROT_WRITE,
-                libc::MAP_PRIVATE | libc::MAP_ANONYMOUS | libc::MAP_NORESERVE,
-                -1,
-                0,
-            )
+        let fa = config.fault_around_pages;
+        if !(1..=512).contains(&fa) || !fa.is_power_of_two() {
+            return Err(RamError::BadFaultAround(fa));
+        }
+        let uffd = if config.backing.uses_fault_engine() {
+            let (required, optional) = uffd_features(config.backing);
+            Some(Userfaultfd::open(required, optional)?)
+        } else {
+            None
         };
-        if addr == libc::MAP_FAILED {
-            return Err(RamError::Map {
-                size,
-                source: std::io::Error::last_os_error(),
-            });
-        }
-        let host_addr = addr as *mut u8;
-        // SAFETY: `host_addr` is a live mapping of `len` bytes with the given
-        // protection and flags; it is unmapped only in `Drop`, after the
-        // vm-memory view (which does not own it) is gone.
-        let region: MmapRegion = unsafe {
-            MmapRegionBuilder::new(len)
-                .with_raw_mmap_pointer(host_addr)
-                .with_mmap_prot(libc::PROT_READ | libc::PROT_WRITE)
-                .with_mmap_flags(libc::MAP_PRIVATE | libc::MAP_ANONYMOUS | libc::MAP_NORESERVE)
-                .build()
-        }
-        .map_err(|e| {
-            // SAFETY: unmapping the mapping created above, not used elsewhere.
-            unsafe { libc::munmap(addr, len) };
-            RamError::Describe(e.to_string())
-        })?;
-        let memory = GuestRegionMmap::new(region, GuestAddress(0))
-            .ok_or_else(|| RamError::Describe("region overflows the address space".into()))
-            .and_then(|r| {
-                GuestMemoryMmap::from_regions(vec![r])
-                    .map_err(|e| RamError::Describe(e.to_string()))
-            });
-        match memory {
-            Ok(memory) => Ok(GuestRam {
-                host_addr,
-                size,
-                memory,
-            }),
-            Err(e) => {
-                // SAFETY: as above.
-                unsafe { libc::munmap(addr, len) };
-                Err(e)
-            }
-        }
+        let core = Arc::new(MemoryCore::new(uffd, fa).map_err(CoreError::from)?);
+        let engine = if config.backing.uses_fault_engine() {
+            Some(
+                FaultEngine::start(core.clone(), config.handler_threads)
+                    .map_err(RamError::Engine)?,
+            )
+        } else {
+            None
+        };
+        let region =
+            core.add_region(0, size, RegionFlags::default(), config.backing, config.thp)?;
+        let memory = vm_memory_view(std::slice::from_ref(&region))?;
+        Ok(GuestRam {
+            engine,
+            core,
+            memory,
+            boot_regions: vec![region],
+            size,
+            config,
+        })
+    }
+
+    /// Anonymous RAM without the fault engine (kernel-managed).
+    pub fn new_anonymous(size: u64) -> Result<GuestRam, RamError> {
+        GuestRam::new(
+            size,
+            RamConfig {
+                backing: BackingKind::Plain,
+                ..RamConfig::default()
+            },
+        )
     }
 
     /// Bytes of guest RAM.
@@ -114,14 +183,121 @@ impl GuestRam {
         self.size
     }
 
+    /// The configuration.
+    pub fn config(&self) -> RamConfig {
+        self.config
+    }
+
     /// Host virtual address of guest-physical address 0.
     pub fn host_addr(&self) -> u64 {
-        self.host_addr as u64
+        self.boot_regions[0].mapping.addr()
+    }
+
+    /// The RAM regions created at boot (one KVM memory slot each).
+    pub fn boot_regions(&self) -> &[Arc<Region>] {
+        &self.boot_regions
+    }
+
+    /// The table of per-page state.
+    pub fn table(&self) -> &Stage2Table {
+        &self.core.table
     }
 
     /// The vm-memory view, for loaders and devices.
     pub fn memory(&self) -> &GuestMemoryMmap {
         &self.memory
+    }
+
+    /// Records that the calling thread runs vCPU `vcpu`, so faults it takes
+    /// are attributed to that vCPU (userfaultfd reports the thread id).
+    pub fn register_vcpu_thread(&self, vcpu: u32) {
+        // SAFETY: gettid has no preconditions.
+        let tid = unsafe { libc::gettid() } as u32;
+        self.core.register_vcpu_thread(tid, vcpu);
+    }
+
+    /// Adds a region at `gpa` (not part of the vm-memory view).
+    pub fn add_region(
+        &self,
+        gpa: u64,
+        size: u64,
+        flags: RegionFlags,
+    ) -> Result<Arc<Region>, RamError> {
+        Ok(self
+            .core
+            .add_region(gpa, size, flags, self.config.backing, self.config.thp)?)
+    }
+
+    /// Removes a region added with [`GuestRam::add_region`].
+    pub fn remove_region(&self, id: u64) -> Result<(), RamError> {
+        if self.boot_regions.iter().any(|r| r.id == id) {
+            return Err(RamError::Region(CoreError::NoSuchRegion(id)));
+        }
+        Ok(self.core.remove_region(id)?)
+    }
+
+    /// The live regions.
+    pub fn regions(&self) -> Vec<Arc<Region>> {
+        self.core.regions.load().iter().cloned().collect()
+    }
+
+    /// Fault counters.
+    pub fn fault_stats(&self) -> FaultStats {
+        self.core.counters.snapshot()
+    }
+
+    /// Pages the table records as populated in `[start, end)`.
+    pub fn populated_pages_in(&self, start: u64, end: u64) -> u64 {
+        struct Count(u64);
+        impl Walker for Count {
+            fn leaf(&mut self, _gpa: u64, e: Entry) -> WalkAction {
+                if e.is_present() {
+                    self.0 += 1;
+                }
+                WalkAction::Continue
+            }
+            fn huge(&mut self, level: u8, _s: u64, e: Entry) -> WalkAction {
+                if e.is_present() {
+                    self.0 += crate::table::level_size(level) / PAGE_SIZE;
+                }
+                WalkAction::Continue
+            }
+        }
+        let mut c = Count(0);
+        self.core.table.walk_range(start, end, &mut c);
+        c.0
+    }
+
+    /// Statistics for reports.
+    pub fn stats(&self) -> MemoryStats {
+        let populated_pages = if self.config.backing.uses_fault_engine() {
+            self.populated_pages_in(0, u64::MAX)
+        } else {
+            self.boot_regions.iter().map(|r| resident_pages(r)).sum()
+        };
+        MemoryStats {
+            backing: self.config.backing,
+            populated_pages,
+            faults: self.fault_stats(),
+            fault_around_pages: self.config.fault_around_pages,
+            table_bytes: self.core.table.table_bytes() as u64,
+            regions: self
+                .core
+                .regions
+                .load()
+                .iter()
+                .map(|r| RegionStats {
+                    gpa: r.gpa,
+                    size: r.size,
+                    accessors: r.accessors.load(Ordering::Relaxed),
+                })
+                .collect(),
+            thp_requested: self.config.thp,
+            thp_bytes: self
+                .config
+                .thp
+                .then(|| self.boot_regions.iter().map(|r| thp_bytes(r)).sum()),
+        }
     }
 
     fn check(&self, addr: u64, len: u64) -> Result<(), RamError> {
@@ -172,11 +348,91 @@ impl GuestRam {
 
 impl Drop for GuestRam {
     fn drop(&mut self) {
-        // SAFETY: the mapping was created in `new_anonymous` with this length
-        // and nothing refers to it once `self` is dropped (KVM's memory slot
-        // goes away with the VM fd, which the VMM drops first).
-        unsafe { libc::munmap(self.host_addr as *mut libc::c_void, self.size as usize) };
+        // Stop the handler threads while the mappings still exist.
+        self.engine.take();
     }
+}
+
+/// A vm-memory view over regions' mappings (which it does not own).
+fn vm_memory_view(regions: &[Arc<Region>]) -> Result<GuestMemoryMmap, RamError> {
+    let mut mm = Vec::new();
+    for r in regions {
+        let (prot, flags) = match r.backing {
+            BackingKind::Memfd => (libc::PROT_READ | libc::PROT_WRITE, libc::MAP_SHARED),
+            _ => (
+                libc::PROT_READ | libc::PROT_WRITE,
+                libc::MAP_PRIVATE | libc::MAP_ANONYMOUS | libc::MAP_NORESERVE,
+            ),
+        };
+        // SAFETY: the region's mapping is live for `size` bytes with this
+        // protection and stays mapped while the GuestRam (which owns both
+        // the view and, through the core, the region) exists.
+        let region: MmapRegion = unsafe {
+            MmapRegionBuilder::new(r.size as usize)
+                .with_raw_mmap_pointer(r.mapping.addr() as *mut u8)
+                .with_mmap_prot(prot)
+                .with_mmap_flags(flags)
+                .build()
+        }
+        .map_err(|e| RamError::Describe(e.to_string()))?;
+        mm.push(
+            GuestRegionMmap::new(region, GuestAddress(r.gpa))
+                .ok_or_else(|| RamError::Describe("region overflows the address space".into()))?,
+        );
+    }
+    GuestMemoryMmap::from_regions(mm).map_err(|e| RamError::Describe(e.to_string()))
+}
+
+/// Resident pages of a region's mapping (`mincore`), for kernel-managed memory.
+fn resident_pages(r: &Region) -> u64 {
+    let pages = (r.size / PAGE_SIZE) as usize;
+    let mut vec = vec![0u8; pages];
+    // SAFETY: the mapping is live and `vec` has one byte per page.
+    let rc = unsafe {
+        libc::mincore(
+            r.mapping.addr() as *mut libc::c_void,
+            r.size as usize,
+            vec.as_mut_ptr(),
+        )
+    };
+    if rc != 0 {
+        return 0;
+    }
+    vec.iter().filter(|b| *b & 1 != 0).count() as u64
+}
+
+/// Bytes of a region's mapping backed by huge pages, from /proc/self/smaps.
+fn thp_bytes(r: &Region) -> u64 {
+    let Ok(smaps) = std::fs::read_to_string("/proc/self/smaps") else {
+        return 0;
+    };
+    let start = format!("{:x}-", r.mapping.addr());
+    let mut inside = false;
+    let mut total = 0;
+    for line in smaps.lines() {
+        if line.chars().next().is_some_and(|c| c.is_ascii_hexdigit())
+            && line.contains('-')
+            && line.contains(' ')
+        {
+            inside = line.starts_with(&start);
+            continue;
+        }
+        if !inside {
+            continue;
+        }
+        for key in ["AnonHugePages:", "ShmemPmdMapped:", "FilePmdMapped:"] {
+            if let Some(v) = line.strip_prefix(key) {
+                total += v
+                    .trim()
+                    .trim_end_matches("kB")
+                    .trim()
+                    .parse::<u64>()
+                    .unwrap_or(0)
+                    * 1024;
+            }
+        }
+    }
+    total
 }
 
 #[cfg(test)]
@@ -184,7 +440,7 @@ mod tests {
     use super::*;
 
     #[test]
-    fn maps_zeroed_memory_and_checks_bounds() {
+    fn plain_ram_maps_zeroed_memory_and_checks_bounds() {
         let ram = GuestRam::new_anonymous(1 << 20).expect("map 1 MiB");
         assert_eq!(ram.load_u64(0x1000).expect("load"), 0);
         ram.store_u64(0x1000, 42).expect("store");
@@ -200,10 +456,11 @@ mod tests {
             ram.write(u64::MAX, &[1]),
             Err(RamError::OutOfRange { .. })
         ));
+        assert_eq!(ram.stats().populated_pages, 1);
     }
 
     #[test]
-    fn rejects_bad_sizes() {
+    fn rejects_bad_sizes_and_fault_around() {
         assert!(matches!(
             GuestRam::new_anonymous(0),
             Err(RamError::BadSize(0))
@@ -211,6 +468,14 @@ mod tests {
         assert!(matches!(
             GuestRam::new_anonymous(4097),
             Err(RamError::BadSize(4097))
+        ));
+        let bad = RamConfig {
+            fault_around_pages: 3,
+            ..RamConfig::default()
+        };
+        assert!(matches!(
+            GuestRam::new(1 << 20, bad),
+            Err(RamError::BadFaultAround(3))
         ));
     }
 }

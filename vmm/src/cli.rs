@@ -6,6 +6,7 @@ use crate::report::{error_json, EXIT_ERROR, EXIT_USAGE};
 use crate::runner::{run, RunHooks, SerialSink};
 use crate::size::parse_size;
 use clap::{Args, Parser, Subcommand};
+use guest_mem::{BackingKind, RamConfig};
 use guest_protocol::Workload;
 use std::ffi::OsString;
 use std::path::PathBuf;
@@ -40,6 +41,11 @@ pub enum BenchCommand {
 
 fn parse_mem(s: &str) -> Result<u64, String> {
     parse_size(s).map_err(|e| e.to_string())
+}
+
+fn parse_backing(s: &str) -> Result<BackingKind, String> {
+    BackingKind::from_name(s)
+        .ok_or_else(|| format!("unknown backing {s:?}; one of: memfd, anon, plain"))
 }
 
 fn parse_workload(s: &str) -> Result<Workload, String> {
@@ -84,6 +90,18 @@ pub struct RunArgs {
     /// A kernel that does not speak the protocol is stopped at once then.
     #[arg(long)]
     pub stop_after_ms: Option<u64>,
+    /// Guest RAM backing: memfd (a memfd per region, served by the fault
+    /// engine), anon (anonymous memory, served by the fault engine) or plain
+    /// (kernel-managed anonymous memory without this layer).
+    #[arg(long, default_value = "memfd", value_parser = parse_backing)]
+    pub backing: BackingKind,
+    /// Ask for transparent huge pages where the backing allows (the report
+    /// says how much the host backs with them).
+    #[arg(long)]
+    pub thp: bool,
+    /// Pages populated per missing fault (a power of two, 1 to 512).
+    #[arg(long, default_value_t = 16)]
+    pub fault_around: u64,
     /// Print exactly one JSON object on stdout; serial output goes to stderr.
     #[arg(long)]
     pub json: bool,
@@ -106,6 +124,12 @@ impl RunArgs {
                 .map_or(KernelSource::Embedded, KernelSource::File),
             verify_at_end: !self.no_verify,
             stop_after: self.stop_after_ms.map(Duration::from_millis),
+            ram: RamConfig {
+                backing: self.backing,
+                thp: self.thp,
+                fault_around_pages: self.fault_around,
+                ..RamConfig::default()
+            },
         }
     }
 }

@@ -1,6 +1,7 @@
 //! A validated description of the VM to boot and the workload to run.
 
 use crate::size::format_size;
+use guest_mem::RamConfig;
 use guest_protocol::layout::{WorkArea, MAX_MEM_BYTES, MAX_VCPUS, PAGE_SIZE, WORK_GPA};
 use guest_protocol::Workload;
 use std::path::PathBuf;
@@ -37,6 +38,8 @@ pub struct VmConfig {
     pub verify_at_end: bool,
     /// Ask the guest to stop this long after its vCPUs started (idle: default 100 ms).
     pub stop_after: Option<std::time::Duration>,
+    /// How guest RAM is backed and populated.
+    pub ram: RamConfig,
 }
 
 impl Default for VmConfig {
@@ -52,6 +55,7 @@ impl Default for VmConfig {
             kernel: KernelSource::Embedded,
             verify_at_end: true,
             stop_after: None,
+            ram: RamConfig::default(),
         }
     }
 }
@@ -97,6 +101,9 @@ pub enum ConfigError {
     /// `--write-ratio` above 100.
     #[error("--write-ratio {0} is not a percentage (0 to 100)")]
     WriteRatio(u32),
+    /// `--fault-around` is not a power of two in 1..=512.
+    #[error("--fault-around {0} is not a power of two between 1 and 512")]
+    FaultAround(u64),
     /// `--pages` beyond what a word can encode.
     #[error("--pages {0} is too large: a page index must fit in 24 bits")]
     PagesTooLarge(u64),
@@ -139,6 +146,10 @@ impl VmConfig {
         }
         if self.passes == 0 {
             return Err(ConfigError::ZeroPasses);
+        }
+        let fa = self.ram.fault_around_pages;
+        if !(1..=512).contains(&fa) || !fa.is_power_of_two() {
+            return Err(ConfigError::FaultAround(fa));
         }
         if self.write_ratio > 100 {
             return Err(ConfigError::WriteRatio(self.write_ratio));

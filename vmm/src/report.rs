@@ -55,6 +55,110 @@ pub struct VcpuReport {
     pub verify_mismatches: Option<u64>,
 }
 
+/// Fault counts by kind.
+#[derive(Clone, Debug, Serialize)]
+pub struct FaultsReport {
+    /// Missing faults (read and write).
+    pub missing: u64,
+    /// Missing faults on reads.
+    pub missing_read: u64,
+    /// Missing faults on writes.
+    pub missing_write: u64,
+    /// Write-protect faults.
+    pub wp: u64,
+    /// Minor faults.
+    pub minor: u64,
+}
+
+/// Region lookups on the fault path (rule 2).
+#[derive(Clone, Debug, Serialize)]
+pub struct LockReport {
+    /// Faults served under the region lock only.
+    pub fast_path: u64,
+    /// Lookups retried because the region changed.
+    pub retries: u64,
+    /// Faults that fell back to the global lock.
+    pub fallbacks: u64,
+}
+
+/// One region in the memory report.
+#[derive(Clone, Debug, Serialize)]
+pub struct RegionReport {
+    /// First guest-physical address.
+    pub gpa: u64,
+    /// Size in bytes.
+    pub size: u64,
+    /// vCPUs that faulted on it (bit = vCPU id % 64).
+    pub accessors: u64,
+}
+
+/// The `"memory"` object of a run report.
+#[derive(Clone, Debug, Serialize)]
+pub struct MemoryReport {
+    /// `memfd`, `anon` or `plain`.
+    pub backing: String,
+    /// Pages populated.
+    pub populated_pages: u64,
+    /// Faults by kind.
+    pub faults: FaultsReport,
+    /// Pages populated by fault-around (neighbours of faulting pages).
+    pub fault_around_pages: u64,
+    /// The fault-around window, in pages.
+    pub fault_around_window: u64,
+    /// Bytes of the page table.
+    pub table_bytes: u64,
+    /// Fault-path locking counters.
+    pub locking: LockReport,
+    /// Faults that found their page already resolved.
+    pub races: u64,
+    /// Handler latency histogram: entry i counts faults served in [2^i, 2^(i+1)) µs.
+    pub handler_latency_us_log2: Vec<u64>,
+    /// THP asked for.
+    pub thp_requested: bool,
+    /// Bytes backed by huge pages (when asked for).
+    pub thp_bytes: Option<u64>,
+    /// The regions.
+    pub regions: Vec<RegionReport>,
+}
+
+impl From<&guest_mem::MemoryStats> for MemoryReport {
+    fn from(m: &guest_mem::MemoryStats) -> Self {
+        let f = &m.faults;
+        MemoryReport {
+            backing: m.backing.name().to_string(),
+            populated_pages: m.populated_pages,
+            faults: FaultsReport {
+                missing: f.missing(),
+                missing_read: f.missing_read,
+                missing_write: f.missing_write,
+                wp: f.wp,
+                minor: f.minor,
+            },
+            fault_around_pages: f.fault_around_pages,
+            fault_around_window: m.fault_around_pages,
+            table_bytes: m.table_bytes,
+            locking: LockReport {
+                fast_path: f.fast_path,
+                retries: f.retries,
+                fallbacks: f.fallbacks,
+            },
+            races: f.races,
+            handler_latency_us_log2: f.latency_us_log2.clone(),
+            thp_requested: m.thp_requested,
+            thp_bytes: m.thp_bytes,
+            regions: m
+                .regions
+                .iter()
+                .map(|r| RegionReport {
+                    gpa: r.gpa,
+                    size: r.size,
+                    accessors: r.accessors,
+                })
+                .collect(),
+        }
+    }
+}
+
 /// The result of `vmm run`.
 #[derive(Clone, Debug, Serialize)]
 pub struct RunReport {
@@ -89,6 +193,8 @@ pub struct RunReport {
     pub interrupted: bool,
     /// Per-vCPU details.
     pub vcpu_reports: Vec<VcpuReport>,
+    /// Guest memory: backing, population, faults, table size.
+    pub memory: MemoryReport,
     /// Serial lines, when the caller asked to capture them.
     #[serde(skip)]
     pub serial: Vec<String>,
@@ -135,6 +241,20 @@ impl RunReport {
             "  boot {}, workload {}\n",
             ms(self.boot_us),
             ms(self.workload_us)
+        );
+        let m = &self.memory;
+        s += &format!(
+            "  memory: {} backing, {} pages populated, {} missing faults ({} pages by fault-around of {}), table {} KiB{}\n",
+            m.backing,
+            m.populated_pages,
+            m.faults.missing,
+            m.fault_around_pages,
+            m.fault_around_window,
+            m.table_bytes / 1024,
+            match (m.thp_requested, m.thp_bytes) {
+                (true, Some(b)) => format!(", THP {}", format_size(b)),
+                _ => String::new(),
+            }
         );
         if let Some(e) = &self.error {
             s += &format!("  error: {e}\n");

@@ -70,6 +70,7 @@ impl RunError {
                 "kvm_unavailable"
             }
             RunError::Vm(_) | RunError::CreateVcpu(..) | RunError::Boot(_) => "vm_setup_failed",
+            RunError::Ram(RamError::Uffd(_)) => "userfaultfd_unavailable",
             RunError::Ram(_) => "memory_setup_failed",
             RunError::Runtime(_) => "runtime_error",
         }
@@ -267,7 +268,7 @@ pub fn run(config: &VmConfig, hooks: RunHooks, sink: SerialSink) -> Result<RunRe
         TerminationSignals::new().map_err(|e| RunError::Runtime(format!("signalfd: {e}")))?;
 
     let kvm = open_kvm()?;
-    let ram = Arc::new(GuestRam::new_anonymous(config.mem_bytes)?);
+    let ram = Arc::new(GuestRam::new(config.mem_bytes, config.ram)?);
     let created = Instant::now();
     let vm = create_vm(&kvm, &ram, config.vcpus)?;
     let entry = image.load(&ram)?.0;
@@ -299,6 +300,7 @@ pub fn run(config: &VmConfig, hooks: RunHooks, sink: SerialSink) -> Result<RunRe
             control.clone(),
             sender.clone(),
             first_io.clone(),
+            ram.clone(),
         );
         let exited = exited.clone();
         let t = std::thread::Builder::new()
@@ -702,6 +704,7 @@ impl Supervisor {
             workload_us,
             interrupted: self.interrupted,
             vcpu_reports,
+            memory: (&ram.stats()).into(),
             serial: self.serial,
         }
     }

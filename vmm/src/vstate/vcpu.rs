@@ -5,6 +5,7 @@ use crate::devices::control_port::{ControlLatch, ControlWrite};
 use crate::devices::serial::{LineAssembler, LSR_IDLE};
 use crate::vstate::boot::describe_registers;
 use crate::vstate::control::VcpuControl;
+use guest_mem::GuestRam;
 use guest_protocol::control::{Event, SERIAL_LSR_PORT, SERIAL_PORT};
 use kvm_ioctls::{VcpuExit, VcpuFd};
 use std::sync::mpsc;
@@ -164,16 +165,19 @@ pub struct VcpuRunner {
     first_io: Arc<OnceLock<Instant>>,
     serial: LineAssembler,
     latch: ControlLatch,
+    ram: Arc<GuestRam>,
 }
 
 impl VcpuRunner {
-    /// A runner for vCPU `index`; `first_io` records the VM's first I/O exit.
+    /// A runner for vCPU `index`; `first_io` records the VM's first I/O exit;
+    /// `ram` attributes this thread's memory faults to the vCPU.
     pub fn new(
         index: u32,
         fd: VcpuFd,
         control: Arc<VcpuControl>,
         tx: MsgSender,
         first_io: Arc<OnceLock<Instant>>,
+        ram: Arc<GuestRam>,
     ) -> VcpuRunner {
         VcpuRunner {
             index,
@@ -183,11 +187,14 @@ impl VcpuRunner {
             first_io,
             serial: LineAssembler::default(),
             latch: ControlLatch::default(),
+            ram,
         }
     }
 
     /// Runs until the guest is done, fails, or the supervisor stops it.
     pub fn run(mut self) {
+        // Faults this thread takes are attributed to this vCPU.
+        self.ram.register_vcpu_thread(self.index);
         let outcome = self.run_loop();
         if !self.serial.is_empty() {
             let line = self.serial.take();

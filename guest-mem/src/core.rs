@@ -1,0 +1,181 @@
+//! The state shared by guest RAM's owner and the fault engine's handler
+//! threads: the region list, the global lock, the table and the userfaultfd.
+
+use crate::fault::stats::FaultCounters;
+use crate::region::{BackingKind, HostMapping, Region, RegionError, RegionFlags};
+use crate::table::Stage2Table;
+use crate::uffd::sys::{UFFDIO_REGISTER_MODE_MISSING, UFFDIO_REGISTER_MODE_WP};
+use crate::uffd::{UffdError, Userfaultfd};
+use arc_swap::ArcSwap;
+use std::collections::HashMap;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, RwLock};
+
+/// Errors adding or removing regions.
+#[derive(Debug, thiserror::Error)]
+pub enum CoreError {
+    /// The region could not be created.
+    #[error(transparent)]
+    Region(#[from] RegionError),
+    /// userfaultfd registration failed.
+    #[error("cannot register guest memory with userfaultfd: {0}")]
+    Register(UffdError),
+    /// No region has this id.
+    #[error("no region with id {0}")]
+    NoSuchRegion(u64),
+}
+
+/// A private, never-written zero buffer: the source of zero-filled copies.
+pub(crate) struct ZeroSource {
+    mapping: HostMapping,
+}
+
+impl ZeroSource {
+    fn new(bytes: u64) -> Result<ZeroSource, RegionError> {
+        Ok(ZeroSource {
+            mapping: HostMapping::new(BackingKind::Plain, bytes, false)?,
+        })
+    }
+
+    pub(crate) fn as_ptr(&self) -> *const u8 {
+        self.mapping.addr() as *const u8
+    }
+}
+
+/// Shared memory-manager state.
+pub(crate) struct MemoryCore {
+    /// Live regions, replaced as a whole (RCU-style): faults read it
+    /// without any lock.
+    pub(crate) regions: ArcSwap<Vec<Arc<Region>>>,
+    /// The `mmap_lock` analogue: region changes and first faults of a leaf table.
+    pub(crate) global: Mutex<()>,
+    pub(crate) table: Stage2Table,
+    pub(crate) uffd: Option<Userfaultfd>,
+    pub(crate) counters: FaultCounters,
+    /// Fault-around window in pages (a power of two, 1..=512).
+    pub(crate) fault_around: u64,
+    pub(crate) zero: ZeroSource,
+    vcpu_tids: RwLock<HashMap<u32, u32>>,
+    next_id: AtomicU64,
+}
+
+impl MemoryCore {
+    pub(crate) fn new(
+        uffd: Option<Userfaultfd>,
+        fault_around: u64,
+    ) -> Result<MemoryCore, RegionError> {
+        Ok(MemoryCore {
+            regions: ArcSwap::from_pointee(Vec::new()),
+            global: Mutex::new(()),
+            table: Stage2Table::new(),
+            uffd,
+            counters: FaultCounters::default(),
+            fault_around,
+            zero: ZeroSource::new(512 * crate::entry::PAGE_SIZE)?,
+            vcpu_tids: RwLock::new(HashMap::new()),
+            next_id: AtomicU64::new(0),
+        })
+    }
+
+    pub(crate) fn vcpu_of(&self, tid: u32) -> Option<u32> {
+        self.vcpu_tids
+            .read()
+            .unwrap_or_else(|e| e.into_inner())
+            .get(&tid)
+            .copied()
+    }
+
+    pub(crate) fn register_vcpu_thread(&self, tid: u32, vcpu: u32) {
+        self.vcpu_tids
+            .write()
+            .unwrap_or_else(|e| e.into_inner())
+            .insert(tid, vcpu);
+    }
+
+    /// Adds a region (under the global lock) and publishes the new list.
+    pub(crate) fn add_region(
+        &self,
+        gpa: u64,
+        size: u64,
+        flags: RegionFlags,
+        backing: BackingKind,
+        thp: bool,
+    ) -> Result<Arc<Region>, CoreError> {
+        let page = crate::entry::PAGE_SIZE;
+        if size == 0
+            || !gpa.is_multiple_of(page)
+            || !size.is_multiple_of(page)
+            || gpa.checked_add(size).is_none()
+        {
+            return Err(RegionError::Unaligned { gpa, size }.into());
+        }
+        let _g = self.global.lock().unwrap_or_else(|e| e.into_inner());
+        let current = self.regions.load_full();
+        if let Some(o) = current
+            .iter()
+            .find(|r| gpa < r.gpa + r.size && r.gpa < gpa + size)
+        {
+            return Err(RegionError::Overlap {
+                gpa,
+                size,
+                other: o.id,
+            }
+            .into());
+        }
+        let mapping = HostMapping::new(backing, size, thp)?;
+        if backing.uses_fault_engine() {
+            if let Some(u) = &self.uffd {
+                u.register(
+                    mapping.addr(),
+                    size,
+                    UFFDIO_REGISTER_MODE_MISSING | UFFDIO_REGISTER_MODE_WP,
+                )
+                .map_err(CoreError::Register)?;
+            }
+        }
+        let region = Arc::new(Region {
+            id: self.next_id.fetch_add(1, Ordering::Relaxed),
+            gpa,
+            size,
+            flags,
+            numa_node: None,
+            backing,
+            mapping,
+            accessors: AtomicU64::new(0),
+            lock: Mutex::new(()),
+            live: AtomicBool::new(true),
+        });
+        let mut list: Vec<Arc<Region>> = current.iter().cloned().collect();
+        list.push(region.clone());
+        list.sort_by_key(|r| r.gpa);
+        self.regions.store(Arc::new(list));
+        Ok(region)
+    }
+
+    /// Removes a region: isolates it (no new fault can find it, rule 3),
+    /// waits for a fault in flight on it, unregisters it from userfaultfd
+    /// and frees its tables without per-entry locking.
+    pub(crate) fn remove_region(&self, id: u64) -> Result<(), CoreError> {
+        let _g = self.global.lock().unwrap_or_else(|e| e.into_inner());
+        let current = self.regions.load_full();
+        let region = current
+            .iter()
+            .find(|r| r.id == id)
+            .cloned()
+            .ok_or(CoreError::NoSuchRegion(id))?;
+        region.live.store(false, Ordering::Release);
+        let list: Vec<Arc<Region>> = current.iter().filter(|r| r.id != id).cloned().collect();
+        self.regions.store(Arc::new(list));
+        // A fault that found the region before it was isolated holds its lock.
+        drop(region.lock.lock().unwrap_or_else(|e| e.into_inner()));
+        if region.backing.uses_fault_engine() {
+            if let Some(u) = &self.uffd {
+                if let Err(e) = u.unregister(region.mapping.addr(), region.size) {
+                    log::warn!("unregistering region {id}: {e}");
+                }
+            }
+        }
+        self.table.free_range(region.gpa, region.gpa + region.size);
+        Ok(())
+    }
+}

@@ -1,0 +1,227 @@
+//! Resolving one fault: find the region without the global lock, lock it,
+//! populate the faulting page and its fault-around neighbours, record them.
+
+use crate::core::MemoryCore;
+use crate::entry::{Entry, Flag, Frame, PAGE_SIZE};
+use crate::fault::stats::FaultCounters;
+use crate::region::{BackingKind, Region};
+use crate::uffd::sys::{
+    UffdMsg, UFFDIO_COPY_MODE_DONTWAKE, UFFDIO_ZEROPAGE_MODE_DONTWAKE, UFFD_EVENT_PAGEFAULT,
+    UFFD_PAGEFAULT_FLAG_WP, UFFD_PAGEFAULT_FLAG_WRITE,
+};
+use std::sync::Arc;
+use std::time::Instant;
+
+const LEAF_TABLE_SPAN: u64 = 2 << 20;
+
+impl MemoryCore {
+    pub(crate) fn handle_message(&self, m: &UffdMsg) {
+        if m.event != UFFD_EVENT_PAGEFAULT {
+            log::debug!("ignoring userfaultfd event {:#x}", m.event);
+            return;
+        }
+        let start = Instant::now();
+        self.resolve_fault(m.address & !(PAGE_SIZE - 1), m.flags, m.ptid);
+        self.counters.record_latency(start.elapsed());
+    }
+
+    fn find_region(&self, addr: u64) -> Option<Arc<Region>> {
+        self.regions
+            .load()
+            .iter()
+            .find(|r| r.contains_host(addr))
+            .cloned()
+    }
+
+    /// Serves one fault at host page `addr` (rule 2: the region is found
+    /// without the global lock and only its lock is taken, except for the
+    /// first fault of a leaf table, which falls back to the global lock).
+    fn resolve_fault(&self, addr: u64, flags: u64, ptid: u32) {
+        let c = &self.counters;
+        for _attempt in 0..8 {
+            let Some(region) = self.find_region(addr) else {
+                FaultCounters::add(&c.outside, 1);
+                self.wake(addr);
+                return;
+            };
+            let gpa = region.gpa_of(addr);
+            let needs_table = !self.table.has_leaf_table(gpa);
+            let _global =
+                needs_table.then(|| self.global.lock().unwrap_or_else(|e| e.into_inner()));
+            let _region = region.lock.lock().unwrap_or_else(|e| e.into_inner());
+            if !region.is_live() {
+                // Removed meanwhile: look again (it is gone from the list).
+                FaultCounters::add(&c.retries, 1);
+                continue;
+            }
+            FaultCounters::add(
+                if needs_table {
+                    &c.fallbacks
+                } else {
+                    &c.fast_path
+                },
+                1,
+            );
+            if needs_table {
+                if let Err(e) = self.table.ensure_leaf_table(gpa) {
+                    log::error!("cannot record the fault at {gpa:#x}: {e}");
+                }
+            }
+            if let Some(vcpu) = self.vcpu_of(ptid) {
+                region.note_accessor(vcpu);
+            }
+            if flags & UFFD_PAGEFAULT_FLAG_WP != 0 {
+                self.resolve_wp(&region, addr, gpa);
+            } else {
+                self.resolve_missing(&region, gpa, flags & UFFD_PAGEFAULT_FLAG_WRITE != 0);
+            }
+            return;
+        }
+        log::warn!("fault at {addr:#x}: region kept changing; leaving it to the kernel");
+        self.wake(addr);
+    }
+
+    fn wake(&self, addr: u64) {
+        if let Some(u) = &self.uffd {
+            if let Err(e) = u.wake(addr, PAGE_SIZE) {
+                log::debug!("wake {addr:#x}: {e}");
+            }
+        }
+    }
+
+    /// Rule 4: the neighbours to populate with the faulting page: aligned
+    /// down to `fault_around` pages, never across the 2 MiB leaf table or the
+    /// region's end, and only the run of unpopulated entries around the page.
+    fn fault_around_run(&self, region: &Region, gpa: u64) -> (u64, u64) {
+        let window = self.fault_around * PAGE_SIZE;
+        let table_start = gpa & !(LEAF_TABLE_SPAN - 1);
+        let lo = (gpa & !(window - 1)).max(table_start).max(region.gpa);
+        let hi = ((gpa & !(window - 1)) + window)
+            .min(table_start + LEAF_TABLE_SPAN)
+            .min(region.gpa + region.size);
+        let mut start = gpa;
+        while start > lo && self.table.get(start - PAGE_SIZE).is_empty() {
+            start -= PAGE_SIZE;
+        }
+        let mut end = gpa + PAGE_SIZE;
+        while end < hi && self.table.get(end).is_empty() {
+            end += PAGE_SIZE;
+        }
+        (start, end)
+    }
+
+    /// Rule 8: missing pages get zero-filled frames: a copy from the zero
+    /// buffer for writes (a private, zeroed frame at once), the zero page
+    /// (anon) or a zeroed page-cache page (memfd) for reads. The whole run
+    /// is filled with one ioctl unless the kernel stops early (a partial
+    /// copy, or a page that exists already), in which case the rest is
+    /// filled from where it stopped.
+    ///
+    /// The ioctls do not wake the faulting thread: the table and counters
+    /// are updated first and one `UFFDIO_WAKE` over the run follows, so
+    /// whoever resumes after the fault sees the table already in its new
+    /// state.
+    fn resolve_missing(&self, region: &Region, gpa: u64, write: bool) {
+        let Some(uffd) = &self.uffd else { return };
+        let c = &self.counters;
+        FaultCounters::add(
+            if write {
+                &c.missing_write
+            } else {
+                &c.missing_read
+            },
+            1,
+        );
+        let (start, end) = self.fault_around_run(region, gpa);
+        let mut cur = start;
+        let mut retries = 0;
+        while cur < end {
+            let len = end - cur;
+            let host = region.host_of(cur);
+            let result = if write {
+                uffd.copy(host, self.zero.as_ptr(), len, UFFDIO_COPY_MODE_DONTWAKE)
+            } else {
+                uffd.zeropage(host, len, UFFDIO_ZEROPAGE_MODE_DONTWAKE)
+            };
+            let (done, errno) = match result {
+                Ok(n) => (n.min(len), None),
+                Err((e, partial)) => {
+                    if !matches!(e.errno(), Some(libc::EEXIST) | Some(libc::EAGAIN)) {
+                        log::error!("resolving the fault at {gpa:#x}: {e}");
+                    }
+                    ((partial.max(0) as u64).min(len), e.errno())
+                }
+            };
+            let done = done - done % PAGE_SIZE;
+            self.record_populated(region, cur, done / PAGE_SIZE, gpa, write);
+            cur += done;
+            match errno {
+                None => {}
+                Some(libc::EAGAIN) if retries < 16 => retries += 1,
+                Some(libc::EEXIST) => {
+                    // That page exists already: skip it.
+                    if cur == gpa {
+                        FaultCounters::add(&c.races, 1);
+                    }
+                    cur += PAGE_SIZE;
+                }
+                Some(_) => break,
+            }
+        }
+        if let Err(e) = uffd.wake(region.host_of(start), end - start) {
+            log::error!("waking the fault at {gpa:#x}: {e}");
+        }
+    }
+
+    fn record_populated(
+        &self,
+        region: &Region,
+        start: u64,
+        pages: u64,
+        fault_gpa: u64,
+        write: bool,
+    ) {
+        let c = &self.counters;
+        FaultCounters::add(&c.pages_populated, pages);
+        if pages > 1 {
+            FaultCounters::add(&c.fault_around_pages, pages - 1);
+        }
+        let writable = !region.flags.read_only;
+        for i in 0..pages {
+            let gpa = start + i * PAGE_SIZE;
+            let frame = Frame((gpa - region.gpa) / PAGE_SIZE);
+            let mut e = if !write && region.backing == BackingKind::Anon {
+                Entry::zero_page()
+            } else {
+                Entry::page(frame, writable).with(Flag::Exclusive)
+            };
+            if gpa == fault_gpa {
+                e = e.with(Flag::Accessed);
+                if write {
+                    e = e.with(Flag::Dirty);
+                }
+            }
+            if let Err(err) = self.table.set(gpa, e) {
+                log::error!("cannot record page {gpa:#x}: {err}");
+            }
+        }
+    }
+
+    /// A write to a write-protected page: record it dirty and unprotect.
+    fn resolve_wp(&self, region: &Region, addr: u64, gpa: u64) {
+        let Some(uffd) = &self.uffd else { return };
+        FaultCounters::add(&self.counters.wp, 1);
+        let writable = !region.flags.read_only;
+        let _ = self.table.update(gpa, |e| {
+            Some(
+                e.write_unprotected(writable)
+                    .with(Flag::Dirty)
+                    .with(Flag::Accessed),
+            )
+        });
+        if let Err(e) = uffd.write_protect(addr, PAGE_SIZE, false) {
+            log::error!("un-protecting {gpa:#x}: {e}");
+            self.wake(addr);
+        }
+    }
+}

@@ -1,0 +1,274 @@
+//! Regions, the VMA analogue: a contiguous guest-physical range with its
+//! host backing, flags, NUMA node and accessor bitmap.
+
+use std::fs::File;
+use std::os::fd::{AsRawFd, FromRawFd};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::Mutex;
+
+/// How a region's memory is provided.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub enum BackingKind {
+    /// A memfd per region, mapped shared (clones and forks can share it);
+    /// populated by the fault engine.
+    Memfd,
+    /// Anonymous private memory, populated by the fault engine.
+    Anon,
+    /// Kernel-managed anonymous memory without this layer (for comparison).
+    Plain,
+}
+
+impl BackingKind {
+    /// The CLI name.
+    pub fn name(self) -> &'static str {
+        match self {
+            BackingKind::Memfd => "memfd",
+            BackingKind::Anon => "anon",
+            BackingKind::Plain => "plain",
+        }
+    }
+
+    /// Parses a CLI name.
+    pub fn from_name(s: &str) -> Option<BackingKind> {
+        [BackingKind::Memfd, BackingKind::Anon, BackingKind::Plain]
+            .into_iter()
+            .find(|b| b.name() == s)
+    }
+
+    /// True when the fault engine serves this backing.
+    pub fn uses_fault_engine(self) -> bool {
+        self != BackingKind::Plain
+    }
+}
+
+/// The access pattern a region expects (rule 9: such regions ignore recency).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub enum AccessHint {
+    /// No hint.
+    #[default]
+    Normal,
+    /// Mostly sequential.
+    Sequential,
+    /// Mostly random.
+    Random,
+}
+
+/// Region flags.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct RegionFlags {
+    /// Shared with another VM or process (not copy-on-write).
+    pub shared: bool,
+    /// The guest may not write it (e.g. a ROM).
+    pub read_only: bool,
+    /// Expected access pattern.
+    pub hint: AccessHint,
+}
+
+/// Region set-up errors.
+#[derive(Debug, thiserror::Error)]
+pub enum RegionError {
+    /// Size or address not page-aligned, or zero.
+    #[error("region {gpa:#x}+{size:#x} is empty or not 4 KiB-aligned")]
+    Unaligned {
+        /// Guest-physical start.
+        gpa: u64,
+        /// Size.
+        size: u64,
+    },
+    /// Overlaps an existing region.
+    #[error("region {gpa:#x}+{size:#x} overlaps region {other}")]
+    Overlap {
+        /// Guest-physical start.
+        gpa: u64,
+        /// Size.
+        size: u64,
+        /// The other region's id.
+        other: u64,
+    },
+    /// `memfd_create` or `ftruncate` failed.
+    #[error("cannot create the memfd backing of {size:#x} bytes: {source}")]
+    Memfd {
+        /// Size.
+        size: u64,
+        /// The error.
+        source: std::io::Error,
+    },
+    /// `mmap` failed.
+    #[error("cannot map {size:#x} bytes of guest memory: {source}")]
+    Map {
+        /// Size.
+        size: u64,
+        /// The error.
+        source: std::io::Error,
+    },
+}
+
+/// The host mapping behind a region.
+#[derive(Debug)]
+pub struct HostMapping {
+    addr: *mut u8,
+    len: u64,
+    memfd: Option<File>,
+}
+
+// SAFETY: the mapping is plain memory owned by this struct; concurrent access
+// goes through atomic or volatile accessors and the kernel (KVM, uffd).
+unsafe impl Send for HostMapping {}
+// SAFETY: as above.
+unsafe impl Sync for HostMapping {}
+
+impl HostMapping {
+    /// Maps `len` bytes for `kind`; `thp` asks for transparent huge pages.
+    pub fn new(kind: BackingKind, len: u64, thp: bool) -> Result<HostMapping, RegionError> {
+        let size = usize::try_from(len).map_err(|_| RegionError::Map {
+            size: len,
+            source: std::io::Error::from_raw_os_error(libc::ENOMEM),
+        })?;
+        let memfd = match kind {
+            BackingKind::Memfd => {
+                // SAFETY: memfd_create takes a NUL-terminated name and flags.
+                let fd =
+                    unsafe { libc::memfd_create(c"vmm-guest-ram".as_ptr(), libc::MFD_CLOEXEC) };
+                if fd < 0 {
+                    return Err(RegionError::Memfd {
+                        size: len,
+                        source: std::io::Error::last_os_error(),
+                    });
+                }
+                // SAFETY: a fresh descriptor nobody else owns.
+                let file = unsafe { File::from_raw_fd(fd) };
+                file.set_len(len)
+                    .map_err(|source| RegionError::Memfd { size: len, source })?;
+                Some(file)
+            }
+            _ => None,
+        };
+        let (flags, fd) = match &memfd {
+            Some(f) => (libc::MAP_SHARED, f.as_raw_fd()),
+            None => (
+                libc::MAP_PRIVATE | libc::MAP_ANONYMOUS | libc::MAP_NORESERVE,
+                -1,
+            ),
+        };
+        // SAFETY: a new mapping at an address the kernel picks (no aliasing of
+        // existing memory), of a memfd we own or anonymous memory; checked below.
+        let addr = unsafe {
+            libc::mmap(
+                std::ptr::null_mut(),
+                size,
+                libc::PROT_READ | libc::PROT_WRITE,
+                flags,
+                fd,
+                0,
+            )
+        };
+        if addr == libc::MAP_FAILED {
+            return Err(RegionError::Map {
+                size: len,
+                source: std::io::Error::last_os_error(),
+            });
+        }
+        let advice = if thp {
+            libc::MADV_HUGEPAGE
+        } else {
+            libc::MADV_NOHUGEPAGE
+        };
+        // SAFETY: advising our own fresh mapping; failure only means no THP.
+        if unsafe { libc::madvise(addr, size, advice) } != 0 {
+            log::debug!(
+                "madvise({advice}) on guest memory failed: {}",
+                std::io::Error::last_os_error()
+            );
+        }
+        Ok(HostMapping {
+            addr: addr as *mut u8,
+            len,
+            memfd,
+        })
+    }
+
+    /// Host address of the first byte.
+    pub fn addr(&self) -> u64 {
+        self.addr as u64
+    }
+
+    /// Length in bytes.
+    pub fn len(&self) -> u64 {
+        self.len
+    }
+
+    /// True for an empty mapping (never: regions are non-empty).
+    pub fn is_empty(&self) -> bool {
+        self.len == 0
+    }
+
+    /// The memfd, for a memfd backing.
+    pub fn memfd(&self) -> Option<&File> {
+        self.memfd.as_ref()
+    }
+}
+
+impl Drop for HostMapping {
+    fn drop(&mut self) {
+        // SAFETY: unmapping exactly the mapping created in `new`, which no
+        // one uses any more (the region is isolated and unregistered).
+        unsafe { libc::munmap(self.addr as *mut libc::c_void, self.len as usize) };
+    }
+}
+
+/// A guest memory region.
+#[derive(Debug)]
+pub struct Region {
+    /// Unique id.
+    pub id: u64,
+    /// First guest-physical address.
+    pub gpa: u64,
+    /// Size in bytes.
+    pub size: u64,
+    /// Flags.
+    pub flags: RegionFlags,
+    /// Host NUMA node, when placed.
+    pub numa_node: Option<u32>,
+    /// The backing kind.
+    pub backing: BackingKind,
+    /// The host mapping.
+    pub mapping: HostMapping,
+    /// vCPUs that faulted or dirtied it (bit = vCPU id % 64).
+    pub accessors: AtomicU64,
+    /// Taken by faults on this region (rule 2).
+    pub(crate) lock: Mutex<()>,
+    /// Cleared when the region is being removed (isolated, rule 3).
+    pub(crate) live: AtomicBool,
+}
+
+impl Region {
+    /// True when `gpa` lies inside.
+    pub fn contains_gpa(&self, gpa: u64) -> bool {
+        gpa >= self.gpa && gpa - self.gpa < self.size
+    }
+
+    /// True when the host address lies inside the mapping.
+    pub fn contains_host(&self, addr: u64) -> bool {
+        addr >= self.mapping.addr() && addr - self.mapping.addr() < self.size
+    }
+
+    /// Host address of guest-physical `gpa` (inside the region).
+    pub fn host_of(&self, gpa: u64) -> u64 {
+        self.mapping.addr() + (gpa - self.gpa)
+    }
+
+    /// Guest-physical address of host address `addr` (inside the mapping).
+    pub fn gpa_of(&self, addr: u64) -> u64 {
+        self.gpa + (addr - self.mapping.addr())
+    }
+
+    /// Records that vCPU `vcpu` touched the region.
+    pub fn note_accessor(&self, vcpu: u32) {
+        self.accessors.fetch_or(1 << (vcpu % 64), Ordering::Relaxed);
+    }
+
+    /// True while faults may be served on it.
+    pub fn is_live(&self) -> bool {
+        self.live.load(Ordering::Acquire)
+    }
+}
