@@ -142,3 +142,47 @@ fn userfaultfd_not_permitted_is_a_clear_error_and_plain_still_works() {
         String::from_utf8_lossy(&out.stderr)
     );
 }
+
+#[test]
+fn bench_faults_reports_every_backing() {
+    let path = std::env::temp_dir().join(format!("vmm-bench-faults-{}.json", std::process::id()));
+    let p = path.to_str().expect("utf-8 path");
+    let o = vmm(
+        &[
+            "bench",
+            "faults",
+            "--host-mem",
+            "16M",
+            "--guest-pages",
+            "64",
+            "--runs",
+            "1",
+            "--json",
+            p,
+        ],
+        T,
+    );
+    assert_eq!(o.code, 0, "{}\n{}", o.stdout, o.stderr);
+    assert!(o.stdout.contains("vs plain"));
+    let j: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(&path).expect("json file")).expect("json");
+    let rows = j["rows"].as_array().expect("rows");
+    assert_eq!(rows.len(), 6);
+    for r in rows {
+        assert!(r["median_us"].as_f64().is_some_and(|v| v > 0.0), "{r}");
+    }
+    // 16 MiB host-driven through fault-around 16: 4096 pages in 256 faults.
+    let anon = rows
+        .iter()
+        .find(|r| r["driver"] == "host" && r["backing"] == "anon")
+        .expect("row");
+    assert_eq!(anon["faults"], 256);
+    assert!(j["table"]["walk_64g_1pct_us"]
+        .as_f64()
+        .is_some_and(|v| v > 0.0));
+    // 8 leaf tables and 3 upper ones for 16 MiB; the 0.25% target is met at 1 GiB.
+    assert!(j["table"]["clustered_ratio"]
+        .as_f64()
+        .is_some_and(|v| v > 0.0 && v < 0.003));
+    let _ = std::fs::remove_file(path);
+}

@@ -37,6 +37,9 @@ pub enum BenchCommand {
     /// Spawn `vmm run` repeatedly: time from spawn to the first serial byte,
     /// and the in-process boot time.
     Boot(bench::boot::BootBenchArgs),
+    /// Populate guest memory through the page-tracking layer and through
+    /// plain memory, side by side; table memory and walk costs.
+    Faults(bench::faults::FaultBenchArgs),
 }
 
 fn parse_mem(s: &str) -> Result<u64, String> {
@@ -179,5 +182,6 @@ pub fn main(args: impl IntoIterator<Item = OsString>) -> i32 {
     match cli.command {
         CliCommand::Run(args) => cmd_run(&args),
         CliCommand::Bench(BenchCommand::Boot(args)) => bench::boot::main(&args),
+        CliCommand::Bench(BenchCommand::Faults(args)) => bench::faults::main(&args),
     }
 }

@@ -1,6 +1,7 @@
 //! `vmm bench ...`: benchmarks that report side-by-side numbers.
 
 pub mod boot;
+pub mod faults;
 
 /// Minimum and median of a sample (µs); `None` when empty.
 pub fn min_median(samples: &[f64]) -> Option<(f64, f64)> {
