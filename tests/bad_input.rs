@@ -3,25 +3,6 @@
 mod common;
 use common::*;
 
-fn assert_usage_error(args: &[&str], needle: &str) {
-    let o = vmm(args, T);
-    assert_eq!(
-        o.code, 2,
-        "{args:?}: want exit 2\nstdout: {}\nstderr: {}",
-        o.stdout, o.stderr
-    );
-    assert!(
-        o.stderr.contains(needle),
-        "{args:?}: stderr lacks {needle:?}:\n{}",
-        o.stderr
-    );
-    assert!(
-        !o.stderr.contains("panicked"),
-        "{args:?} panicked:\n{}",
-        o.stderr
-    );
-}
-
 #[test]
 fn invalid_sizes_and_counts_are_usage_errors() {
     assert_usage_error(

@@ -80,17 +80,12 @@ fn thp_request_is_reported() {
 #[test]
 fn bad_fault_around_is_a_usage_error() {
     for bad in ["0", "3", "1024"] {
-        let o = vmm(&["run", "--fault-around", bad], T);
-        assert_eq!(o.code, 2, "{}", o.stderr);
-        assert!(
-            o.stderr.contains("is not a power of two between 1 and 512"),
-            "{}",
-            o.stderr
+        assert_usage_error(
+            &["run", "--fault-around", bad],
+            "is not a power of two between 1 and 512",
         );
     }
-    let o = vmm(&["run", "--backing", "tmpfs"], T);
-    assert_eq!(o.code, 2);
-    assert!(o.stderr.contains("unknown backing"));
+    assert_usage_error(&["run", "--backing", "tmpfs"], "unknown backing");
 }
 
 #[test]

@@ -139,3 +139,23 @@ pub fn temp_file(name: &str, bytes: &[u8]) -> std::path::PathBuf {
     std::fs::write(&path, bytes).expect("write temp file");
     path
 }
+
+/// Asserts that `vmm args` is a usage error (exit 2) whose message contains `needle`.
+pub fn assert_usage_error(args: &[&str], needle: &str) {
+    let o = vmm(args, T);
+    assert_eq!(
+        o.code, 2,
+        "{args:?}: want exit 2\nstdout: {}\nstderr: {}",
+        o.stdout, o.stderr
+    );
+    assert!(
+        o.stderr.contains(needle),
+        "{args:?}: stderr lacks {needle:?}:\n{}",
+        o.stderr
+    );
+    assert!(
+        !o.stderr.contains("panicked"),
+        "{args:?} panicked:\n{}",
+        o.stderr
+    );
+}

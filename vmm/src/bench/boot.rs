@@ -4,7 +4,7 @@
 //! child's own `boot_us` (`KVM_CREATE_VM` to the first I/O exit).
 
 use super::min_median;
-use crate::report::{EXIT_ERROR, EXIT_OK};
+use crate::report::EXIT_ERROR;
 use crate::size::{format_size, parse_size};
 use clap::Args;
 use serde::Serialize;
@@ -145,18 +145,5 @@ pub fn main(args: &BootBenchArgs) -> i32 {
         );
     }
     println!("note: guest instructions are emulated on hosts without hardware virtualization");
-    if let Some(path) = &args.json {
-        let text = match serde_json::to_string_pretty(&result) {
-            Ok(t) => t,
-            Err(e) => {
-                eprintln!("vmm bench boot: cannot encode JSON: {e}");
-                return EXIT_ERROR;
-            }
-        };
-        if let Err(e) = std::fs::write(path, text) {
-            eprintln!("vmm bench boot: cannot write {}: {e}", path.display());
-            return EXIT_ERROR;
-        }
-    }
-    EXIT_OK
+    super::write_json("boot", args.json.as_deref(), &result)
 }

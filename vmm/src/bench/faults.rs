@@ -13,7 +13,7 @@
 
 use super::min_median;
 use crate::config::VmConfig;
-use crate::report::{EXIT_ERROR, EXIT_OK};
+use crate::report::EXIT_ERROR;
 use crate::runner::{run, RunHooks, SerialSink};
 use crate::size::{format_size, parse_size};
 use clap::Args;
@@ -313,18 +313,5 @@ pub fn main(args: &FaultBenchArgs) -> i32 {
         t.walk_entries
     );
     println!("note: guest rows are emulated instructions on hosts without hardware virtualization");
-    if let Some(path) = &args.json {
-        let text = match serde_json::to_string_pretty(&result) {
-            Ok(t) => t,
-            Err(e) => {
-                eprintln!("vmm bench faults: cannot encode JSON: {e}");
-                return EXIT_ERROR;
-            }
-        };
-        if let Err(e) = std::fs::write(path, text) {
-            eprintln!("vmm bench faults: cannot write {}: {e}", path.display());
-            return EXIT_ERROR;
-        }
-    }
-    EXIT_OK
+    super::write_json("faults", args.json.as_deref(), &result)
 }

@@ -3,6 +3,29 @@
 pub mod boot;
 pub mod faults;
 
+use crate::report::{EXIT_ERROR, EXIT_OK};
+use std::path::Path;
+
+/// Writes a benchmark's result as pretty JSON to `path` (when given);
+/// returns the exit code, with the error printed under the bench's name.
+pub fn write_json<T: serde::Serialize>(bench: &str, path: Option<&Path>, result: &T) -> i32 {
+    let Some(path) = path else {
+        return EXIT_OK;
+    };
+    let written = serde_json::to_string_pretty(result)
+        .map_err(|e| format!("cannot encode JSON: {e}"))
+        .and_then(|text| {
+            std::fs::write(path, text).map_err(|e| format!("cannot write {}: {e}", path.display()))
+        });
+    match written {
+        Ok(()) => EXIT_OK,
+        Err(e) => {
+            eprintln!("vmm bench {bench}: {e}");
+            EXIT_ERROR
+        }
+    }
+}
+
 /// Minimum and median of a sample (µs); `None` when empty.
 pub fn min_median(samples: &[f64]) -> Option<(f64, f64)> {
     if samples.is_empty() {
