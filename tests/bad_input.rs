@@ -207,3 +207,39 @@ fn missing_kvm_is_a_clear_error() {
         .unwrap_or("")
         .contains("/dev/kvm does not exist"));
 }
+
+#[test]
+fn kvm_permission_denied_is_a_clear_error() {
+    // /dev/kvm is root-only on this host: an unprivileged user cannot open it.
+    let meta = std::fs::metadata("/dev/kvm");
+    let world_rw = meta.as_ref().is_ok_and(|m| {
+        use std::os::unix::fs::PermissionsExt;
+        m.permissions().mode() & 0o006 == 0o006
+    });
+    let have_setpriv = std::process::Command::new("setpriv")
+        .arg("--help")
+        .output()
+        .is_ok_and(|o| o.status.success());
+    if world_rw || !have_setpriv {
+        eprintln!("skipped: /dev/kvm is open to everyone here, or setpriv is missing");
+        return;
+    }
+    let out = std::process::Command::new("setpriv")
+        .args([
+            "--reuid=65534",
+            "--regid=65534",
+            "--clear-groups",
+            vmm_bin(),
+            "run",
+            "--json",
+        ])
+        .output()
+        .expect("setpriv");
+    assert_eq!(out.status.code(), Some(1));
+    let j: serde_json::Value = serde_json::from_slice(&out.stdout).expect("one JSON object");
+    assert_eq!(j["status"], "kvm_unavailable");
+    assert!(j["error"]
+        .as_str()
+        .unwrap_or("")
+        .contains("permission denied"));
+}
