@@ -8,7 +8,7 @@ use crate::uffd::sys::{UFFDIO_REGISTER_MODE_MISSING, UFFDIO_REGISTER_MODE_WP};
 use crate::uffd::{UffdError, Userfaultfd};
 use arc_swap::ArcSwap;
 use std::collections::HashMap;
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicU8, Ordering};
 use std::sync::{Arc, Mutex, RwLock};
 
 /// Errors adding or removing regions.
@@ -55,8 +55,24 @@ pub(crate) struct MemoryCore {
     /// Fault-around window in pages (a power of two, 1..=512).
     pub(crate) fault_around: u64,
     pub(crate) zero: ZeroSource,
+    /// Write-protect tracking in force (a [`WpMode`] as u8): the engine then
+    /// populates pages write-protected, so no write escapes tracking.
+    pub(crate) wp_mode: AtomicU8,
     vcpu_tids: RwLock<HashMap<u32, u32>>,
     next_id: AtomicU64,
+}
+
+/// Write-protect tracking state of the fault engine's userfaultfd.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum WpMode {
+    /// No write-protect tracking.
+    Off = 0,
+    /// Synchronous: each first write to a protected page is a fault the
+    /// engine records and resolves.
+    Sync = 1,
+    /// `UFFD_FEATURE_WP_ASYNC`: the kernel resolves write faults itself;
+    /// written pages are found with `PAGEMAP_SCAN`.
+    Async = 2,
 }
 
 impl MemoryCore {
@@ -72,9 +88,18 @@ impl MemoryCore {
             counters: FaultCounters::default(),
             fault_around,
             zero: ZeroSource::new(512 * crate::entry::PAGE_SIZE)?,
+            wp_mode: AtomicU8::new(WpMode::Off as u8),
             vcpu_tids: RwLock::new(HashMap::new()),
             next_id: AtomicU64::new(0),
         })
+    }
+
+    pub(crate) fn wp_mode(&self) -> WpMode {
+        match self.wp_mode.load(Ordering::Acquire) {
+            1 => WpMode::Sync,
+            2 => WpMode::Async,
+            _ => WpMode::Off,
+        }
     }
 
     pub(crate) fn vcpu_of(&self, tid: u32) -> Option<u32> {

@@ -7,6 +7,7 @@
 //! * [`region`]: regions (the VMA analogue) and their host backings.
 //! * [`uffd`]: the userfaultfd ABI and a safe wrapper.
 //! * [`fault`]: the fault engine (handler threads, fault-around, counters).
+//! * [`tracking`]: write-protect (sync and async) dirty tracking, soft-dirty detection, the VMM-write log.
 //! * [`ram`]: `GuestRam`, the front: regions, engine and a vm-memory view.
 
 mod core;
@@ -15,6 +16,7 @@ pub mod fault;
 pub mod ram;
 pub mod region;
 pub mod table;
+pub mod tracking;
 pub mod uffd;
 
 pub use entry::{Entry, Flag, Frame, Marker};

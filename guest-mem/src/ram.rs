@@ -9,9 +9,11 @@ use crate::fault::stats::FaultStats;
 use crate::fault::FaultEngine;
 use crate::region::{BackingKind, Region, RegionFlags};
 use crate::table::{Stage2Table, WalkAction, Walker};
+use crate::tracking::HostDirtyLog;
 use crate::uffd::sys::{
     UFFD_FEATURE_MISSING_SHMEM, UFFD_FEATURE_PAGEFAULT_FLAG_WP, UFFD_FEATURE_POISON,
-    UFFD_FEATURE_THREAD_ID, UFFD_FEATURE_WP_HUGETLBFS_SHMEM, UFFD_FEATURE_WP_UNPOPULATED,
+    UFFD_FEATURE_THREAD_ID, UFFD_FEATURE_WP_ASYNC, UFFD_FEATURE_WP_HUGETLBFS_SHMEM,
+    UFFD_FEATURE_WP_UNPOPULATED,
 };
 use crate::uffd::{UffdError, Userfaultfd};
 use std::sync::atomic::Ordering;
@@ -62,6 +64,10 @@ pub struct RamConfig {
     pub fault_around_pages: u64,
     /// Fault handler threads.
     pub handler_threads: usize,
+    /// Open the userfaultfd with `UFFD_FEATURE_WP_ASYNC` (the `uffd-async`
+    /// tracker): write-protect faults are then resolved by the kernel, so
+    /// synchronous write-protect (live snapshots, `uffd-wp`) is impossible.
+    pub wp_async: bool,
 }
 
 impl Default for RamConfig {
@@ -71,6 +77,7 @@ impl Default for RamConfig {
             thp: false,
             fault_around_pages: 16,
             handler_threads: 1,
+            wp_async: false,
         }
     }
 }
@@ -112,18 +119,22 @@ pub struct GuestRam {
     // Field order is drop order: the engine stops before the core (and the
     // mappings it owns) goes away.
     engine: Option<FaultEngine>,
-    core: Arc<MemoryCore>,
+    pub(crate) core: Arc<MemoryCore>,
     memory: GuestMemoryMmap,
     boot_regions: Vec<Arc<Region>>,
     size: u64,
     config: RamConfig,
+    pub(crate) host_dirty: HostDirtyLog,
 }
 
 /// The userfaultfd features the fault engine needs, and those it uses when present.
-fn uffd_features(backing: BackingKind) -> (u64, u64) {
+fn uffd_features(backing: BackingKind, wp_async: bool) -> (u64, u64) {
     let mut required = UFFD_FEATURE_THREAD_ID | UFFD_FEATURE_PAGEFAULT_FLAG_WP;
     if backing == BackingKind::Memfd {
         required |= UFFD_FEATURE_MISSING_SHMEM | UFFD_FEATURE_WP_HUGETLBFS_SHMEM;
+    }
+    if wp_async {
+        required |= UFFD_FEATURE_WP_ASYNC;
     }
     (required, UFFD_FEATURE_WP_UNPOPULATED | UFFD_FEATURE_POISON)
 }
@@ -140,7 +151,7 @@ impl GuestRam {
             return Err(RamError::BadFaultAround(fa));
         }
         let uffd = if config.backing.uses_fault_engine() {
-            let (required, optional) = uffd_features(config.backing);
+            let (required, optional) = uffd_features(config.backing, config.wp_async);
             Some(Userfaultfd::open(required, optional)?)
         } else {
             None
@@ -164,6 +175,7 @@ impl GuestRam {
             boot_regions: vec![region],
             size,
             config,
+            host_dirty: HostDirtyLog::new(size / PAGE_SIZE),
         })
     }
 
@@ -310,6 +322,7 @@ impl GuestRam {
     /// Copies `data` into guest RAM at `addr`.
     pub fn write(&self, addr: u64, data: &[u8]) -> Result<(), RamError> {
         self.check(addr, data.len() as u64)?;
+        self.host_dirty.mark(addr, data.len() as u64);
         self.memory
             .write_slice(data, GuestAddress(addr))
             .map_err(|_| RamError::OutOfRange {
@@ -332,6 +345,7 @@ impl GuestRam {
     /// Atomically stores an aligned 64-bit word (release ordering).
     pub fn store_u64(&self, addr: u64, value: u64) -> Result<(), RamError> {
         self.check(addr, 8)?;
+        self.host_dirty.mark(addr, 8);
         self.memory
             .store(value, GuestAddress(addr), Ordering::Release)
             .map_err(|_| RamError::OutOfRange { addr, len: 8 })

@@ -1,13 +1,13 @@
 //! Resolving one fault: find the region without the global lock, lock it,
 //! populate the faulting page and its fault-around neighbours, record them.
 
-use crate::core::MemoryCore;
+use crate::core::{MemoryCore, WpMode};
 use crate::entry::{Entry, Flag, Frame, PAGE_SIZE};
 use crate::fault::stats::FaultCounters;
 use crate::region::{BackingKind, Region};
 use crate::uffd::sys::{
-    UffdMsg, UFFDIO_COPY_MODE_DONTWAKE, UFFDIO_ZEROPAGE_MODE_DONTWAKE, UFFD_EVENT_PAGEFAULT,
-    UFFD_PAGEFAULT_FLAG_WP, UFFD_PAGEFAULT_FLAG_WRITE,
+    UffdMsg, UFFDIO_COPY_MODE_DONTWAKE, UFFDIO_COPY_MODE_WP, UFFDIO_ZEROPAGE_MODE_DONTWAKE,
+    UFFD_EVENT_PAGEFAULT, UFFD_PAGEFAULT_FLAG_WP, UFFD_PAGEFAULT_FLAG_WRITE,
 };
 use std::sync::Arc;
 use std::time::Instant;
@@ -133,12 +133,24 @@ impl MemoryCore {
             1,
         );
         let (start, end) = self.fault_around_run(region, gpa);
+        // While write-protect tracking runs, every page is installed
+        // protected (never the zero page, whose copy-on-write no tracker
+        // would see); the faulting page of a write is then un-protected
+        // below and recorded dirty.
+        let tracking = self.wp_mode() != WpMode::Off;
         let mut cur = start;
         let mut retries = 0;
         while cur < end {
             let len = end - cur;
             let host = region.host_of(cur);
-            let result = if write {
+            let result = if tracking {
+                uffd.copy(
+                    host,
+                    self.zero.as_ptr(),
+                    len,
+                    UFFDIO_COPY_MODE_DONTWAKE | UFFDIO_COPY_MODE_WP,
+                )
+            } else if write {
                 uffd.copy(host, self.zero.as_ptr(), len, UFFDIO_COPY_MODE_DONTWAKE)
             } else {
                 uffd.zeropage(host, len, UFFDIO_ZEROPAGE_MODE_DONTWAKE)
@@ -153,7 +165,7 @@ impl MemoryCore {
                 }
             };
             let done = done - done % PAGE_SIZE;
-            self.record_populated(region, cur, done / PAGE_SIZE, gpa, write);
+            self.record_populated(region, cur, done / PAGE_SIZE, gpa, write, tracking);
             cur += done;
             match errno {
                 None => {}
@@ -168,6 +180,16 @@ impl MemoryCore {
                 Some(_) => break,
             }
         }
+        if tracking && write && self.table.get(gpa).is_uffd_wp() {
+            // The write goes ahead: un-protect the faulting page, record it dirty.
+            let writable = !region.flags.read_only;
+            let _ = self.table.update(gpa, |e| {
+                Some(e.write_unprotected(writable).with(Flag::Dirty))
+            });
+            if let Err(e) = uffd.write_unprotect_nowake(region.host_of(gpa), PAGE_SIZE) {
+                log::error!("un-protecting {gpa:#x}: {e}");
+            }
+        }
         if let Err(e) = uffd.wake(region.host_of(start), end - start) {
             log::error!("waking the fault at {gpa:#x}: {e}");
         }
@@ -180,6 +202,7 @@ impl MemoryCore {
         pages: u64,
         fault_gpa: u64,
         write: bool,
+        protected: bool,
     ) {
         let c = &self.counters;
         FaultCounters::add(&c.pages_populated, pages);
@@ -190,14 +213,18 @@ impl MemoryCore {
         for i in 0..pages {
             let gpa = start + i * PAGE_SIZE;
             let frame = Frame((gpa - region.gpa) / PAGE_SIZE);
-            let mut e = if !write && region.backing == BackingKind::Anon {
+            let mut e = if protected {
+                Entry::page(frame, writable)
+                    .with(Flag::Exclusive)
+                    .write_protected()
+            } else if !write && region.backing == BackingKind::Anon {
                 Entry::zero_page()
             } else {
                 Entry::page(frame, writable).with(Flag::Exclusive)
             };
             if gpa == fault_gpa {
                 e = e.with(Flag::Accessed);
-                if write {
+                if write && !protected {
                     e = e.with(Flag::Dirty);
                 }
             }
@@ -212,7 +239,17 @@ impl MemoryCore {
         let Some(uffd) = &self.uffd else { return };
         FaultCounters::add(&self.counters.wp, 1);
         let writable = !region.flags.read_only;
+        let frame = Frame((gpa - region.gpa) / PAGE_SIZE);
         let _ = self.table.update(gpa, |e| {
+            // A protected zero page is copied by the kernel once the write
+            // goes ahead: from then on it is a private page.
+            let e = if e.is_zero_page() {
+                Entry::page(frame, writable).with(Flag::Exclusive)
+            } else if e.is_empty() {
+                return None;
+            } else {
+                e
+            };
             Some(
                 e.write_unprotected(writable)
                     .with(Flag::Dirty)

@@ -236,6 +236,22 @@ impl Userfaultfd {
         )
     }
 
+    /// Removes write protection without waking waiting threads (the kernel
+    /// refuses `DONTWAKE` together with protecting, which never wakes).
+    pub fn write_unprotect_nowake(&self, start: u64, len: u64) -> Result<(), UffdError> {
+        let mut w = UffdioWriteprotect {
+            range: UffdioRange { start, len },
+            mode: UFFDIO_WRITEPROTECT_MODE_DONTWAKE,
+        };
+        self.call(
+            "UFFDIO_WRITEPROTECT",
+            UFFDIO_WRITEPROTECT(),
+            &mut w,
+            start,
+            len,
+        )
+    }
+
     /// Wakes threads waiting on faults in a range.
     pub fn wake(&self, start: u64, len: u64) -> Result<(), UffdError> {
         let mut r = UffdioRange { start, len };

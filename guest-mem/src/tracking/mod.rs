@@ -1,0 +1,307 @@
+//! Dirty-page tracking primitives of the memory layer (no KVM here):
+//! userfaultfd write-protect, synchronous and asynchronous (`WP_ASYNC` with
+//! `PAGEMAP_SCAN`), soft-dirty detection, and the log of writes the VMM
+//! itself makes into guest RAM. The `vmm` crate puts these and KVM's dirty
+//! log and ring behind one tracker interface.
+
+pub mod pagemap;
+pub mod soft_dirty;
+
+use crate::core::WpMode;
+use crate::entry::{Entry, Flag, PAGE_SIZE};
+use crate::ram::GuestRam;
+use crate::table::{WalkAction, Walker};
+use crate::uffd::UffdError;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+
+/// Tracking errors.
+#[derive(Debug, thiserror::Error)]
+pub enum TrackError {
+    /// The backing has no fault engine (`plain`).
+    #[error("{0} needs the fault engine's userfaultfd: use --backing memfd or anon")]
+    NoFaultEngine(&'static str),
+    /// The userfaultfd was not opened in the mode this tracker needs.
+    #[error("{tracker} needs a userfaultfd opened {needed}")]
+    WrongMode {
+        /// The tracker.
+        tracker: &'static str,
+        /// What it needs.
+        needed: &'static str,
+    },
+    /// A userfaultfd ioctl failed.
+    #[error(transparent)]
+    Uffd(#[from] UffdError),
+    /// `PAGEMAP_SCAN` failed.
+    #[error("PAGEMAP_SCAN failed: {0}")]
+    PagemapScan(std::io::Error),
+    /// Soft-dirty is not available.
+    #[error(
+        "soft-dirty tracking is not available: this kernel was built without CONFIG_MEM_SOFT_DIRTY \
+         (pagemap bit 55 never sets); pick another --track backend"
+    )]
+    SoftDirtyUnsupported,
+    /// `/proc` access failed.
+    #[error("soft-dirty: {0}")]
+    Proc(std::io::Error),
+}
+
+/// One bit per guest page for the writes the VMM makes itself (device
+/// emulation, host-side writes), which KVM's dirty log never sees.
+#[derive(Debug)]
+pub struct HostDirtyLog {
+    enabled: AtomicBool,
+    bits: Vec<AtomicU64>,
+}
+
+impl HostDirtyLog {
+    /// A log for `pages` guest pages, off.
+    pub fn new(pages: u64) -> HostDirtyLog {
+        HostDirtyLog {
+            enabled: AtomicBool::new(false),
+            bits: (0..pages.div_ceil(64)).map(|_| AtomicU64::new(0)).collect(),
+        }
+    }
+
+    /// Turns logging on or off.
+    pub fn set_enabled(&self, on: bool) {
+        self.enabled.store(on, Ordering::Release);
+    }
+
+    /// Records a write of `len` bytes at guest-physical `gpa`.
+    pub fn mark(&self, gpa: u64, len: u64) {
+        if !self.enabled.load(Ordering::Acquire) || len == 0 {
+            return;
+        }
+        for page in gpa / PAGE_SIZE..=(gpa + len - 1) / PAGE_SIZE {
+            if let Some(w) = self.bits.get((page / 64) as usize) {
+                w.fetch_or(1 << (page % 64), Ordering::AcqRel);
+            }
+        }
+    }
+
+    /// Takes (and clears) the logged page numbers.
+    pub fn take(&self) -> Vec<u64> {
+        let mut out = Vec::new();
+        for (i, w) in self.bits.iter().enumerate() {
+            let mut v = w.swap(0, Ordering::AcqRel);
+            while v != 0 {
+                let b = v.trailing_zeros() as u64;
+                out.push(i as u64 * 64 + b);
+                v &= v - 1;
+            }
+        }
+        out
+    }
+
+    /// Bytes the log occupies.
+    pub fn bytes(&self) -> u64 {
+        self.bits.len() as u64 * 8
+    }
+}
+
+/// Collects pages whose entries match a predicate.
+struct Collect<F: Fn(Entry) -> bool>(Vec<u64>, F);
+
+impl<F: Fn(Entry) -> bool> Walker for Collect<F> {
+    fn leaf(&mut self, gpa: u64, e: Entry) -> WalkAction {
+        if (self.1)(e) {
+            self.0.push(gpa);
+        }
+        WalkAction::Continue
+    }
+}
+
+/// Coalesces sorted page addresses into `[start, end)` runs.
+pub fn runs(pages: &[u64]) -> Vec<(u64, u64)> {
+    let mut out: Vec<(u64, u64)> = Vec::new();
+    for &p in pages {
+        match out.last_mut() {
+            Some((_, end)) if *end == p => *end += PAGE_SIZE,
+            _ => out.push((p, p + PAGE_SIZE)),
+        }
+    }
+    out
+}
+
+impl GuestRam {
+    /// The log of the VMM's own writes.
+    pub fn host_dirty(&self) -> &HostDirtyLog {
+        &self.host_dirty
+    }
+
+    /// True when the userfaultfd was opened with `WP_ASYNC`.
+    pub fn wp_async(&self) -> bool {
+        self.config().wp_async
+    }
+
+    /// Starts write-protect tracking on every fault-engine region: from now
+    /// on the engine installs pages protected, and every populated page is
+    /// protected now (unpopulated ones too where `WP_UNPOPULATED` exists).
+    pub fn start_wp_tracking(&self) -> Result<(), TrackError> {
+        let uffd = self
+            .core
+            .uffd
+            .as_ref()
+            .ok_or(TrackError::NoFaultEngine("write-protect tracking"))?;
+        let mode = if self.wp_async() {
+            WpMode::Async
+        } else {
+            WpMode::Sync
+        };
+        self.core.wp_mode.store(mode as u8, Ordering::Release);
+        for r in self.regions() {
+            let _g = r.lock.lock().unwrap_or_else(|e| e.into_inner());
+            uffd.write_protect(r.mapping.addr(), r.size, true)?;
+            let mut c = Collect(Vec::new(), |e: Entry| e.is_present() && !e.is_uffd_wp());
+            self.core.table.walk_range(r.gpa, r.gpa + r.size, &mut c);
+            for gpa in c.0 {
+                let _ = self.core.table.update(gpa, |e| Some(e.write_protected()));
+            }
+        }
+        Ok(())
+    }
+
+    /// Stops write-protect tracking: un-protects everything.
+    pub fn stop_wp_tracking(&self) -> Result<(), TrackError> {
+        let Some(uffd) = self.core.uffd.as_ref() else {
+            return Ok(());
+        };
+        self.core
+            .wp_mode
+            .store(WpMode::Off as u8, Ordering::Release);
+        for r in self.regions() {
+            let _g = r.lock.lock().unwrap_or_else(|e| e.into_inner());
+            uffd.write_protect(r.mapping.addr(), r.size, false)?;
+            let mut c = Collect(Vec::new(), |e: Entry| e.is_uffd_wp());
+            self.core.table.walk_range(r.gpa, r.gpa + r.size, &mut c);
+            let writable = !r.flags.read_only;
+            for gpa in c.0 {
+                let _ = self
+                    .core
+                    .table
+                    .update(gpa, |e| Some(e.write_unprotected(writable)));
+            }
+        }
+        Ok(())
+    }
+
+    /// Synchronous write-protect harvest: the pages written since the last
+    /// harvest are the present entries the fault engine un-protected. Each
+    /// region is re-protected under its lock (faults on it wait), so a write
+    /// lands either in this round or, faulting, in the next. Returns guest
+    /// page numbers, sorted.
+    pub fn harvest_wp_sync(&self) -> Result<Vec<u64>, TrackError> {
+        if self.wp_async() {
+            return Err(TrackError::WrongMode {
+                tracker: "uffd-wp",
+                needed: "without WP_ASYNC",
+            });
+        }
+        let uffd = self
+            .core
+            .uffd
+            .as_ref()
+            .ok_or(TrackError::NoFaultEngine("uffd-wp"))?;
+        let mut out = Vec::new();
+        for r in self.regions() {
+            let _g = r.lock.lock().unwrap_or_else(|e| e.into_inner());
+            let mut c = Collect(Vec::new(), |e: Entry| e.is_present() && !e.is_uffd_wp());
+            self.core.table.walk_range(r.gpa, r.gpa + r.size, &mut c);
+            for (s, e) in runs(&c.0) {
+                uffd.write_protect(r.host_of(s), e - s, true)?;
+            }
+            for &gpa in &c.0 {
+                let _ = self
+                    .core
+                    .table
+                    .update(gpa, |e| Some(e.with(Flag::Dirty).write_protected()));
+                out.push(gpa / PAGE_SIZE);
+            }
+        }
+        Ok(out)
+    }
+
+    /// Asynchronous harvest: `PAGEMAP_SCAN` for written pages over the
+    /// ranges the table knows are populated, re-protecting them in the same
+    /// call. Returns guest page numbers (sorted) and the bytes scanned.
+    pub fn harvest_wp_async(
+        &self,
+        pagemap: &pagemap::Pagemap,
+    ) -> Result<(Vec<u64>, u64), TrackError> {
+        if !self.wp_async() {
+            return Err(TrackError::WrongMode {
+                tracker: "uffd-async",
+                needed: "with WP_ASYNC",
+            });
+        }
+        struct Tables(Vec<(u64, u64)>);
+        impl Walker for Tables {
+            fn table(&mut self, level: u8, start: u64, end: u64) -> WalkAction {
+                if level == 1 {
+                    match self.0.last_mut() {
+                        Some((_, e)) if *e == start => *e = end,
+                        _ => self.0.push((start, end)),
+                    }
+                    return WalkAction::Skip;
+                }
+                WalkAction::Continue
+            }
+        }
+        let mut out = Vec::new();
+        let mut scanned = 0;
+        for r in self.regions() {
+            let mut t = Tables(Vec::new());
+            self.core.table.walk_range(r.gpa, r.gpa + r.size, &mut t);
+            for (s, e) in t.0 {
+                scanned += e - s;
+                pagemap
+                    .scan(
+                        r.host_of(s),
+                        r.host_of(e - 1) + 1,
+                        pagemap::PM_SCAN_WP_MATCHING | pagemap::PM_SCAN_CHECK_WPASYNC,
+                        pagemap::PAGE_IS_WRITTEN,
+                        |pr| {
+                            let mut a = pr.start;
+                            while a < pr.end {
+                                out.push(r.gpa_of(a) / PAGE_SIZE);
+                                a += PAGE_SIZE;
+                            }
+                        },
+                    )
+                    .map_err(TrackError::PagemapScan)?;
+            }
+        }
+        out.sort_unstable();
+        out.dedup();
+        Ok((out, scanned))
+    }
+
+    /// Records a harvested round in the table: every present page gets its
+    /// dirty bit (the table's record of "written since the baseline").
+    pub fn mark_dirty(&self, pages: &[u64]) {
+        for &p in pages {
+            let gpa = p * PAGE_SIZE;
+            let _ = self
+                .core
+                .table
+                .update(gpa, |e| e.is_present().then(|| e.with(Flag::Dirty)));
+        }
+    }
+
+    /// Clears every dirty bit (a new baseline, e.g. after a full snapshot).
+    pub fn clear_dirty(&self) {
+        for r in self.regions() {
+            let mut c = Collect(Vec::new(), |e: Entry| e.has(Flag::Dirty));
+            self.core.table.walk_range(r.gpa, r.gpa + r.size, &mut c);
+            for gpa in c.0 {
+                let _ = self
+                    .core
+                    .table
+                    .update(gpa, |e| Some(e.without(Flag::Dirty)));
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests;
