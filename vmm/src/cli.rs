@@ -2,6 +2,7 @@
 
 use crate::bench;
 use crate::config::{KernelSource, VmConfig};
+use crate::dirty::TrackerKind;
 use crate::report::{error_json, EXIT_ERROR, EXIT_USAGE};
 use crate::runner::{run, RunHooks, SerialSink};
 use crate::size::parse_size;
@@ -49,6 +50,16 @@ fn parse_mem(s: &str) -> Result<u64, String> {
 fn parse_backing(s: &str) -> Result<BackingKind, String> {
     BackingKind::from_name(s)
         .ok_or_else(|| format!("unknown backing {s:?}; one of: memfd, anon, plain"))
+}
+
+fn parse_tracker(s: &str) -> Result<TrackerKind, String> {
+    TrackerKind::from_name(s).ok_or_else(|| {
+        let names: Vec<_> = TrackerKind::ALL.iter().map(|k| k.name()).collect();
+        format!(
+            "unknown tracking backend {s:?}; one of: {}",
+            names.join(", ")
+        )
+    })
 }
 
 fn parse_workload(s: &str) -> Result<Workload, String> {
@@ -105,6 +116,10 @@ pub struct RunArgs {
     /// Pages populated per missing fault (a power of two, 1 to 512).
     #[arg(long, default_value_t = 16)]
     pub fault_around: u64,
+    /// Track dirty pages with this backend, one round per pass: kvm-bitmap,
+    /// kvm-ring, uffd-wp, uffd-async or soft-dirty.
+    #[arg(long, value_parser = parse_tracker)]
+    pub track: Option<TrackerKind>,
     /// Print exactly one JSON object on stdout; serial output goes to stderr.
     #[arg(long)]
     pub json: bool,
@@ -131,8 +146,11 @@ impl RunArgs {
                 backing: self.backing,
                 thp: self.thp,
                 fault_around_pages: self.fault_around,
+                wp_async: self.track.is_some_and(TrackerKind::needs_wp_async),
                 ..RamConfig::default()
             },
+            round_per_pass: self.track.is_some(),
+            track: self.track,
         }
     }
 }

@@ -40,6 +40,10 @@ pub struct VmConfig {
     pub stop_after: Option<std::time::Duration>,
     /// How guest RAM is backed and populated.
     pub ram: RamConfig,
+    /// End a dirty-tracking round (a doorbell) after every pass.
+    pub round_per_pass: bool,
+    /// Dirty-page tracking backend, if any.
+    pub track: Option<crate::dirty::TrackerKind>,
 }
 
 impl Default for VmConfig {
@@ -56,6 +60,8 @@ impl Default for VmConfig {
             verify_at_end: true,
             stop_after: None,
             ram: RamConfig::default(),
+            round_per_pass: false,
+            track: None,
         }
     }
 }

@@ -14,6 +14,7 @@ pub mod bench;
 pub mod cli;
 pub mod config;
 pub mod devices;
+pub mod dirty;
 pub mod guest_image;
 pub mod oracle;
 pub mod report;

@@ -4,9 +4,9 @@
 
 use guest_mem::{GuestRam, RamError};
 use guest_protocol::boot_info::{PageStruct, BOOT_INFO_MAGIC, BOOT_INFO_VERSION};
-use guest_protocol::layout::{state_gpa, WorkArea, BOOT_INFO_GPA, MAX_VCPUS};
+use guest_protocol::layout::{state_gpa, WorkArea, BOOT_INFO_GPA, MAX_VCPUS, PAGE_SIZE};
 use guest_protocol::oracle::verify_vcpu;
-use guest_protocol::schedule::ScheduleParams;
+use guest_protocol::schedule::{PassSteps, ScheduleParams, Step};
 use guest_protocol::{BootInfo, VcpuState, Workload};
 
 /// Why the image could not be checked.
@@ -47,9 +47,8 @@ fn read_struct<T: PageStruct>(image: &dyn MemoryImage, gpa: u64) -> Result<T, Or
     T::from_bytes(&buf).ok_or(OracleError::BootInfo("short read"))
 }
 
-/// Replays every vCPU's schedule against `image` and counts the pages that
-/// differ (read-check failures the guest recorded included).
-pub fn verify_image(image: &dyn MemoryImage) -> Result<HostVerify, OracleError> {
+/// The workload parameters recorded in `image`'s boot-info page.
+fn read_params(image: &dyn MemoryImage) -> Result<(ScheduleParams, WorkArea), OracleError> {
     let info: BootInfo = read_struct(image, BOOT_INFO_GPA)?;
     if info.magic != BOOT_INFO_MAGIC {
         return Err(OracleError::BootInfo("bad magic"));
@@ -76,6 +75,42 @@ pub fn verify_image(image: &dyn MemoryImage) -> Result<HostVerify, OracleError> 
         vcpus: params.vcpus,
         pages_per_vcpu: params.pages,
     };
+    Ok((params, area))
+}
+
+/// Guest page numbers the schedules of all vCPUs write in pass `pass`
+/// (sorted, unique), replayed from the boot-info and state pages in `image`.
+pub fn pages_written_in_pass(image: &dyn MemoryImage, pass: u64) -> Result<Vec<u64>, OracleError> {
+    let (params, area) = read_params(image)?;
+    let mut out = Vec::new();
+    if params.pages == 0 || pass >= params.passes {
+        return Ok(out);
+    }
+    for v in 0..params.vcpus {
+        let state: VcpuState = read_struct(image, state_gpa(v))?;
+        let mut steps = PassSteps::new(params, v, pass, state.seed_for_pass(pass));
+        for _ in 0..params.pages {
+            if let Step::Write { page } = steps.step() {
+                out.push(area.page_gpa(v, page) / PAGE_SIZE);
+            }
+        }
+    }
+    out.sort_unstable();
+    out.dedup();
+    Ok(out)
+}
+
+/// The guest page numbers of the work area.
+pub fn work_area_pages(image: &dyn MemoryImage) -> Result<std::ops::Range<u64>, OracleError> {
+    let (params, area) = read_params(image)?;
+    let first = area.page_gpa(0, 0) / PAGE_SIZE;
+    Ok(first..first + params.vcpus * params.pages)
+}
+
+/// Replays every vCPU's schedule against `image` and counts the pages that
+/// differ (read-check failures the guest recorded included).
+pub fn verify_image(image: &dyn MemoryImage) -> Result<HostVerify, OracleError> {
+    let (params, area) = read_params(image)?;
     let mut expected = vec![0u64; params.pages as usize];
     let mut per_vcpu = Vec::with_capacity(params.vcpus as usize);
     for v in 0..params.vcpus {

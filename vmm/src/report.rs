@@ -27,8 +27,10 @@ pub enum RunStatus {
     VcpuFault,
     /// The guest broke the control protocol.
     ProtocolError,
-    /// A run hook (e.g. a snapshot trigger) failed.
+    /// A run hook (e.g. a snapshot trigger) or dirty tracking failed.
     HookFailed,
+    /// The dirty tracker missed pages the guest wrote.
+    TrackingMissedWrites,
 }
 
 impl RunStatus {
@@ -195,6 +197,9 @@ pub struct RunReport {
     pub vcpu_reports: Vec<VcpuReport>,
     /// Guest memory: backing, population, faults, table size.
     pub memory: MemoryReport,
+    /// Dirty tracking (with `--track`).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub tracking: Option<crate::dirty::TrackingReport>,
     /// Serial lines, when the caller asked to capture them.
     #[serde(skip)]
     pub serial: Vec<String>,

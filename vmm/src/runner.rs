@@ -3,8 +3,12 @@
 //! event-manager, then the host-side oracle checks guest RAM.
 
 use crate::config::{host_ram_bytes, ConfigError, VmConfig};
+use crate::dirty::{
+    check_combination, new_tracker, TrackCtx, TrackError, Tracking, TrackingReport,
+};
 use crate::guest_image::{KernelError, KernelImage};
 use crate::oracle::verify_image;
+use crate::oracle::{pages_written_in_pass, work_area_pages};
 use crate::report::{RunReport, RunStatus, VcpuReport};
 use crate::signals::{install_kick_handler, kick_signal, TerminationSignals};
 use crate::vstate::boot::{setup_vcpu, write_boot_structures, BootError};
@@ -17,6 +21,7 @@ use guest_protocol::boot_info::BOOT_INFO_VERSION;
 use guest_protocol::control::Event;
 use guest_protocol::layout::{state_gpa, BOOT_INFO_GPA};
 use guest_protocol::{BootInfo, Command, CommandOp, VcpuState};
+use kvm_ioctls::VmFd;
 use std::os::fd::AsRawFd;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::mpsc::{self, Receiver};
@@ -55,6 +60,9 @@ pub enum RunError {
     /// A vCPU could not be created.
     #[error("cannot create vCPU {0}: {1}")]
     CreateVcpu(u32, kvm_ioctls::Error),
+    /// Dirty tracking could not be set up.
+    #[error(transparent)]
+    Track(#[from] TrackError),
     /// A thread, eventfd, signal or event-loop resource failed.
     #[error("VMM runtime error: {0}")]
     Runtime(String),
@@ -72,6 +80,8 @@ impl RunError {
             RunError::Vm(_) | RunError::CreateVcpu(..) | RunError::Boot(_) => "vm_setup_failed",
             RunError::Ram(RamError::Uffd(_)) => "userfaultfd_unavailable",
             RunError::Ram(_) => "memory_setup_failed",
+            RunError::Track(TrackError::Combination(_)) => "unsupported_combination",
+            RunError::Track(_) => "tracking_unavailable",
             RunError::Runtime(_) => "runtime_error",
         }
     }
@@ -142,11 +152,35 @@ impl From<RamError> for HookError {
 /// An action run on the supervisor thread while the VM runs.
 pub type HookAction = Box<dyn FnOnce(&mut VmHandle) -> Result<(), HookError> + Send>;
 
+/// One harvested dirty-tracking round, as round hooks see it.
+#[derive(Clone, Debug)]
+pub struct RoundInfo {
+    /// Round number, from 0.
+    pub index: u64,
+    /// The pass the vCPUs just completed.
+    pub pass: u64,
+    /// Dirty guest page numbers harvested (guest and VMM writes).
+    pub pages: Vec<u64>,
+    /// Pages the guest's schedules wrote in that pass.
+    pub expected: Vec<u64>,
+    /// Expected pages the harvest lacks (must be empty).
+    pub missed: Vec<u64>,
+    /// Harvested work-area pages no schedule wrote.
+    pub false_positives: u64,
+    /// Per-vCPU attribution, where the backend knows it.
+    pub by_vcpu: Option<Vec<Vec<u64>>>,
+}
+
+/// An action run after each dirty-tracking round, while the vCPUs wait at
+/// the doorbell.
+pub type RoundHook = Box<dyn FnMut(&mut VmHandle, &RoundInfo) -> Result<(), HookError> + Send>;
+
 /// Actions to run at points of a run (snapshots, fault injection in tests).
 #[derive(Default)]
 pub struct RunHooks {
     after_pages: Vec<(u64, HookAction)>,
     at_exit: Vec<HookAction>,
+    on_round: Vec<RoundHook>,
 }
 
 impl RunHooks {
@@ -155,6 +189,12 @@ impl RunHooks {
     pub fn after_pages(mut self, pages: u64, action: HookAction) -> Self {
         self.after_pages.push((pages, action));
         self.after_pages.sort_by_key(|(p, _)| *p);
+        self
+    }
+
+    /// Runs `hook` after every dirty-tracking round (with `--track`).
+    pub fn on_round(mut self, hook: RoundHook) -> Self {
+        self.on_round.push(hook);
         self
     }
 
@@ -267,10 +307,19 @@ pub fn run(config: &VmConfig, hooks: RunHooks, sink: SerialSink) -> Result<RunRe
     let signals =
         TerminationSignals::new().map_err(|e| RunError::Runtime(format!("signalfd: {e}")))?;
 
+    if let Some(kind) = config.track {
+        check_combination(kind, config.ram.backing)?;
+    }
     let kvm = open_kvm()?;
     let ram = Arc::new(GuestRam::new(config.mem_bytes, config.ram)?);
     let created = Instant::now();
-    let vm = create_vm(&kvm, &ram, config.vcpus)?;
+    let vm = Arc::new(create_vm(&kvm, &ram, config.vcpus)?);
+    let mut tracking = config
+        .track
+        .map(|kind| Tracking::new(new_tracker(kind, config.vcpus), config.mem_bytes / 4096));
+    if let Some(t) = &mut tracking {
+        t.tracker_mut().before_vcpus(&vm)?;
+    }
     let entry = image.load(&ram)?.0;
     write_boot_structures(&ram, config)?;
 
@@ -281,6 +330,12 @@ pub fn run(config: &VmConfig, hooks: RunHooks, sink: SerialSink) -> Result<RunRe
             .map_err(|e| RunError::CreateVcpu(i, e))?;
         setup_vcpu(&kvm, &fd, i, entry)?;
         fds.push(fd);
+    }
+    let mut ring_full = None;
+    if let Some(t) = &mut tracking {
+        t.tracker_mut().after_vcpus(&vm, &fds)?;
+        ring_full = t.tracker_mut().ring_full_handler();
+        t.start(&TrackCtx { vm: &vm, ram: &ram })?;
     }
 
     let wake = Arc::new(
@@ -301,7 +356,8 @@ pub fn run(config: &VmConfig, hooks: RunHooks, sink: SerialSink) -> Result<RunRe
             sender.clone(),
             first_io.clone(),
             ram.clone(),
-        );
+        )
+        .with_ring_full_handler(ring_full.clone());
         let exited = exited.clone();
         let t = std::thread::Builder::new()
             .name(format!("vcpu{i}"))
@@ -335,8 +391,9 @@ pub fn run(config: &VmConfig, hooks: RunHooks, sink: SerialSink) -> Result<RunRe
     let stop_after = config
         .stop_after
         .or((config.workload == guest_protocol::Workload::Idle).then_some(IDLE_DEFAULT));
+    let rounds = tracking.map(|t| RoundDriver::new(t, vm.clone(), config.vcpus as usize));
     let supervisor = Arc::new(Mutex::new(Supervisor::new(
-        handle, rx, wake, signals, sink, hooks, stop_after,
+        handle, rx, wake, signals, sink, hooks, stop_after, rounds,
     )));
     let loop_result = event_loop(&supervisor);
     // The event manager (the only other owner) is gone once the loop returns.
@@ -354,13 +411,15 @@ pub fn run(config: &VmConfig, hooks: RunHooks, sink: SerialSink) -> Result<RunRe
         return Err(e);
     }
     sup.join_threads();
-    drop(vm);
+    sup.stop_tracking();
     sup.run_exit_hooks();
 
     let boot_us = first_io
         .get()
         .map(|t| t.duration_since(created).as_micros() as u64);
-    Ok(sup.into_report(config, &ram, boot_us))
+    let report = sup.into_report(config, &ram, boot_us);
+    drop(vm);
+    Ok(report)
 }
 
 fn event_loop(supervisor: &Arc<Mutex<Supervisor>>) -> Result<(), RunError> {
@@ -380,6 +439,65 @@ fn event_loop(supervisor: &Arc<Mutex<Supervisor>>) -> Result<(), RunError> {
     }
 }
 
+/// Dirty-tracking rounds: the tracker and the doorbell barrier.
+struct RoundDriver {
+    tracking: Tracking,
+    vm: Arc<VmFd>,
+    waiting: Vec<bool>,
+    index: u64,
+}
+
+impl RoundDriver {
+    fn new(tracking: Tracking, vm: Arc<VmFd>, vcpus: usize) -> RoundDriver {
+        RoundDriver {
+            tracking,
+            vm,
+            waiting: vec![false; vcpus],
+            index: 0,
+        }
+    }
+
+    /// Harvests the round and measures it against the schedules.
+    fn harvest(&mut self, handle: &VmHandle) -> Result<RoundInfo, TrackError> {
+        let ram = &handle.ram;
+        let round = self.tracking.round(&TrackCtx { vm: &self.vm, ram })?;
+        // The pass just completed, from the first waiting vCPU's cursor.
+        let v = self.waiting.iter().position(|w| *w).unwrap_or(0) as u64;
+        let cursor_at = state_gpa(v) + std::mem::offset_of!(VcpuState, cursor) as u64;
+        let cursor = ram.load_u64(cursor_at).unwrap_or(0);
+        let pages_per_vcpu = ram
+            .load_u64(BOOT_INFO_GPA + std::mem::offset_of!(BootInfo, pages_per_vcpu) as u64)
+            .unwrap_or(1)
+            .max(1);
+        let pass = (cursor / pages_per_vcpu).saturating_sub(1);
+        let expected = pages_written_in_pass(ram.as_ref(), pass).unwrap_or_default();
+        let work = work_area_pages(ram.as_ref()).unwrap_or(0..0);
+        let missed: Vec<u64> = expected
+            .iter()
+            .filter(|p| round.pages.binary_search(p).is_err())
+            .copied()
+            .collect();
+        let false_positives = round
+            .pages
+            .iter()
+            .filter(|p| work.contains(p) && expected.binary_search(p).is_err())
+            .count() as u64;
+        self.tracking
+            .note_accuracy(false_positives, missed.len() as u64);
+        let info = RoundInfo {
+            index: self.index,
+            pass,
+            pages: round.pages,
+            expected,
+            missed,
+            false_positives,
+            by_vcpu: round.by_vcpu,
+        };
+        self.index += 1;
+        Ok(info)
+    }
+}
+
 /// The event-loop side of a run.
 struct Supervisor {
     handle: VmHandle,
@@ -389,6 +507,8 @@ struct Supervisor {
     sink: SerialSink,
     hooks: Vec<(u64, HookAction)>,
     at_exit: Vec<HookAction>,
+    on_round: Vec<RoundHook>,
+    rounds: Option<RoundDriver>,
     stop_after: Option<Duration>,
     progress: Vec<u64>,
     verify: Vec<Option<u64>>,
@@ -415,6 +535,7 @@ impl Supervisor {
         sink: SerialSink,
         hooks: RunHooks,
         stop_after: Option<Duration>,
+        rounds: Option<RoundDriver>,
     ) -> Supervisor {
         let n = handle.vcpus() as usize;
         Supervisor {
@@ -425,6 +546,8 @@ impl Supervisor {
             sink,
             hooks: hooks.after_pages,
             at_exit: hooks.at_exit,
+            on_round: hooks.on_round,
+            rounds,
             stop_after,
             progress: vec![0; n],
             verify: vec![None; n],
@@ -528,6 +651,8 @@ impl Supervisor {
                     *slot = Some(outcome);
                 }
                 self.last_end = Some(Instant::now());
+                // The others may all be waiting at a doorbell for this one.
+                self.maybe_finish_round();
             }
         }
     }
@@ -561,9 +686,15 @@ impl Supervisor {
                 }
                 self.run_page_hooks();
                 if event == Event::RoundEnd {
-                    // No round consumer yet: let the vCPU go on.
-                    if let Err(e) = self.handle.send_command(v as u32, CommandOp::Continue, 0) {
-                        log::warn!("cannot release vCPU {v} from its round end: {e}");
+                    match &mut self.rounds {
+                        Some(r) => {
+                            if let Some(w) = r.waiting.get_mut(v) {
+                                *w = true;
+                            }
+                            self.maybe_finish_round();
+                        }
+                        // No tracking: nothing to harvest, let the vCPU go on.
+                        None => self.release(v),
                     }
                 }
             }
@@ -573,6 +704,67 @@ impl Supervisor {
                 }
             }
             Event::PassDone | Event::CommandAck | Event::Panic => {}
+        }
+    }
+
+    fn release(&mut self, v: usize) {
+        if let Err(e) = self.handle.send_command(v as u32, CommandOp::Continue, 0) {
+            log::warn!("cannot release vCPU {v} from its round end: {e}");
+        }
+    }
+
+    /// Harvests a round once every live vCPU waits at the doorbell, checks
+    /// it against the pass the schedules just wrote, runs the round hooks,
+    /// and releases the vCPUs.
+    fn maybe_finish_round(&mut self) {
+        let Some(mut r) = self.rounds.take() else {
+            return;
+        };
+        let any = r.waiting.iter().any(|w| *w);
+        let all = r
+            .waiting
+            .iter()
+            .zip(&self.outcomes)
+            .all(|(w, o)| *w || o.is_some());
+        if any && all {
+            match r.harvest(&self.handle) {
+                Ok(info) => {
+                    for hook in &mut self.on_round {
+                        if let Err(e) = hook(&mut self.handle, &info) {
+                            log::error!("round hook failed: {e}");
+                            self.hook_error.get_or_insert(e.0);
+                        }
+                    }
+                }
+                Err(e) => {
+                    log::error!("dirty tracking failed: {e}");
+                    self.hook_error
+                        .get_or_insert(format!("dirty tracking failed: {e}"));
+                }
+            }
+            let waiting: Vec<usize> = (0..r.waiting.len()).filter(|v| r.waiting[*v]).collect();
+            r.waiting.iter_mut().for_each(|w| *w = false);
+            self.rounds = Some(r);
+            for v in waiting {
+                self.release(v);
+            }
+            if self.hook_error.is_some() {
+                self.request_stop();
+            }
+        } else {
+            self.rounds = Some(r);
+        }
+    }
+
+    fn stop_tracking(&mut self) {
+        if let Some(r) = &mut self.rounds {
+            let ctx = TrackCtx {
+                vm: &r.vm,
+                ram: &self.handle.ram,
+            };
+            if let Err(e) = r.tracking.stop(&ctx) {
+                log::warn!("stopping dirty tracking: {e}");
+            }
         }
     }
 
@@ -685,6 +877,17 @@ impl Supervisor {
                 host_verify_mismatches.map_or("n/a".into(), |v| v.to_string())
             ));
         }
+        let tracking_report: Option<TrackingReport> =
+            self.rounds.as_ref().map(|r| r.tracking.report());
+        if let Some(t) = &tracking_report {
+            if t.missed_pages > 0 && status == RunStatus::Ok {
+                status = RunStatus::TrackingMissedWrites;
+                error = Some(format!(
+                    "the {} tracker missed {} written pages",
+                    t.backend, t.missed_pages
+                ));
+            }
+        }
         let workload_us = match (self.first_boot, self.last_end) {
             (Some(a), Some(b)) if b >= a => Some(b.duration_since(a).as_micros() as u64),
             _ => None,
@@ -705,6 +908,7 @@ impl Supervisor {
             interrupted: self.interrupted,
             vcpu_reports,
             memory: (&ram.stats()).into(),
+            tracking: tracking_report,
             serial: self.serial,
         }
     }

@@ -3,7 +3,9 @@
 
 use crate::{fail, io};
 use core::ptr::{read_volatile, write_volatile};
-use guest_protocol::boot_info::{BootInfo, Command, CommandOp, VcpuState, Workload, POLL_INTERVAL};
+use guest_protocol::boot_info::{
+    BootInfo, Command, CommandOp, VcpuState, Workload, FLAG_ROUND_PER_PASS, POLL_INTERVAL,
+};
 use guest_protocol::control::Event;
 use guest_protocol::layout::{WorkArea, PAGE_SIZE};
 use guest_protocol::oracle;
@@ -23,6 +25,7 @@ struct Ctx {
     params: ScheduleParams,
     area: WorkArea,
     verify_at_end: bool,
+    round_per_pass: bool,
 }
 
 impl Ctx {
@@ -105,6 +108,29 @@ impl Ctx {
         }
     }
 
+    /// The round doorbell: report `RoundEnd`, then wait until the command
+    /// word changes from `seq` (the VMM has harvested); the caller's poll
+    /// loop acts on the new command.
+    fn wait_at_doorbell(&self, seq: u32) {
+        io::event(Event::RoundEnd, self.pages_written());
+        while self.command().0 == seq {
+            core::hint::spin_loop();
+        }
+    }
+
+    /// A round end at a pass boundary (`FLAG_ROUND_PER_PASS`): wait at the
+    /// doorbell, then act on the command that released it.
+    fn round_end(&self) -> Poll {
+        // Take any command still pending first, so the doorbell waits for
+        // the VMM's answer to this round, not for something sent earlier.
+        if self.poll() == Poll::Stop {
+            return Poll::Stop;
+        }
+        let (seq, _, _) = self.command();
+        self.wait_at_doorbell(seq);
+        self.poll()
+    }
+
     /// Acts on every new command in the command word.
     fn poll(&self) -> Poll {
         loop {
@@ -118,12 +144,7 @@ impl Ctx {
                 Some(CommandOp::Continue) => {}
                 Some(CommandOp::Verify) => self.report_verify(),
                 Some(CommandOp::Stop) => return Poll::Stop,
-                Some(CommandOp::EndRound) => {
-                    io::event(Event::RoundEnd, self.pages_written());
-                    while self.command().0 == seq {
-                        core::hint::spin_loop();
-                    }
-                }
+                Some(CommandOp::EndRound) => self.wait_at_doorbell(seq),
                 Some(CommandOp::SetSeed) => {
                     if !self.state().push_seed(arg, self.params.pages) {
                         fail(self.vcpu, "seed history full");
@@ -162,6 +183,7 @@ pub fn run(vcpu: u64, boot_info: *const BootInfo) -> ! {
             pages_per_vcpu: bi.pages_per_vcpu,
         },
         verify_at_end: bi.verify_at_end != 0,
+        round_per_pass: bi.flags & FLAG_ROUND_PER_PASS != 0,
     };
     io::prefix(vcpu);
     io::print("booted, workload ");
@@ -241,6 +263,9 @@ fn run_steps(ctx: &Ctx) {
         ctx.set_cursor(cursor + 1);
         if (cursor + 1).is_multiple_of(params.pages) {
             io::event(Event::PassDone, pass);
+            if ctx.round_per_pass && ctx.round_end() == Poll::Stop {
+                return;
+            }
         }
     }
 }

@@ -13,6 +13,9 @@ pub const BOOT_INFO_MAGIC: u64 = u64::from_le_bytes(*b"VMMBOOT1");
 pub const BOOT_INFO_VERSION: u32 = 1;
 /// Most seed changes a vCPU's history can hold.
 pub const MAX_SEEDS: usize = 200;
+/// `BootInfo::flags`: end a dirty-tracking round after every pass — report
+/// `RoundEnd` and wait on the command word until the VMM has harvested.
+pub const FLAG_ROUND_PER_PASS: u32 = 1 << 0;
 /// A vCPU polls its command word at least once every this many page steps.
 pub const POLL_INTERVAL: u64 = 64;
 
@@ -154,8 +157,8 @@ pub struct BootInfo {
     pub passes: u64,
     /// Non-zero: run the oracle when the workload ends.
     pub verify_at_end: u32,
-    /// Reserved, zero.
-    pub reserved: u32,
+    /// `FLAG_*` bits.
+    pub flags: u32,
     /// One command slot per vCPU.
     pub commands: [Command; MAX_VCPUS],
 }

@@ -5,7 +5,9 @@
 
 use crate::config::VmConfig;
 use guest_mem::{GuestRam, RamError};
-use guest_protocol::boot_info::{PageStruct, BOOT_INFO_MAGIC, BOOT_INFO_VERSION};
+use guest_protocol::boot_info::{
+    PageStruct, BOOT_INFO_MAGIC, BOOT_INFO_VERSION, FLAG_ROUND_PER_PASS,
+};
 use guest_protocol::layout::{
     self, BOOT_INFO_GPA, CODE_SELECTOR, DATA_SELECTOR, GDT_GPA, PAGE_SIZE, PDPT_GPA, PD_GPA,
     PML4_GPA, STATE_GPA,
@@ -96,7 +98,11 @@ pub fn write_boot_structures(ram: &GuestRam, config: &VmConfig) -> Result<(), Bo
         write_ratio: config.write_ratio,
         passes: config.passes,
         verify_at_end: config.verify_at_end as u32,
-        reserved: 0,
+        flags: if config.round_per_pass {
+            FLAG_ROUND_PER_PASS
+        } else {
+            0
+        },
         commands: [Command::default(); layout::MAX_VCPUS],
     };
     ram.write(BOOT_INFO_GPA, info.as_bytes())?;

@@ -3,10 +3,12 @@
 
 use crate::devices::control_port::{ControlLatch, ControlWrite};
 use crate::devices::serial::{LineAssembler, LSR_IDLE};
+use crate::dirty::RingFullHandler;
 use crate::vstate::boot::describe_registers;
 use crate::vstate::control::VcpuControl;
 use guest_mem::GuestRam;
 use guest_protocol::control::{Event, SERIAL_LSR_PORT, SERIAL_PORT};
+use kvm_bindings::KVM_EXIT_DIRTY_RING_FULL;
 use kvm_ioctls::{VcpuExit, VcpuFd};
 use std::sync::mpsc;
 use std::sync::{Arc, OnceLock};
@@ -166,6 +168,7 @@ pub struct VcpuRunner {
     serial: LineAssembler,
     latch: ControlLatch,
     ram: Arc<GuestRam>,
+    ring_full: Option<Arc<dyn RingFullHandler>>,
 }
 
 impl VcpuRunner {
@@ -188,7 +191,14 @@ impl VcpuRunner {
             serial: LineAssembler::default(),
             latch: ControlLatch::default(),
             ram,
+            ring_full: None,
         }
+    }
+
+    /// Drains this vCPU's dirty ring through `handler` when KVM reports it full.
+    pub fn with_ring_full_handler(mut self, handler: Option<Arc<dyn RingFullHandler>>) -> Self {
+        self.ring_full = handler;
+        self
     }
 
     /// Runs until the guest is done, fails, or the supervisor stops it.
@@ -233,6 +243,26 @@ impl VcpuRunner {
                     Next::Run
                 }
                 Ok(VcpuExit::Hlt) => Next::Exit(VcpuOutcome::Halted),
+                Ok(VcpuExit::Unsupported(KVM_EXIT_DIRTY_RING_FULL)) => match &self.ring_full {
+                    Some(h) => match h.ring_full(vcpu) {
+                        Ok(()) => Next::Run,
+                        Err(e) => {
+                            return VcpuOutcome::Fault(VcpuFault::UnexpectedExit {
+                                vcpu,
+                                what: format!("dirty ring full, and draining it failed: {e}"),
+                                regs: String::new(),
+                            })
+                        }
+                    },
+                    None => {
+                        let regs = describe_registers(&self.fd);
+                        return VcpuOutcome::Fault(VcpuFault::UnexpectedExit {
+                            vcpu,
+                            what: "dirty ring full without a ring tracker".into(),
+                            regs,
+                        });
+                    }
+                },
                 Ok(VcpuExit::Intr) => Next::Run,
                 Ok(VcpuExit::Shutdown) => {
                     Next::Fault(|vcpu, regs| VcpuFault::TripleFault { vcpu, regs })

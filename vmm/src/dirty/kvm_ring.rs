@@ -1,0 +1,245 @@
+//! `kvm-ring`: the per-vCPU KVM dirty ring (`KVM_CAP_DIRTY_LOG_RING_ACQ_REL`
+//! where available). Enabled before vCPUs exist; each ring is mapped from its
+//! vCPU fd; a harvest collects the entries KVM published, marks them for
+//! reset and calls `KVM_RESET_DIRTY_RINGS`. A vCPU whose ring fills up exits
+//! with `KVM_EXIT_DIRTY_RING_FULL` and drains its own ring from its thread.
+//! Rings tell which vCPU wrote which page: the attribution is kept.
+
+use super::{DirtyTracker, Harvest, RingFullHandler, TrackCtx, TrackError, TrackerKind};
+use kvm_bindings::{
+    kvm_dirty_gfn, kvm_enable_cap, KVM_CAP_DIRTY_LOG_RING, KVM_CAP_DIRTY_LOG_RING_ACQ_REL,
+    KVM_DIRTY_LOG_PAGE_OFFSET, KVM_MEM_LOG_DIRTY_PAGES,
+};
+use kvm_ioctls::{VcpuFd, VmFd};
+use std::os::fd::{AsRawFd, RawFd};
+use std::sync::atomic::{AtomicU32, Ordering};
+use std::sync::{Arc, Mutex};
+use vmm_sys_util::ioctl_io_nr;
+
+ioctl_io_nr!(KVM_RESET_DIRTY_RINGS, kvm_bindings::KVMIO, 0xc7);
+
+/// Entries per ring (16 bytes each: 64 KiB per vCPU).
+pub const RING_ENTRIES: u32 = 4096;
+const GFN_DIRTY: u32 = 1 << 0;
+const GFN_RESET: u32 = 1 << 1;
+
+/// One vCPU's mapped ring and the index of the next entry to collect.
+struct Ring {
+    base: *mut kvm_dirty_gfn,
+    next: u32,
+}
+
+// SAFETY: the ring is shared memory with KVM, accessed with atomics on the
+// flags word and only under the Mutex that owns this struct.
+unsafe impl Send for Ring {}
+
+impl Ring {
+    /// Collects published entries as guest page numbers (slot 0 only).
+    fn collect(&mut self, out: &mut Vec<u64>) {
+        loop {
+            let i = (self.next % RING_ENTRIES) as usize;
+            // SAFETY: i < RING_ENTRIES, inside the mapping made in
+            // `after_vcpus`, which lives as long as the tracker.
+            let entry = unsafe { self.base.add(i) };
+            // SAFETY: `flags` is the first u32 of the entry, 4-aligned;
+            // KVM publishes an entry by setting DIRTY with release ordering.
+            let flags = unsafe { &*(entry as *const AtomicU32) };
+            if flags.load(Ordering::Acquire) & GFN_DIRTY == 0 {
+                return;
+            }
+            // SAFETY: the entry is published (acquire above).
+            let (slot, offset) = unsafe { ((*entry).slot, (*entry).offset) };
+            if slot == 0 {
+                out.push(offset);
+            }
+            flags.store(GFN_RESET, Ordering::Release);
+            self.next = self.next.wrapping_add(1);
+        }
+    }
+}
+
+/// The rings of every vCPU, shared with the vCPU threads for ring-full exits.
+pub struct RingSet {
+    rings: Vec<Mutex<Ring>>,
+    pending: Mutex<Vec<Vec<u64>>>,
+    vm_fd: RawFd,
+}
+
+impl RingSet {
+    fn reset(&self) -> Result<(), TrackError> {
+        // SAFETY: KVM_RESET_DIRTY_RINGS takes no argument; `vm_fd` is the
+        // VM's fd, which outlives every vCPU thread and the tracker.
+        let r = unsafe { libc::ioctl(self.vm_fd, KVM_RESET_DIRTY_RINGS() as _, 0) };
+        if r < 0 {
+            return Err(TrackError::Kvm {
+                what: "KVM_RESET_DIRTY_RINGS",
+                source: kvm_ioctls::Error::last(),
+            });
+        }
+        Ok(())
+    }
+
+    /// Collects every ring (and what full rings left pending), then resets.
+    fn harvest(&self) -> Result<Vec<Vec<u64>>, TrackError> {
+        let mut per_vcpu =
+            std::mem::take(&mut *self.pending.lock().unwrap_or_else(|e| e.into_inner()));
+        per_vcpu.resize(self.rings.len(), Vec::new());
+        for (v, ring) in self.rings.iter().enumerate() {
+            ring.lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .collect(&mut per_vcpu[v]);
+        }
+        self.reset()?;
+        Ok(per_vcpu)
+    }
+}
+
+impl RingFullHandler for RingSet {
+    fn ring_full(&self, vcpu: u32) -> Result<(), TrackError> {
+        let mut got = Vec::new();
+        if let Some(r) = self.rings.get(vcpu as usize) {
+            r.lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .collect(&mut got);
+        }
+        {
+            let mut p = self.pending.lock().unwrap_or_else(|e| e.into_inner());
+            p.resize(self.rings.len(), Vec::new());
+            p[vcpu as usize].extend(got);
+        }
+        self.reset()
+    }
+}
+
+/// The `kvm-ring` backend.
+pub struct KvmRingTracker {
+    vcpus: u32,
+    ring_bytes: usize,
+    set: Option<Arc<RingSet>>,
+    maps: Vec<(usize, usize)>,
+}
+
+impl KvmRingTracker {
+    /// A tracker for `vcpus` vCPUs, not set up.
+    pub fn new(vcpus: u32) -> KvmRingTracker {
+        KvmRingTracker {
+            vcpus,
+            ring_bytes: RING_ENTRIES as usize * std::mem::size_of::<kvm_dirty_gfn>(),
+            set: None,
+            maps: Vec::new(),
+        }
+    }
+}
+
+impl DirtyTracker for KvmRingTracker {
+    fn kind(&self) -> TrackerKind {
+        TrackerKind::KvmRing
+    }
+
+    fn before_vcpus(&mut self, vm: &VmFd) -> Result<(), TrackError> {
+        let mut last = None;
+        for cap in [KVM_CAP_DIRTY_LOG_RING_ACQ_REL, KVM_CAP_DIRTY_LOG_RING] {
+            let mut c = kvm_enable_cap {
+                cap,
+                ..Default::default()
+            };
+            c.args[0] = self.ring_bytes as u64;
+            match vm.enable_cap(&c) {
+                Ok(()) => return Ok(()),
+                Err(e) => last = Some(e),
+            }
+        }
+        Err(TrackError::Unsupported(format!(
+            "this host's KVM has no dirty ring: {}",
+            last.map_or("unknown".into(), |e| e.to_string())
+        )))
+    }
+
+    fn after_vcpus(&mut self, vm: &VmFd, vcpus: &[VcpuFd]) -> Result<(), TrackError> {
+        // SAFETY: sysconf has no preconditions.
+        let page = unsafe { libc::sysconf(libc::_SC_PAGESIZE) } as i64;
+        let mut rings = Vec::new();
+        for (i, fd) in vcpus.iter().enumerate() {
+            // SAFETY: maps the vCPU's dirty ring at the offset KVM defines;
+            // the result is checked; the mapping is unmapped in Drop.
+            let p = unsafe {
+                libc::mmap(
+                    std::ptr::null_mut(),
+                    self.ring_bytes,
+                    libc::PROT_READ | libc::PROT_WRITE,
+                    libc::MAP_SHARED,
+                    fd.as_raw_fd(),
+                    KVM_DIRTY_LOG_PAGE_OFFSET as i64 * page,
+                )
+            };
+            if p == libc::MAP_FAILED {
+                return Err(TrackError::RingMap(
+                    i as u32,
+                    std::io::Error::last_os_error(),
+                ));
+            }
+            self.maps.push((p as usize, self.ring_bytes));
+            rings.push(Mutex::new(Ring {
+                base: p as *mut kvm_dirty_gfn,
+                next: 0,
+            }));
+        }
+        debug_assert_eq!(rings.len(), self.vcpus as usize);
+        self.set = Some(Arc::new(RingSet {
+            rings,
+            pending: Mutex::new(Vec::new()),
+            vm_fd: vm.as_raw_fd(),
+        }));
+        Ok(())
+    }
+
+    fn start(&mut self, ctx: &TrackCtx) -> Result<(), TrackError> {
+        super::kvm_bitmap::set_slot_flags(ctx, KVM_MEM_LOG_DIRTY_PAGES)
+    }
+
+    fn harvest(&mut self, _ctx: &TrackCtx) -> Result<Harvest, TrackError> {
+        let set = self
+            .set
+            .as_ref()
+            .ok_or_else(|| TrackError::Unsupported("dirty rings were not mapped".into()))?;
+        let per_vcpu = set.harvest()?;
+        let mut pages: Vec<u64> = per_vcpu.iter().flatten().copied().collect();
+        pages.sort_unstable();
+        pages.dedup();
+        let by_vcpu = per_vcpu
+            .into_iter()
+            .map(|mut v| {
+                v.sort_unstable();
+                v.dedup();
+                v
+            })
+            .collect();
+        Ok(Harvest {
+            pages,
+            by_vcpu: Some(by_vcpu),
+            scanned_bytes: 0,
+        })
+    }
+
+    fn stop(&mut self, ctx: &TrackCtx) -> Result<(), TrackError> {
+        super::kvm_bitmap::set_slot_flags(ctx, 0)
+    }
+
+    fn memory_bytes(&self) -> u64 {
+        (self.ring_bytes * self.vcpus as usize) as u64
+    }
+
+    fn ring_full_handler(&self) -> Option<Arc<dyn RingFullHandler>> {
+        self.set.clone().map(|s| s as Arc<dyn RingFullHandler>)
+    }
+}
+
+impl Drop for KvmRingTracker {
+    fn drop(&mut self) {
+        for (addr, len) in self.maps.drain(..) {
+            // SAFETY: unmapping a ring mapped in `after_vcpus`; no vCPU
+            // thread uses it any more (the runner joins them first).
+            unsafe { libc::munmap(addr as *mut libc::c_void, len) };
+        }
+    }
+}
