@@ -175,7 +175,7 @@ impl GuestRam {
             boot_regions: vec![region],
             size,
             config,
-            host_dirty: HostDirtyLog::new(size / PAGE_SIZE),
+            host_dirty: HostDirtyLog::new(),
         })
     }
 

@@ -41,6 +41,9 @@ pub enum BenchCommand {
     /// Populate guest memory through the page-tracking layer and through
     /// plain memory, side by side; table memory and walk costs.
     Faults(bench::faults::FaultBenchArgs),
+    /// Compare every dirty-tracking backend against no tracking, guest- and
+    /// host-driven, side by side.
+    Dirty(bench::dirty::DirtyBenchArgs),
 }
 
 fn parse_mem(s: &str) -> Result<u64, String> {
@@ -201,5 +204,6 @@ pub fn main(args: impl IntoIterator<Item = OsString>) -> i32 {
         CliCommand::Run(args) => cmd_run(&args),
         CliCommand::Bench(BenchCommand::Boot(args)) => bench::boot::main(&args),
         CliCommand::Bench(BenchCommand::Faults(args)) => bench::faults::main(&args),
+        CliCommand::Bench(BenchCommand::Dirty(args)) => bench::dirty::main(&args),
     }
 }

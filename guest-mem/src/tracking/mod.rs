@@ -12,7 +12,8 @@ use crate::entry::{Entry, Flag, PAGE_SIZE};
 use crate::ram::GuestRam;
 use crate::table::{WalkAction, Walker};
 use crate::uffd::UffdError;
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Mutex;
 
 /// Tracking errors.
 #[derive(Debug, thiserror::Error)]
@@ -45,21 +46,20 @@ pub enum TrackError {
     Proc(std::io::Error),
 }
 
-/// One bit per guest page for the writes the VMM makes itself (device
-/// emulation, host-side writes), which KVM's dirty log never sees.
-#[derive(Debug)]
+/// The guest pages the VMM itself wrote (device emulation, host-side
+/// writes), which KVM's dirty log never sees. VMM writes are rare next to
+/// guest writes, so the log is a list of page numbers (deduplicated when
+/// taken), not a bitmap over all of RAM: it costs what the VMM wrote.
+#[derive(Debug, Default)]
 pub struct HostDirtyLog {
     enabled: AtomicBool,
-    bits: Vec<AtomicU64>,
+    pages: Mutex<Vec<u64>>,
 }
 
 impl HostDirtyLog {
-    /// A log for `pages` guest pages, off.
-    pub fn new(pages: u64) -> HostDirtyLog {
-        HostDirtyLog {
-            enabled: AtomicBool::new(false),
-            bits: (0..pages.div_ceil(64)).map(|_| AtomicU64::new(0)).collect(),
-        }
+    /// An empty log, off.
+    pub fn new() -> HostDirtyLog {
+        HostDirtyLog::default()
     }
 
     /// Turns logging on or off.
@@ -72,30 +72,29 @@ impl HostDirtyLog {
         if !self.enabled.load(Ordering::Acquire) || len == 0 {
             return;
         }
+        let mut pages = self.pages.lock().unwrap_or_else(|e| e.into_inner());
         for page in gpa / PAGE_SIZE..=(gpa + len - 1) / PAGE_SIZE {
-            if let Some(w) = self.bits.get((page / 64) as usize) {
-                w.fetch_or(1 << (page % 64), Ordering::AcqRel);
+            if pages.last() != Some(&page) {
+                pages.push(page);
             }
         }
     }
 
-    /// Takes (and clears) the logged page numbers.
+    /// Takes (and clears) the logged page numbers, sorted and unique.
     pub fn take(&self) -> Vec<u64> {
-        let mut out = Vec::new();
-        for (i, w) in self.bits.iter().enumerate() {
-            let mut v = w.swap(0, Ordering::AcqRel);
-            while v != 0 {
-                let b = v.trailing_zeros() as u64;
-                out.push(i as u64 * 64 + b);
-                v &= v - 1;
-            }
-        }
+        let mut out = std::mem::take(&mut *self.pages.lock().unwrap_or_else(|e| e.into_inner()));
+        out.sort_unstable();
+        out.dedup();
         out
     }
 
-    /// Bytes the log occupies.
+    /// Bytes the log occupies now.
     pub fn bytes(&self) -> u64 {
-        self.bits.len() as u64 * 8
+        self.pages
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .capacity() as u64
+            * 8
     }
 }
 

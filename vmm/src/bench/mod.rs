@@ -1,6 +1,7 @@
 //! `vmm bench ...`: benchmarks that report side-by-side numbers.
 
 pub mod boot;
+pub mod dirty;
 pub mod faults;
 
 use crate::report::{EXIT_ERROR, EXIT_OK};

@@ -147,7 +147,7 @@ impl DirtyTracker for KvmBitmapTracker {
     }
 
     fn memory_bytes(&self) -> u64 {
-        // KVM's bitmap and our copy of it during a harvest.
-        2 * self.pages.div_ceil(8)
+        // KVM's bitmap: one bit per page (a harvest briefly holds a copy).
+        self.pages.div_ceil(8)
     }
 }

@@ -184,6 +184,8 @@ pub struct RoundStats {
     pub vmm_pages: u64,
     /// Microseconds the harvest took.
     pub harvest_us: u64,
+    /// Bytes of address space the harvest scanned (PAGEMAP_SCAN, soft-dirty).
+    pub scanned_bytes: u64,
     /// Pages reported that the round's known writes do not explain (set by
     /// the caller that knows the writes).
     pub false_positives: Option<u64>,
@@ -202,14 +204,20 @@ pub struct TrackingReport {
     pub pages_per_round: Vec<u64>,
     /// Harvest µs per round.
     pub harvest_us: Vec<u64>,
+    /// Bytes scanned per round (scanning backends).
+    pub scanned_bytes: Vec<u64>,
     /// False positives per round (in the work area), where known.
     pub false_positives: Vec<Option<u64>>,
     /// Known writes missed, all rounds together (0, or the tracker is broken).
     pub missed_pages: u64,
-    /// Bytes the tracker uses.
+    /// Bytes the tracker keeps: the backend's own (KVM's bitmap, the rings)
+    /// plus the log of VMM writes.
     pub memory_bytes: u64,
     /// Pages ever dirtied (the accumulated dirty set).
     pub dirty_set_pages: u64,
+    /// Bytes of the accumulated dirty set (one bit per guest page), which
+    /// snapshots consume.
+    pub dirty_set_bytes: u64,
 }
 
 /// A running tracker with its accumulated dirty set and statistics.
@@ -217,6 +225,7 @@ pub struct Tracking {
     tracker: Box<dyn DirtyTracker>,
     dirty_set: Vec<u64>,
     rounds: Vec<RoundStats>,
+    host_log_bytes: u64,
 }
 
 /// The result of one round.
@@ -235,6 +244,7 @@ impl Tracking {
             tracker,
             dirty_set: vec![0; ram_pages.div_ceil(64) as usize],
             rounds: Vec::new(),
+            host_log_bytes: 0,
         }
     }
 
@@ -254,6 +264,7 @@ impl Tracking {
     pub fn round(&mut self, ctx: &TrackCtx) -> Result<Round, TrackError> {
         let start = Instant::now();
         let h = self.tracker.harvest(ctx)?;
+        self.host_log_bytes = self.host_log_bytes.max(ctx.ram.host_dirty().bytes());
         let vmm = ctx.ram.host_dirty().take();
         let harvest_us = start.elapsed().as_micros() as u64;
         let mut pages = h.pages;
@@ -270,6 +281,7 @@ impl Tracking {
             pages: pages.len() as u64,
             vmm_pages: vmm.len() as u64,
             harvest_us,
+            scanned_bytes: h.scanned_bytes,
             false_positives: None,
             missed: None,
         });
@@ -305,10 +317,12 @@ impl Tracking {
             rounds: self.rounds.len() as u64,
             pages_per_round: self.rounds.iter().map(|r| r.pages).collect(),
             harvest_us: self.rounds.iter().map(|r| r.harvest_us).collect(),
+            scanned_bytes: self.rounds.iter().map(|r| r.scanned_bytes).collect(),
             false_positives: self.rounds.iter().map(|r| r.false_positives).collect(),
             missed_pages: self.rounds.iter().filter_map(|r| r.missed).sum(),
-            memory_bytes: self.tracker.memory_bytes() + self.dirty_set.len() as u64 * 8,
+            memory_bytes: self.tracker.memory_bytes() + self.host_log_bytes,
             dirty_set_pages: self.dirty_set.iter().map(|w| w.count_ones() as u64).sum(),
+            dirty_set_bytes: self.dirty_set.len() as u64 * 8,
         }
     }
 }
