@@ -43,8 +43,11 @@ pub enum RamError {
     /// vm-memory refused the region.
     #[error("cannot describe guest memory to vm-memory: {0}")]
     Describe(String),
+    /// Releasing pages failed.
+    #[error("cannot discard guest pages: {0}")]
+    Discard(std::io::Error),
     /// An access fell outside guest RAM.
-    #[error("guest-physical range {addr:#x}+{len:#x} is outside guest RAM")]
+    #[error("guest-physical range {addr:#x}+{len:#x} is outside guest RAM (or not page-aligned)")]
     OutOfRange {
         /// First guest-physical address.
         addr: u64,

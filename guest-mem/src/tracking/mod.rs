@@ -275,6 +275,62 @@ impl GuestRam {
         Ok((out, scanned))
     }
 
+    /// Discards guest pages `[gpa, gpa + len)` the way a balloon does: their
+    /// frames go back to the host and the next touch gets a zeroed page.
+    ///
+    /// Rule 15: the pages' dirty state is taken before they are released —
+    /// while tracking, the discarded range goes into the VMM-write log (its
+    /// content changes to zeros, and a write made just before the discard
+    /// must not vanish with the page table entries that recorded it, as it
+    /// would for `uffd-async`, whose "written" state lives in the PTEs).
+    /// The region lock keeps the fault engine from repopulating the range
+    /// half way.
+    pub fn discard(&self, gpa: u64, len: u64) -> Result<(), crate::ram::RamError> {
+        use crate::ram::RamError;
+        if len == 0 {
+            return Ok(());
+        }
+        if !gpa.is_multiple_of(PAGE_SIZE) || !len.is_multiple_of(PAGE_SIZE) {
+            return Err(RamError::OutOfRange { addr: gpa, len });
+        }
+        let end = gpa
+            .checked_add(len)
+            .ok_or(RamError::OutOfRange { addr: gpa, len })?;
+        let region = self
+            .regions()
+            .into_iter()
+            .find(|r| r.contains_gpa(gpa) && end <= r.gpa + r.size)
+            .ok_or(RamError::OutOfRange { addr: gpa, len })?;
+        let _g = region.lock.lock().unwrap_or_else(|e| e.into_inner());
+        self.host_dirty.mark(gpa, len);
+        let host = region.host_of(gpa);
+        // SAFETY: the range lies inside the region's live mapping; dropping
+        // its pages only makes the next access read zeros (anon) or a hole
+        // (memfd), which is what a discard means.
+        let rc = unsafe {
+            match region.mapping.memfd() {
+                Some(f) => libc::fallocate(
+                    std::os::fd::AsRawFd::as_raw_fd(f),
+                    libc::FALLOC_FL_PUNCH_HOLE | libc::FALLOC_FL_KEEP_SIZE,
+                    (gpa - region.gpa) as libc::off_t,
+                    len as libc::off_t,
+                ),
+                None => libc::madvise(host as *mut libc::c_void, len as usize, libc::MADV_DONTNEED),
+            }
+        };
+        if rc != 0 {
+            return Err(RamError::Discard(std::io::Error::last_os_error()));
+        }
+        let mut c = Collect(Vec::new(), |e: Entry| {
+            !e.is_empty() && e.marker_kind().is_none()
+        });
+        self.core.table.walk_range(gpa, end, &mut c);
+        for p in c.0 {
+            self.core.table.clear(p);
+        }
+        Ok(())
+    }
+
     /// Records a harvested round in the table: every present page gets its
     /// dirty bit (the table's record of "written since the baseline").
     pub fn mark_dirty(&self, pages: &[u64]) {

@@ -150,4 +150,8 @@ impl DirtyTracker for KvmBitmapTracker {
         // KVM's bitmap: one bit per page (a harvest briefly holds a copy).
         self.pages.div_ceil(8)
     }
+
+    fn granularity(&self) -> &'static str {
+        "4 KiB: while dirty logging is on, KVM maps the slot with 4 KiB pages (huge pages are split)"
+    }
 }

@@ -229,6 +229,10 @@ impl DirtyTracker for KvmRingTracker {
         (self.ring_bytes * self.vcpus as usize) as u64
     }
 
+    fn granularity(&self) -> &'static str {
+        "4 KiB: while dirty logging is on, KVM maps the slot with 4 KiB pages (huge pages are split)"
+    }
+
     fn ring_full_handler(&self) -> Option<Arc<dyn RingFullHandler>> {
         self.set.clone().map(|s| s as Arc<dyn RingFullHandler>)
     }

@@ -135,6 +135,10 @@ pub trait DirtyTracker: Send {
     /// Bytes the backend itself uses (bitmaps, rings).
     fn memory_bytes(&self) -> u64;
 
+    /// The granularity of what the backend reports, and how transparent
+    /// huge pages are dealt with (split, or tracked whole).
+    fn granularity(&self) -> &'static str;
+
     /// The handler a vCPU thread calls on `KVM_EXIT_DIRTY_RING_FULL`.
     fn ring_full_handler(&self) -> Option<std::sync::Arc<dyn RingFullHandler>> {
         None
@@ -215,6 +219,8 @@ pub struct TrackingReport {
     pub memory_bytes: u64,
     /// Pages ever dirtied (the accumulated dirty set).
     pub dirty_set_pages: u64,
+    /// Reporting granularity and how huge pages are handled.
+    pub granularity: String,
     /// Bytes of the accumulated dirty set (one bit per guest page), which
     /// snapshots consume.
     pub dirty_set_bytes: u64,
@@ -323,6 +329,7 @@ impl Tracking {
             memory_bytes: self.tracker.memory_bytes() + self.host_log_bytes,
             dirty_set_pages: self.dirty_set.iter().map(|w| w.count_ones() as u64).sum(),
             dirty_set_bytes: self.dirty_set.len() as u64 * 8,
+            granularity: self.tracker.granularity().to_string(),
         }
     }
 }

@@ -51,4 +51,8 @@ impl DirtyTracker for SoftDirtyTracker {
     fn memory_bytes(&self) -> u64 {
         0
     }
+
+    fn granularity(&self) -> &'static str {
+        "4 KiB; a transparent huge page that stays whole has one soft-dirty bit, reported for all its 4 KiB pages"
+    }
 }

@@ -33,6 +33,10 @@ impl DirtyTracker for UffdWpTracker {
         // The state lives in the table's entries (the U bit).
         0
     }
+
+    fn granularity(&self) -> &'static str {
+        "4 KiB: the fault engine installs 4 KiB pages, and write-protecting splits any huge page"
+    }
 }
 
 /// `uffd-async`: `WP_ASYNC` (the kernel resolves write faults itself) and
@@ -74,5 +78,9 @@ impl DirtyTracker for UffdAsyncTracker {
     fn memory_bytes(&self) -> u64 {
         // PAGEMAP_SCAN's result vector.
         512 * 24
+    }
+
+    fn granularity(&self) -> &'static str {
+        "4 KiB: the fault engine installs 4 KiB pages, and write-protecting splits any huge page"
     }
 }
