@@ -19,7 +19,7 @@ use clap::Args;
 use guest_mem::tracking::pagemap::Pagemap;
 use guest_mem::{BackingKind, GuestRam, RamConfig};
 use guest_protocol::Workload;
-use indicatif::{ProgressBar, ProgressStyle};
+use indicatif::{ProgressBar, ProgressDrawTarget, ProgressStyle};
 use serde::Serialize;
 use std::io::IsTerminal;
 use std::path::PathBuf;
@@ -312,35 +312,56 @@ fn big_harvest(args: &DirtyBenchArgs) -> Result<BigHarvest, String> {
     })
 }
 
-fn progress(steps: u64) -> ProgressBar {
-    if !std::io::stderr().is_terminal() {
-        return ProgressBar::hidden();
+/// A progress bar that stays hidden until the run has taken a second, and
+/// only ever shows on a terminal.
+struct Progress {
+    bar: ProgressBar,
+    start: Instant,
+    shown: bool,
+}
+
+impl Progress {
+    fn new(steps: u64) -> Progress {
+        let bar = ProgressBar::with_draw_target(Some(steps), ProgressDrawTarget::hidden());
+        if let Ok(style) =
+            ProgressStyle::with_template("{spinner} [{elapsed_precise}] {bar:30} {pos}/{len} {msg}")
+        {
+            bar.set_style(style);
+        }
+        Progress {
+            bar,
+            start: Instant::now(),
+            shown: false,
+        }
     }
-    let pb = ProgressBar::new(steps);
-    if let Ok(style) =
-        ProgressStyle::with_template("{spinner} [{elapsed_precise}] {bar:30} {pos}/{len} {msg}")
-    {
-        pb.set_style(style);
+
+    fn step(&mut self, msg: String) {
+        if !self.shown
+            && self.start.elapsed() > Duration::from_secs(1)
+            && std::io::stderr().is_terminal()
+        {
+            self.bar.set_draw_target(ProgressDrawTarget::stderr());
+            self.bar.enable_steady_tick(Duration::from_millis(200));
+            self.shown = true;
+        }
+        self.bar.set_message(msg);
     }
-    // Only runs longer than a second show a bar.
-    pb.enable_steady_tick(Duration::from_millis(200));
-    pb
 }
 
 fn measure(args: &DirtyBenchArgs) -> DirtyBench {
     let kinds: Vec<Option<TrackerKind>> = std::iter::once(None)
         .chain(TrackerKind::ALL.map(Some))
         .collect();
-    let pb = progress(kinds.len() as u64 * 2 + 1);
+    let mut pb = Progress::new(kinds.len() as u64 * 2 + 1);
     let mut rows = Vec::new();
     for k in &kinds {
-        pb.set_message(format!("guest, {}", k.map_or("none", TrackerKind::name)));
+        pb.step(format!("guest, {}", k.map_or("none", TrackerKind::name)));
         rows.push(guest_row(args, *k));
-        pb.inc(1);
+        pb.bar.inc(1);
     }
     let mut baseline = None;
     for k in &kinds {
-        pb.set_message(format!("host, {}", k.map_or("none", TrackerKind::name)));
+        pb.step(format!("host, {}", k.map_or("none", TrackerKind::name)));
         let row = match k {
             Some(TrackerKind::KvmBitmap | TrackerKind::KvmRing) => unavailable(
                 "host",
@@ -356,7 +377,7 @@ fn measure(args: &DirtyBenchArgs) -> DirtyBench {
             }
         };
         rows.push(row);
-        pb.inc(1);
+        pb.bar.inc(1);
     }
     for driver in ["guest", "host"] {
         let none = rows
@@ -374,12 +395,12 @@ fn measure(args: &DirtyBenchArgs) -> DirtyBench {
             };
         }
     }
-    pb.set_message("kvm-bitmap, large guest");
+    pb.step("kvm-bitmap, large guest".into());
     let big = (args.big_mem > 0).then(|| big_harvest(args)).and_then(|r| {
         r.map_err(|e| log::warn!("large-guest harvest skipped: {e}"))
             .ok()
     });
-    pb.finish_and_clear();
+    pb.bar.finish_and_clear();
     DirtyBench {
         rows,
         big_kvm_bitmap: big,
