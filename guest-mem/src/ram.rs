@@ -283,6 +283,48 @@ impl GuestRam {
         c.0
     }
 
+    /// Guest page numbers that may hold non-zero data, in order: present,
+    /// non-zero-page table entries for the fault engine's backings,
+    /// resident pages for `plain` memory.
+    pub fn populated_pages(&self) -> Vec<u64> {
+        if !self.config.backing.uses_fault_engine() {
+            let mut out = Vec::new();
+            for r in &self.boot_regions {
+                let pages = (r.size / PAGE_SIZE) as usize;
+                let mut vec = vec![0u8; pages];
+                // SAFETY: the mapping is live and `vec` has one byte per page.
+                let rc = unsafe {
+                    libc::mincore(
+                        r.mapping.addr() as *mut libc::c_void,
+                        r.size as usize,
+                        vec.as_mut_ptr(),
+                    )
+                };
+                if rc == 0 {
+                    out.extend(
+                        vec.iter()
+                            .enumerate()
+                            .filter(|(_, b)| *b & 1 != 0)
+                            .map(|(i, _)| r.gpa / PAGE_SIZE + i as u64),
+                    );
+                }
+            }
+            return out;
+        }
+        struct Pages(Vec<u64>);
+        impl Walker for Pages {
+            fn leaf(&mut self, gpa: u64, e: Entry) -> WalkAction {
+                if e.is_present() && !e.is_zero_page() {
+                    self.0.push(gpa / PAGE_SIZE);
+                }
+                WalkAction::Continue
+            }
+        }
+        let mut p = Pages(Vec::new());
+        self.core.table.walk_range(0, u64::MAX, &mut p);
+        p.0
+    }
+
     /// Statistics for reports.
     pub fn stats(&self) -> MemoryStats {
         let populated_pages = if self.config.backing.uses_fault_engine() {

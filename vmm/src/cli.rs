@@ -3,9 +3,12 @@
 use crate::bench;
 use crate::config::{KernelSource, VmConfig};
 use crate::dirty::TrackerKind;
+use crate::report::RunReport;
 use crate::report::{error_json, EXIT_ERROR, EXIT_USAGE};
-use crate::runner::{run, RunHooks, SerialSink};
+use crate::runner::{run, RunError, RunHooks, SerialSink, VmHandle};
 use crate::size::parse_size;
+use crate::snapshot::restore::{restore, RestoreMode, RestoreOptions, RestoreReport};
+use crate::snapshot::writer::{take_snapshot, SnapshotMode};
 use clap::{Args, Parser, Subcommand};
 use guest_mem::{BackingKind, RamConfig};
 use guest_protocol::Workload;
@@ -27,9 +30,55 @@ pub struct Cli {
 pub enum CliCommand {
     /// Boot a micro-guest and run a memory workload on it.
     Run(RunArgs),
+    /// Boot a VM from a snapshot directory and run the guest on.
+    Restore(RestoreArgs),
+    /// Print a snapshot's metadata, verify its checksums and run the
+    /// consistency oracle on its memory image.
+    Inspect(InspectArgs),
     /// Benchmarks.
     #[command(subcommand)]
     Bench(BenchCommand),
+}
+
+fn parse_snapshot_mode(s: &str) -> Result<SnapshotMode, String> {
+    match s {
+        "paused" => Ok(SnapshotMode::Paused),
+        _ => Err(format!("unknown snapshot mode {s:?}; available: paused")),
+    }
+}
+
+fn parse_restore_mode(s: &str) -> Result<RestoreMode, String> {
+    match s {
+        "eager" => Ok(RestoreMode::Eager),
+        _ => Err(format!("unknown restore mode {s:?}; available: eager")),
+    }
+}
+
+/// `vmm restore` flags.
+#[derive(Args, Debug, Clone)]
+pub struct RestoreArgs {
+    /// The snapshot directory.
+    pub dir: PathBuf,
+    /// How memory comes back: eager (read everything and check every
+    /// checksum before the guest runs).
+    #[arg(long, default_value = "eager", value_parser = parse_restore_mode)]
+    pub mode: RestoreMode,
+    /// Have the guest run its consistency check at its next poll point.
+    #[arg(long)]
+    pub verify: bool,
+    /// Print exactly one JSON object on stdout; serial output goes to stderr.
+    #[arg(long)]
+    pub json: bool,
+}
+
+/// `vmm inspect` flags.
+#[derive(Args, Debug, Clone)]
+pub struct InspectArgs {
+    /// The snapshot directory.
+    pub dir: PathBuf,
+    /// Print exactly one JSON object on stdout.
+    #[arg(long)]
+    pub json: bool,
 }
 
 /// `vmm bench ...`.
@@ -123,6 +172,16 @@ pub struct RunArgs {
     /// kvm-ring, uffd-wp, uffd-async or soft-dirty.
     #[arg(long, value_parser = parse_tracker)]
     pub track: Option<TrackerKind>,
+    /// Take a snapshot into this directory (which must not exist) once the
+    /// guest has made --snapshot-after-pages page stores.
+    #[arg(long, requires = "snapshot_after_pages")]
+    pub snapshot: Option<PathBuf>,
+    /// Page stores (all vCPUs) after which the snapshot is taken.
+    #[arg(long, requires = "snapshot")]
+    pub snapshot_after_pages: Option<u64>,
+    /// How the snapshot is taken: paused (stop-the-world).
+    #[arg(long, default_value = "paused", value_parser = parse_snapshot_mode)]
+    pub snapshot_mode: SnapshotMode,
     /// Print exactly one JSON object on stdout; serial output goes to stderr.
     #[arg(long)]
     pub json: bool,
@@ -165,29 +224,87 @@ pub fn cmd_run(args: &RunArgs) -> i32 {
     } else {
         SerialSink::Stdout
     };
-    match run(&args.to_config(), RunHooks::default(), sink) {
-        Ok(report) => {
-            if args.json {
-                match serde_json::to_string(&report) {
-                    Ok(s) => println!("{s}"),
+    let mut hooks = RunHooks::default();
+    if let (Some(dir), Some(after)) = (args.snapshot.clone(), args.snapshot_after_pages) {
+        let mode = args.snapshot_mode;
+        hooks = hooks.after_pages(
+            after,
+            Box::new(move |vm: &mut VmHandle| {
+                let desc = vm.machine().clone();
+                match take_snapshot(vm, &dir, mode, desc) {
+                    Ok(r) => vm.snapshots.push(r),
+                    // The guest runs on unaffected; the run reports the failure.
+                    Err(e) => vm.snapshot_errors.push(e.to_string()),
+                }
+                Ok(())
+            }),
+        );
+    }
+    finish(
+        run(&args.to_config(), hooks, sink).map(|r| (r, None)),
+        args.json,
+    )
+}
+
+/// Prints a run's report (with an extra `restore` object) or its error and
+/// returns the exit code.
+fn finish(result: Result<(RunReport, Option<RestoreReport>), RunError>, json: bool) -> i32 {
+    match result {
+        Ok((report, restore)) => {
+            if json {
+                let mut v = match serde_json::to_value(&report) {
+                    Ok(v) => v,
                     Err(e) => {
                         eprintln!("vmm: cannot encode the report: {e}");
                         return EXIT_ERROR;
                     }
+                };
+                if let (Some(r), Some(obj)) = (&restore, v.as_object_mut()) {
+                    obj.insert(
+                        "restore".into(),
+                        serde_json::to_value(r).unwrap_or_default(),
+                    );
                 }
+                println!("{v}");
             } else {
+                if let Some(r) = &restore {
+                    println!(
+                        "vmm: restored snapshot {} ({} mode): {} pages loaded in {:.2} ms",
+                        r.snapshot_id,
+                        r.mode,
+                        r.pages_loaded,
+                        r.load_us as f64 / 1000.0
+                    );
+                }
                 print!("{}", report.human_summary());
             }
             report.exit_code()
         }
         Err(e) => {
-            if args.json {
+            if json {
                 println!("{}", error_json(e.kind(), &e.to_string()));
             }
             eprintln!("vmm: error: {e}");
             e.exit_code()
         }
     }
+}
+
+/// Runs `vmm restore` and returns the exit code.
+pub fn cmd_restore(args: &RestoreArgs) -> i32 {
+    let sink = if args.json {
+        SerialSink::Stderr
+    } else {
+        SerialSink::Stdout
+    };
+    let opts = RestoreOptions {
+        mode: args.mode,
+        verify: args.verify,
+    };
+    finish(
+        restore(&args.dir, &opts, RunHooks::default(), sink).map(|(r, rr)| (r, Some(rr))),
+        args.json,
+    )
 }
 
 /// Parses `args` and runs the command; returns the process exit code.
@@ -202,6 +319,8 @@ pub fn main(args: impl IntoIterator<Item = OsString>) -> i32 {
     };
     match cli.command {
         CliCommand::Run(args) => cmd_run(&args),
+        CliCommand::Restore(args) => cmd_restore(&args),
+        CliCommand::Inspect(args) => crate::snapshot::inspect::main(&args.dir, args.json),
         CliCommand::Bench(BenchCommand::Boot(args)) => bench::boot::main(&args),
         CliCommand::Bench(BenchCommand::Faults(args)) => bench::faults::main(&args),
         CliCommand::Bench(BenchCommand::Dirty(args)) => bench::dirty::main(&args),

@@ -21,4 +21,5 @@ pub mod report;
 pub mod runner;
 pub mod signals;
 pub mod size;
+pub mod snapshot;
 pub mod vstate;

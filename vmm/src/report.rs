@@ -31,6 +31,8 @@ pub enum RunStatus {
     HookFailed,
     /// The dirty tracker missed pages the guest wrote.
     TrackingMissedWrites,
+    /// A snapshot could not be written (the guest ran on).
+    SnapshotFailed,
 }
 
 impl RunStatus {
@@ -200,6 +202,9 @@ pub struct RunReport {
     /// Dirty tracking (with `--track`).
     #[serde(skip_serializing_if = "Option::is_none")]
     pub tracking: Option<crate::dirty::TrackingReport>,
+    /// Snapshots taken during the run.
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub snapshots: Vec<crate::snapshot::writer::SnapshotReport>,
     /// Serial lines, when the caller asked to capture them.
     #[serde(skip)]
     pub serial: Vec<String>,

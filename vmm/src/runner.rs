@@ -11,7 +11,10 @@ use crate::oracle::verify_image;
 use crate::oracle::{pages_written_in_pass, work_area_pages};
 use crate::report::{RunReport, RunStatus, VcpuReport};
 use crate::signals::{install_kick_handler, kick_signal, TerminationSignals};
-use crate::vstate::boot::{setup_vcpu, write_boot_structures, BootError};
+use crate::snapshot::state::{fnv1a_hex, MachineDesc, RegionDesc};
+use crate::snapshot::writer::SnapshotReport;
+use crate::vstate::boot::{cpuid_for, setup_vcpu, write_boot_structures, BootError};
+use crate::vstate::capture::CaptureSlots;
 use crate::vstate::control::{PauseTimeout, VcpuControl};
 use crate::vstate::vcpu::{MsgSender, VcpuMsg, VcpuOutcome, VcpuRunner};
 use crate::vstate::vm::{create_vm, open_kvm, VmError};
@@ -21,7 +24,8 @@ use guest_protocol::boot_info::BOOT_INFO_VERSION;
 use guest_protocol::control::Event;
 use guest_protocol::layout::{state_gpa, BOOT_INFO_GPA};
 use guest_protocol::{BootInfo, Command, CommandOp, VcpuState};
-use kvm_ioctls::VmFd;
+use kvm_bindings::kvm_cpuid_entry2;
+use kvm_ioctls::{VcpuFd, VmFd};
 use std::os::fd::AsRawFd;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::mpsc::{self, Receiver};
@@ -63,6 +67,9 @@ pub enum RunError {
     /// Dirty tracking could not be set up.
     #[error(transparent)]
     Track(#[from] TrackError),
+    /// A snapshot could not be read or restored.
+    #[error(transparent)]
+    Snapshot(#[from] crate::snapshot::SnapshotError),
     /// A thread, eventfd, signal or event-loop resource failed.
     #[error("VMM runtime error: {0}")]
     Runtime(String),
@@ -82,6 +89,10 @@ impl RunError {
             RunError::Ram(_) => "memory_setup_failed",
             RunError::Track(TrackError::Combination(_)) => "unsupported_combination",
             RunError::Track(_) => "tracking_unavailable",
+            RunError::Snapshot(crate::snapshot::SnapshotError::Incompatible(_)) => {
+                "incompatible_snapshot"
+            }
+            RunError::Snapshot(_) => "bad_snapshot",
             RunError::Runtime(_) => "runtime_error",
         }
     }
@@ -209,10 +220,17 @@ impl RunHooks {
 /// The supervisor's grip on a running VM, handed to hooks.
 pub struct VmHandle {
     ram: Arc<GuestRam>,
+    vm: Arc<VmFd>,
     control: Arc<VcpuControl>,
+    capture: Arc<CaptureSlots>,
     threads: Vec<JoinHandle<()>>,
     exited: Arc<Vec<AtomicBool>>,
     command_seq: Vec<u32>,
+    machine: MachineDesc,
+    /// Snapshots taken during the run.
+    pub snapshots: Vec<SnapshotReport>,
+    /// Snapshots that failed (the guest ran on).
+    pub snapshot_errors: Vec<String>,
 }
 
 impl VmHandle {
@@ -224,6 +242,32 @@ impl VmHandle {
     /// Number of vCPUs.
     pub fn vcpus(&self) -> u32 {
         self.command_seq.len() as u32
+    }
+
+    /// The VM.
+    pub fn vm_fd(&self) -> &VmFd {
+        &self.vm
+    }
+
+    /// The machine's description, as snapshots record it.
+    pub fn machine(&self) -> &MachineDesc {
+        &self.machine
+    }
+
+    /// The command sequence number each vCPU's slot reached.
+    pub fn command_seqs(&self) -> Vec<u32> {
+        self.command_seq.clone()
+    }
+
+    /// Pauses every vCPU, each saving its full state as it parks, and
+    /// returns the states in vCPU order. The vCPUs stay paused.
+    pub fn pause_and_capture(&self) -> Result<Vec<crate::snapshot::state::SavedVcpu>, String> {
+        if self.exited.iter().any(|e| e.load(Ordering::Acquire)) {
+            return Err("a vCPU has finished its workload".into());
+        }
+        let epoch = self.capture.request();
+        self.pause().map_err(|e| e.to_string())?;
+        self.capture.take(epoch)
     }
 
     fn kick_all(&self) {
@@ -297,16 +341,65 @@ impl VmHandle {
     }
 }
 
+/// A VM whose RAM, vCPUs and tracker are set up, ready for its threads.
+pub struct Machine {
+    /// Guest RAM.
+    pub ram: Arc<GuestRam>,
+    /// The VM.
+    pub vm: Arc<VmFd>,
+    /// vCPU fds in index order.
+    pub vcpus: Vec<VcpuFd>,
+    /// When `KVM_CREATE_VM` was issued.
+    pub created: Instant,
+    /// The running tracker, if any.
+    pub tracking: Option<Tracking>,
+    /// The command sequence numbers to continue from (0 after a fresh boot).
+    pub command_seq: Vec<u32>,
+    /// The CPUID the vCPUs were given.
+    pub cpuid: Vec<kvm_cpuid_entry2>,
+    /// What snapshots record about the machine.
+    pub machine: MachineDesc,
+    /// The guest already runs this VMM's protocol (a restored guest never
+    /// announces itself again).
+    pub restored: bool,
+}
+
+/// Per-process set-up every run needs: the vCPU kick handler and the
+/// signalfd for Ctrl-C.
+pub fn prepare_process() -> Result<TerminationSignals, RunError> {
+    install_kick_handler()
+        .map_err(|e| RunError::Runtime(format!("cannot install the vCPU kick handler: {e}")))?;
+    TerminationSignals::new().map_err(|e| RunError::Runtime(format!("signalfd: {e}")))
+}
+
+/// The machine description of a configuration.
+pub fn describe(config: &VmConfig, kernel_hash: String) -> MachineDesc {
+    MachineDesc {
+        vcpus: config.vcpus,
+        mem_bytes: config.mem_bytes,
+        regions: vec![RegionDesc {
+            gpa: 0,
+            size: config.mem_bytes,
+            shared: false,
+            read_only: false,
+        }],
+        backing: config.ram.backing.name().into(),
+        fault_around_pages: config.ram.fault_around_pages,
+        workload: config.workload.name().into(),
+        pages: config.pages,
+        passes: config.passes,
+        write_ratio: config.write_ratio,
+        round_per_pass: config.round_per_pass,
+        kernel_hash,
+    }
+}
+
 /// Boots `config`, runs it to its end and reports.
 pub fn run(config: &VmConfig, hooks: RunHooks, sink: SerialSink) -> Result<RunReport, RunError> {
     config.validate(host_ram_bytes())?;
     let image = KernelImage::from_source(&config.kernel)?;
     image.validate()?;
-    install_kick_handler()
-        .map_err(|e| RunError::Runtime(format!("cannot install the vCPU kick handler: {e}")))?;
-    let signals =
-        TerminationSignals::new().map_err(|e| RunError::Runtime(format!("signalfd: {e}")))?;
-
+    let signals = prepare_process()?;
     if let Some(kind) = config.track {
         check_combination(kind, config.ram.backing)?;
     }
@@ -324,30 +417,74 @@ pub fn run(config: &VmConfig, hooks: RunHooks, sink: SerialSink) -> Result<RunRe
     write_boot_structures(&ram, config)?;
 
     let mut fds = Vec::with_capacity(config.vcpus as usize);
+    let mut cpuid = Vec::new();
     for i in 0..config.vcpus {
         let fd = vm
             .create_vcpu(i as u64)
             .map_err(|e| RunError::CreateVcpu(i, e))?;
         setup_vcpu(&kvm, &fd, i, entry)?;
+        if i == 0 {
+            cpuid = cpuid_for(&kvm, 0)
+                .map(|c| c.as_slice().to_vec())
+                .map_err(|e| RunError::CreateVcpu(0, e))?;
+        }
         fds.push(fd);
     }
-    let mut ring_full = None;
     if let Some(t) = &mut tracking {
         t.tracker_mut().after_vcpus(&vm, &fds)?;
-        ring_full = t.tracker_mut().ring_full_handler();
         t.start(&TrackCtx { vm: &vm, ram: &ram })?;
     }
+    let machine = Machine {
+        ram,
+        vm,
+        vcpus: fds,
+        created,
+        tracking,
+        command_seq: vec![0; config.vcpus as usize],
+        cpuid,
+        machine: describe(config, fnv1a_hex(&image.bytes)),
+        restored: false,
+    };
+    supervise(config, machine, hooks, sink, signals, None)
+}
 
+/// Runs a prepared machine's vCPU threads under the supervisor's event loop
+/// until the guest ends, and reports. `initial` is a command sent to every
+/// vCPU once they run (e.g. `Verify` after a restore).
+pub fn supervise(
+    config: &VmConfig,
+    machine: Machine,
+    hooks: RunHooks,
+    sink: SerialSink,
+    signals: TerminationSignals,
+    initial: Option<CommandOp>,
+) -> Result<RunReport, RunError> {
+    let Machine {
+        ram,
+        vm,
+        vcpus: fds,
+        created,
+        tracking,
+        command_seq,
+        cpuid,
+        machine: desc,
+        restored,
+    } = machine;
+    let ring_full = tracking
+        .as_ref()
+        .and_then(|t| t.tracker().ring_full_handler());
     let wake = Arc::new(
         EventFd::new(EFD_NONBLOCK).map_err(|e| RunError::Runtime(format!("eventfd: {e}")))?,
     );
     let (tx, rx) = mpsc::channel();
     let sender = MsgSender::new(tx, wake.clone());
-    let control = Arc::new(VcpuControl::new(config.vcpus as usize));
+    let vcpu_count = fds.len();
+    let control = Arc::new(VcpuControl::new(vcpu_count));
+    let capture = Arc::new(CaptureSlots::new(vcpu_count));
     let first_io = Arc::new(OnceLock::new());
     let exited: Arc<Vec<AtomicBool>> =
-        Arc::new((0..config.vcpus).map(|_| AtomicBool::new(false)).collect());
-    let mut threads = Vec::with_capacity(fds.len());
+        Arc::new((0..vcpu_count).map(|_| AtomicBool::new(false)).collect());
+    let mut threads = Vec::with_capacity(vcpu_count);
     for (i, fd) in fds.into_iter().enumerate() {
         let runner = VcpuRunner::new(
             i as u32,
@@ -357,7 +494,8 @@ pub fn run(config: &VmConfig, hooks: RunHooks, sink: SerialSink) -> Result<RunRe
             first_io.clone(),
             ram.clone(),
         )
-        .with_ring_full_handler(ring_full.clone());
+        .with_ring_full_handler(ring_full.clone())
+        .with_capture(capture.clone(), cpuid.clone());
         let exited = exited.clone();
         let t = std::thread::Builder::new()
             .name(format!("vcpu{i}"))
@@ -381,20 +519,33 @@ pub fn run(config: &VmConfig, hooks: RunHooks, sink: SerialSink) -> Result<RunRe
     }
     drop(sender);
 
-    let handle = VmHandle {
+    let mut handle = VmHandle {
         ram: ram.clone(),
+        vm: vm.clone(),
         control,
+        capture,
         threads,
         exited,
-        command_seq: vec![0; config.vcpus as usize],
+        command_seq,
+        machine: desc,
+        snapshots: Vec::new(),
+        snapshot_errors: Vec::new(),
     };
+    if let Some(op) = initial {
+        if let Err(e) = handle.broadcast(op, 0) {
+            log::warn!("cannot send {op:?} to the guest: {e}");
+        }
+    }
     let stop_after = config
         .stop_after
         .or((config.workload == guest_protocol::Workload::Idle).then_some(IDLE_DEFAULT));
-    let rounds = tracking.map(|t| RoundDriver::new(t, vm.clone(), config.vcpus as usize));
-    let supervisor = Arc::new(Mutex::new(Supervisor::new(
-        handle, rx, wake, signals, sink, hooks, stop_after, rounds,
-    )));
+    let rounds = tracking.map(|t| RoundDriver::new(t, vm.clone(), vcpu_count));
+    let mut sup = Supervisor::new(handle, rx, wake, signals, sink, hooks, stop_after, rounds);
+    if restored {
+        sup.speaks_protocol = true;
+        sup.first_boot = Some(Instant::now());
+    }
+    let supervisor = Arc::new(Mutex::new(sup));
     let loop_result = event_loop(&supervisor);
     // The event manager (the only other owner) is gone once the loop returns.
     let mut sup = match Arc::try_unwrap(supervisor) {
@@ -699,8 +850,10 @@ impl Supervisor {
                 }
             }
             Event::VerifyResult => {
+                // Keep the worst result: a mid-run verify that found
+                // mismatches must not be hidden by a later one.
                 if let Some(slot) = self.verify.get_mut(v) {
-                    *slot = Some(arg);
+                    *slot = Some(slot.map_or(arg, |old| old.max(arg)));
                 }
             }
             Event::PassDone | Event::CommandAck | Event::Panic => {}
@@ -798,7 +951,7 @@ impl Supervisor {
         }
     }
 
-    fn into_report(self, config: &VmConfig, ram: &GuestRam, boot_us: Option<u64>) -> RunReport {
+    fn into_report(mut self, config: &VmConfig, ram: &GuestRam, boot_us: Option<u64>) -> RunReport {
         let mut status = RunStatus::Ok;
         let mut error = None;
         let mut vcpu_reports = Vec::new();
@@ -838,6 +991,12 @@ impl Supervisor {
                 pages_written: self.progress.get(i).copied().unwrap_or(0),
                 verify_mismatches: self.verify.get(i).copied().flatten(),
             });
+        }
+        if let Some(e) = self.handle.snapshot_errors.first() {
+            if status == RunStatus::Ok {
+                status = RunStatus::SnapshotFailed;
+            }
+            error.get_or_insert(format!("snapshot failed: {e}"));
         }
         if let Some(e) = self.hook_error {
             if status == RunStatus::Ok {
@@ -909,6 +1068,7 @@ impl Supervisor {
             vcpu_reports,
             memory: (&ram.stats()).into(),
             tracking: tracking_report,
+            snapshots: std::mem::take(&mut self.handle.snapshots),
             serial: self.serial,
         }
     }

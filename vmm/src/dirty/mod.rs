@@ -255,6 +255,11 @@ impl Tracking {
     }
 
     /// The backend.
+    pub fn tracker(&self) -> &dyn DirtyTracker {
+        self.tracker.as_ref()
+    }
+
+    /// The backend, mutably.
     pub fn tracker_mut(&mut self) -> &mut dyn DirtyTracker {
         self.tracker.as_mut()
     }

@@ -56,12 +56,24 @@ impl VcpuControl {
     /// Called by a vCPU thread before each `KVM_RUN`: parks while a pause is
     /// requested; returns false when the thread must stop.
     pub fn checkpoint(&self) -> bool {
+        self.checkpoint_with(&mut || {})
+    }
+
+    /// Like [`VcpuControl::checkpoint`]; `before_park` runs on the vCPU
+    /// thread before it counts as parked (to capture its state).
+    pub fn checkpoint_with(&self, before_park: &mut dyn FnMut()) -> bool {
         let mut s = self.lock();
         loop {
             match s.request {
                 Request::Run => return true,
                 Request::Stop => return false,
                 Request::Pause => {
+                    drop(s);
+                    before_park();
+                    s = self.lock();
+                    if s.request != Request::Pause {
+                        continue;
+                    }
                     s.parked += 1;
                     self.changed.notify_all();
                     while s.request == Request::Pause {

@@ -4,10 +4,13 @@
 use crate::devices::control_port::{ControlLatch, ControlWrite};
 use crate::devices::serial::{LineAssembler, LSR_IDLE};
 use crate::dirty::RingFullHandler;
+use crate::snapshot::state::save_vcpu;
 use crate::vstate::boot::describe_registers;
+use crate::vstate::capture::CaptureSlots;
 use crate::vstate::control::VcpuControl;
 use guest_mem::GuestRam;
 use guest_protocol::control::{Event, SERIAL_LSR_PORT, SERIAL_PORT};
+use kvm_bindings::kvm_cpuid_entry2;
 use kvm_bindings::KVM_EXIT_DIRTY_RING_FULL;
 use kvm_ioctls::{VcpuExit, VcpuFd};
 use std::sync::mpsc;
@@ -169,6 +172,7 @@ pub struct VcpuRunner {
     latch: ControlLatch,
     ram: Arc<GuestRam>,
     ring_full: Option<Arc<dyn RingFullHandler>>,
+    capture: Option<(Arc<CaptureSlots>, Vec<kvm_cpuid_entry2>)>,
 }
 
 impl VcpuRunner {
@@ -192,7 +196,15 @@ impl VcpuRunner {
             latch: ControlLatch::default(),
             ram,
             ring_full: None,
+            capture: None,
         }
+    }
+
+    /// Saves this vCPU's state into `slots` when a capture is requested
+    /// (`cpuid` is recorded with it).
+    pub fn with_capture(mut self, slots: Arc<CaptureSlots>, cpuid: Vec<kvm_cpuid_entry2>) -> Self {
+        self.capture = Some((slots, cpuid));
+        self
     }
 
     /// Drains this vCPU's dirty ring through `handler` when KVM reports it full.
@@ -222,8 +234,19 @@ impl VcpuRunner {
 
     fn run_loop(&mut self) -> VcpuOutcome {
         let vcpu = self.index;
+        let control = self.control.clone();
         loop {
-            if !self.control.checkpoint() {
+            let fd = &self.fd;
+            let capture = &self.capture;
+            let mut before_park = || {
+                if let Some((slots, cpuid)) = capture {
+                    if let Some(epoch) = slots.pending(vcpu) {
+                        let state = save_vcpu(fd, cpuid).map_err(|e| e.to_string());
+                        slots.store(vcpu, epoch, state);
+                    }
+                }
+            };
+            if !control.checkpoint_with(&mut before_park) {
                 return VcpuOutcome::Stopped;
             }
             let next = match self.fd.run() {

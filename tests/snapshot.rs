@@ -1,0 +1,307 @@
+//! Snapshots taken while the guest runs (paused mode for now), restored
+//! eagerly with 0 mismatches; the check can fail (a stale page is caught);
+//! bad snapshot files and a failed snapshot give clear errors.
+
+mod common;
+use common::*;
+use std::path::{Path, PathBuf};
+use vmm::snapshot::memory::MemoryFile;
+use vmm::snapshot::state::{decode, encode};
+
+fn snap_dir(name: &str) -> PathBuf {
+    let d = std::env::temp_dir().join(format!("vmm-snap-{}-{name}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&d);
+    d
+}
+
+fn take(dir: &Path, after: &str, args: &[&str]) -> serde_json::Value {
+    let mut all = vec![
+        "run",
+        "--json",
+        "--snapshot",
+        dir.to_str().expect("utf-8"),
+        "--snapshot-after-pages",
+        after,
+    ];
+    all.extend_from_slice(args);
+    let o = vmm(&all, T);
+    assert_eq!(o.code, 0, "{}\n{}", o.stdout, o.stderr);
+    let j = o.json();
+    assert_eq!(j["snapshots"].as_array().map(Vec::len), Some(1), "{j}");
+    j
+}
+
+fn restore(dir: &Path) -> Output {
+    vmm(
+        &[
+            "restore",
+            dir.to_str().expect("utf-8"),
+            "--verify",
+            "--json",
+        ],
+        T,
+    )
+}
+
+#[test]
+fn snapshots_mid_workload_restore_with_zero_mismatches() {
+    for (workload, vcpus) in [
+        ("seq-write", "1"),
+        ("seq-write", "2"),
+        ("rand-write", "1"),
+        ("rand-write", "2"),
+    ] {
+        let dir = snap_dir(&format!("{workload}-{vcpus}"));
+        let j = take(
+            &dir,
+            "200",
+            &[
+                "--workload",
+                workload,
+                "--vcpus",
+                vcpus,
+                "--pages",
+                "192",
+                "--passes",
+                "3",
+            ],
+        );
+        let s = &j["snapshots"][0];
+        assert!(s["pause_us"].as_u64().is_some() && s["bytes_written"].as_u64().unwrap_or(0) > 0);
+        // Files are private and memory.bin is sparse: about what was populated.
+        let meta = std::fs::metadata(dir.join("memory.bin")).expect("memory.bin");
+        use std::os::unix::fs::{MetadataExt, PermissionsExt};
+        assert_eq!(meta.permissions().mode() & 0o777, 0o600);
+        assert!(meta.blocks() * 512 < 8 << 20, "memory.bin is not sparse");
+        let o = restore(&dir);
+        assert_eq!(o.code, 0, "{workload} x{vcpus}: {}\n{}", o.stdout, o.stderr);
+        let r = o.json();
+        assert_eq!(r["status"], "ok");
+        assert_eq!(r["verify_mismatches"], 0);
+        assert_eq!(r["host_verify_mismatches"], 0);
+        // The guest went on from where it was to the end of its workload.
+        let total = 192 * 3 * vcpus.parse::<u64>().expect("n");
+        assert_eq!(r["pages_written"], total, "{r}");
+        assert_eq!(r["restore"]["mode"], "eager");
+        let o = vmm(&["inspect", dir.to_str().expect("utf-8"), "--json"], T);
+        assert_eq!(o.code, 0, "{}", o.stderr);
+        assert_eq!(o.json()["verify_mismatches"], 0);
+        let _ = std::fs::remove_dir_all(dir);
+    }
+}
+
+#[test]
+fn a_stale_page_is_caught() {
+    let dir = snap_dir("stale");
+    take(&dir, "400", &["--pages", "256", "--passes", "2"]);
+    // Put an older pass's word back into a page of memory.bin (a lost
+    // write), then make the checksums agree so only the oracle can tell.
+    let (mut state, _) =
+        decode(&std::fs::read(dir.join("state.bin")).expect("state")).expect("decode");
+    let mem = dir.join("memory.bin");
+    let gpa = 0x40_0000u64; // vCPU 0, page 0: rewritten in pass 1 by now
+    let stale = guest_protocol::schedule::word(1, 0, 0, 0);
+    {
+        use std::os::unix::fs::FileExt;
+        let f = std::fs::OpenOptions::new()
+            .write(true)
+            .open(&mem)
+            .expect("open");
+        f.write_all_at(&stale.to_le_bytes(), gpa).expect("write");
+    }
+    state.memory.chunk_crc = MemoryFile::open(&mem, state.machine.mem_bytes)
+        .expect("open")
+        .checksums()
+        .expect("crc");
+    let (bytes, _) = encode(&state).expect("encode");
+    std::fs::write(dir.join("state.bin"), bytes).expect("state");
+    let o = vmm(&["inspect", dir.to_str().expect("utf-8")], T);
+    assert_eq!(o.code, 3, "{}", o.stdout);
+    let o = restore(&dir);
+    assert_eq!(o.code, 3, "{}", o.stderr);
+    assert_eq!(o.json()["status"], "verify_mismatch");
+    let _ = std::fs::remove_dir_all(dir);
+}
+
+fn expect_bad(dir: &Path, needle: &str) {
+    let o = restore(dir);
+    assert_eq!(o.code, 1, "{}", o.stderr);
+    let j = o.json();
+    let e = j["error"].as_str().unwrap_or("");
+    assert!(e.contains(needle), "want {needle:?}, got {e:?}");
+    assert!(!o.stderr.contains("panicked"));
+    let o = vmm(&["inspect", dir.to_str().expect("utf-8")], T);
+    assert_eq!(o.code, 1, "inspect: {}", o.stdout);
+}
+
+#[test]
+fn bad_snapshots_are_refused_clearly() {
+    let base = snap_dir("base");
+    take(&base, "200", &["--pages", "128", "--passes", "2"]);
+    let copy = |name: &str| {
+        let d = snap_dir(name);
+        std::fs::create_dir_all(&d).expect("dir");
+        for f in ["memory.bin", "state.bin"] {
+            std::fs::copy(base.join(f), d.join(f)).expect("copy");
+        }
+        d
+    };
+    let state = std::fs::read(base.join("state.bin")).expect("state");
+
+    let d = copy("missing");
+    std::fs::remove_file(d.join("memory.bin")).expect("rm");
+    expect_bad(&d, "memory.bin");
+
+    let d = copy("truncated");
+    std::fs::OpenOptions::new()
+        .write(true)
+        .open(d.join("memory.bin"))
+        .and_then(|f| f.set_len(1 << 20))
+        .expect("truncate");
+    expect_bad(&d, "truncated");
+
+    let d = copy("flip-state");
+    let mut s = state.clone();
+    let mid = s.len() / 2;
+    s[mid] ^= 0x40;
+    std::fs::write(d.join("state.bin"), s).expect("write");
+    expect_bad(&d, "checksum mismatch");
+
+    let d = copy("flip-memory");
+    {
+        use std::os::unix::fs::FileExt;
+        let f = std::fs::OpenOptions::new()
+            .read(true)
+            .write(true)
+            .open(d.join("memory.bin"))
+            .expect("open");
+        let mut b = [0u8; 1];
+        f.read_exact_at(&mut b, 0x40_0000).expect("read");
+        f.write_all_at(&[b[0] ^ 1], 0x40_0000).expect("write");
+    }
+    expect_bad(&d, "checksum mismatch in chunk 2");
+
+    // Another format version, with a valid checksum.
+    let d = copy("version");
+    let mut s = state.clone();
+    s[8..12].copy_from_slice(&7u32.to_le_bytes());
+    let end = s.len() - 4;
+    let crc = crc32fast::hash(&s[..end]);
+    s[end..].copy_from_slice(&crc.to_le_bytes());
+    std::fs::write(d.join("state.bin"), s).expect("write");
+    expect_bad(&d, "format version 7");
+
+    // An absurd size field.
+    let d = copy("absurd");
+    let mut s = state.clone();
+    s[12..20].copy_from_slice(&u64::MAX.to_le_bytes());
+    std::fs::write(d.join("state.bin"), s).expect("write");
+    expect_bad(&d, "absurd size");
+
+    // Not a snapshot at all.
+    let d = copy("garbage");
+    std::fs::write(d.join("state.bin"), b"hello").expect("write");
+    expect_bad(&d, "truncated");
+
+    let o = restore(Path::new("/nonexistent/snapshot"));
+    assert_eq!(o.code, 1);
+    assert!(o.json()["error"]
+        .as_str()
+        .unwrap_or("")
+        .contains("/nonexistent/snapshot/state.bin"));
+    for n in [
+        "base",
+        "missing",
+        "truncated",
+        "flip-state",
+        "flip-memory",
+        "version",
+        "absurd",
+        "garbage",
+    ] {
+        let _ = std::fs::remove_dir_all(snap_dir(n));
+    }
+}
+
+#[test]
+fn a_failed_snapshot_leaves_nothing_and_the_guest_runs_on() {
+    // The parent directory does not exist: the snapshot fails, the guest
+    // finishes its workload verified, no directory is left.
+    let o = vmm(
+        &[
+            "run",
+            "--json",
+            "--pages",
+            "128",
+            "--snapshot",
+            "/nonexistent/parent/snap",
+            "--snapshot-after-pages",
+            "64",
+        ],
+        T,
+    );
+    assert_eq!(o.code, 1, "{}", o.stderr);
+    let j = o.json();
+    assert_eq!(j["status"], "snapshot_failed");
+    assert_eq!(j["verify_mismatches"], 0);
+    assert_eq!(j["pages_written"], 256);
+    assert!(!Path::new("/nonexistent/parent/snap").exists());
+
+    // An existing target is refused the same way (never overwritten).
+    let dir = snap_dir("exists");
+    std::fs::create_dir_all(&dir).expect("dir");
+    let o = vmm(
+        &[
+            "run",
+            "--json",
+            "--pages",
+            "128",
+            "--snapshot",
+            dir.to_str().expect("utf-8"),
+            "--snapshot-after-pages",
+            "64",
+        ],
+        T,
+    );
+    assert_eq!(o.code, 1);
+    assert!(o.json()["error"]
+        .as_str()
+        .unwrap_or("")
+        .contains("exists already"));
+
+    // A full disk: a tiny tmpfs in a private mount namespace (needs root).
+    let ok = std::process::Command::new("unshare")
+        .args(["--mount", "true"])
+        .status()
+        .is_ok_and(|s| s.success());
+    if !ok {
+        eprintln!("disk-full case skipped: cannot create a mount namespace here");
+        return;
+    }
+    let mnt = snap_dir("tiny");
+    std::fs::create_dir_all(&mnt).expect("dir");
+    let script = format!(
+        "mount -t tmpfs -o size=64k none {m} && {bin} run --json --pages 512 --snapshot {m}/snap --snapshot-after-pages 300; \
+         rc=$?; ls -a {m} >&2; exit $rc",
+        m = mnt.display(),
+        bin = vmm_bin()
+    );
+    let out = std::process::Command::new("unshare")
+        .args(["--mount", "sh", "-c", &script])
+        .output()
+        .expect("unshare");
+    assert_eq!(
+        out.status.code(),
+        Some(1),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let j: serde_json::Value = serde_json::from_slice(&out.stdout).expect("one JSON object");
+    assert_eq!(j["status"], "snapshot_failed");
+    assert_eq!(j["verify_mismatches"], 0);
+    let listing = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        !listing.contains("snap"),
+        "a snapshot directory was left behind: {listing}"
+    );
+}

@@ -1,0 +1,258 @@
+//! `memory.bin`: raw guest memory, the byte at offset X being guest-physical
+//! byte X, so it can be mapped directly. Sparse: unpopulated and all-zero
+//! pages are holes. Each 2 MiB chunk has a CRC32 over the (page index,
+//! content) of its non-zero pages, stored in `state.bin`, so corruption and
+//! truncation are both detected (a non-zero page turned zero drops out of
+//! the sum; a zero page turned non-zero enters it).
+
+use super::state::CHUNK_BYTES;
+use crate::oracle::MemoryImage;
+use guest_mem::{GuestRam, RamError};
+use std::fs::File;
+use std::io::Write;
+use std::os::fd::AsRawFd;
+use std::os::unix::fs::{FileExt, OpenOptionsExt};
+use std::path::Path;
+
+const PAGE: u64 = 4096;
+
+/// Memory-file problems.
+#[derive(Debug, thiserror::Error)]
+pub enum MemoryFileError {
+    /// I/O on the file failed.
+    #[error("memory.bin: {0}")]
+    Io(#[from] std::io::Error),
+    /// Reading guest RAM failed.
+    #[error("reading guest memory: {0}")]
+    Ram(#[from] RamError),
+    /// The file is shorter than the guest's memory.
+    #[error("memory.bin is truncated: {got} bytes, the guest has {want}")]
+    Truncated {
+        /// File length.
+        got: u64,
+        /// Guest RAM size.
+        want: u64,
+    },
+    /// A chunk's checksum does not match.
+    #[error(
+        "memory.bin: checksum mismatch in chunk {chunk} (guest-physical {start:#x}..{end:#x})"
+    )]
+    Checksum {
+        /// Chunk index.
+        chunk: u64,
+        /// First byte.
+        start: u64,
+        /// End.
+        end: u64,
+    },
+}
+
+fn is_zero(page: &[u8]) -> bool {
+    page.iter().all(|b| *b == 0)
+}
+
+/// Per-chunk checksum accumulator.
+struct ChunkSums {
+    sums: Vec<crc32fast::Hasher>,
+}
+
+impl ChunkSums {
+    fn new(mem_bytes: u64) -> ChunkSums {
+        ChunkSums {
+            sums: (0..mem_bytes.div_ceil(CHUNK_BYTES))
+                .map(|_| crc32fast::Hasher::new())
+                .collect(),
+        }
+    }
+
+    fn add(&mut self, page: u64, content: &[u8]) {
+        if let Some(h) = self.sums.get_mut((page * PAGE / CHUNK_BYTES) as usize) {
+            h.update(&page.to_le_bytes());
+            h.update(content);
+        }
+    }
+
+    fn finish(self) -> Vec<u32> {
+        self.sums.into_iter().map(|h| h.finalize()).collect()
+    }
+}
+
+/// What writing the memory file produced.
+pub struct WrittenMemory {
+    /// Chunk checksums.
+    pub chunk_crc: Vec<u32>,
+    /// Non-zero pages stored.
+    pub pages_stored: u64,
+    /// Bytes written.
+    pub bytes: u64,
+}
+
+/// Writes the populated, non-zero pages of `ram` to a new sparse file
+/// (mode 0600) of the guest's size, and fsyncs it.
+pub fn write_memory(ram: &GuestRam, path: &Path) -> Result<WrittenMemory, MemoryFileError> {
+    let file = std::fs::OpenOptions::new()
+        .write(true)
+        .create_new(true)
+        .mode(0o600)
+        .open(path)?;
+    file.set_len(ram.size())?;
+    let mut sums = ChunkSums::new(ram.size());
+    let mut buf = vec![0u8; PAGE as usize];
+    let mut stored = 0;
+    for page in ram.populated_pages() {
+        ram.read(page * PAGE, &mut buf)?;
+        if is_zero(&buf) {
+            continue;
+        }
+        file.write_all_at(&buf, page * PAGE)?;
+        sums.add(page, &buf);
+        stored += 1;
+    }
+    file.sync_all()?;
+    Ok(WrittenMemory {
+        chunk_crc: sums.finish(),
+        pages_stored: stored,
+        bytes: stored * PAGE,
+    })
+}
+
+/// The data (non-hole) ranges of a file, via `SEEK_DATA`/`SEEK_HOLE`.
+fn data_ranges(file: &File, len: u64) -> Result<Vec<(u64, u64)>, MemoryFileError> {
+    let fd = file.as_raw_fd();
+    let mut out = Vec::new();
+    let mut pos: i64 = 0;
+    while (pos as u64) < len {
+        // SAFETY: lseek on a file we own; no memory is touched.
+        let data = unsafe { libc::lseek(fd, pos, libc::SEEK_DATA) };
+        if data < 0 {
+            let e = std::io::Error::last_os_error();
+            if e.raw_os_error() == Some(libc::ENXIO) {
+                break;
+            }
+            return Err(e.into());
+        }
+        // SAFETY: as above.
+        let hole = unsafe { libc::lseek(fd, data, libc::SEEK_HOLE) };
+        if hole < 0 {
+            return Err(std::io::Error::last_os_error().into());
+        }
+        out.push((data as u64, (hole as u64).min(len)));
+        pos = hole;
+    }
+    Ok(out)
+}
+
+/// An opened memory file.
+pub struct MemoryFile {
+    file: File,
+    len: u64,
+}
+
+impl MemoryFile {
+    /// Opens `path` for a guest of `mem_bytes`.
+    pub fn open(path: &Path, mem_bytes: u64) -> Result<MemoryFile, MemoryFileError> {
+        let file = File::open(path)?;
+        let len = file.metadata()?.len();
+        if len < mem_bytes {
+            return Err(MemoryFileError::Truncated {
+                got: len,
+                want: mem_bytes,
+            });
+        }
+        Ok(MemoryFile {
+            file,
+            len: mem_bytes,
+        })
+    }
+
+    /// Visits every non-zero page (page number, content) in address order.
+    fn for_each_page(
+        &self,
+        mut f: impl FnMut(u64, &[u8]) -> Result<(), MemoryFileError>,
+    ) -> Result<(), MemoryFileError> {
+        let mut buf = vec![0u8; CHUNK_BYTES as usize];
+        for (start, end) in data_ranges(&self.file, self.len)? {
+            let mut pos = start & !(PAGE - 1);
+            while pos < end {
+                let n = (end - pos).min(CHUNK_BYTES).div_ceil(PAGE) * PAGE;
+                let n = n.min(self.len - pos);
+                self.file.read_exact_at(&mut buf[..n as usize], pos)?;
+                for (i, page) in buf[..n as usize].chunks(PAGE as usize).enumerate() {
+                    if !is_zero(page) {
+                        f(pos / PAGE + i as u64, page)?;
+                    }
+                }
+                pos += n;
+            }
+        }
+        Ok(())
+    }
+
+    /// Checks every chunk checksum against `expected`.
+    pub fn verify(&self, expected: &[u32]) -> Result<u64, MemoryFileError> {
+        self.load_into(None, expected)
+    }
+
+    /// Copies every non-zero page into `ram` (when given), checking every
+    /// chunk's checksum; returns the pages loaded.
+    pub fn load_into(
+        &self,
+        ram: Option<&GuestRam>,
+        expected: &[u32],
+    ) -> Result<u64, MemoryFileError> {
+        let mut sums = ChunkSums::new(self.len);
+        let mut pages = 0;
+        self.for_each_page(|page, content| {
+            if let Some(ram) = ram {
+                ram.write(page * PAGE, content)?;
+            }
+            sums.add(page, content);
+            pages += 1;
+            Ok(())
+        })?;
+        for (chunk, (got, want)) in sums.finish().iter().zip(expected).enumerate() {
+            if got != want {
+                let start = chunk as u64 * CHUNK_BYTES;
+                return Err(MemoryFileError::Checksum {
+                    chunk: chunk as u64,
+                    start,
+                    end: (start + CHUNK_BYTES).min(self.len),
+                });
+            }
+        }
+        Ok(pages)
+    }
+
+    /// The checksums the file's content has now.
+    pub fn checksums(&self) -> Result<Vec<u32>, MemoryFileError> {
+        let mut sums = ChunkSums::new(self.len);
+        self.for_each_page(|page, content| {
+            sums.add(page, content);
+            Ok(())
+        })?;
+        Ok(sums.finish())
+    }
+}
+
+impl MemoryImage for MemoryFile {
+    fn read_at(&self, gpa: u64, buf: &mut [u8]) -> Result<(), RamError> {
+        let len = buf.len() as u64;
+        if gpa.checked_add(len).is_none_or(|e| e > self.len) {
+            return Err(RamError::OutOfRange { addr: gpa, len });
+        }
+        self.file
+            .read_exact_at(buf, gpa)
+            .map_err(|_| RamError::OutOfRange { addr: gpa, len })
+    }
+}
+
+/// Writes `bytes` to a new file (mode 0600) and fsyncs it.
+pub fn write_new_file(path: &Path, bytes: &[u8]) -> std::io::Result<()> {
+    let mut f = std::fs::OpenOptions::new()
+        .write(true)
+        .create_new(true)
+        .mode(0o600)
+        .open(path)?;
+    f.write_all(bytes)?;
+    f.sync_all()
+}

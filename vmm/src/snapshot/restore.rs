@@ -1,0 +1,206 @@
+//! Booting a VM from a snapshot (`vmm restore DIR`).
+//!
+//! `eager` mode: read `state.bin` (checked), check the snapshot against this
+//! host, create the VM, copy every stored page of `memory.bin` into guest
+//! RAM while checking every chunk checksum, restore the irqchip and each
+//! vCPU, and hand the machine to the supervisor: the guest continues its
+//! workload where it was.
+
+use super::memory::MemoryFile;
+use super::state::{restore_vcpu, restore_vm, SnapshotState};
+use super::{read_state, SnapshotError};
+use crate::config::{KernelSource, VmConfig};
+use crate::report::RunReport;
+use crate::runner::{prepare_process, supervise, Machine, RunError, RunHooks, SerialSink};
+use crate::vstate::vm::{create_vm, open_kvm};
+use guest_mem::{BackingKind, GuestRam, RamConfig};
+use guest_protocol::{CommandOp, Workload};
+use kvm_bindings::KVM_MAX_CPUID_ENTRIES;
+use kvm_ioctls::Kvm;
+use serde::Serialize;
+use std::path::Path;
+use std::sync::Arc;
+use std::time::Instant;
+
+/// How guest memory is brought back.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum RestoreMode {
+    /// Read everything and check every checksum before the guest runs.
+    Eager,
+}
+
+impl RestoreMode {
+    /// The CLI name.
+    pub fn name(self) -> &'static str {
+        match self {
+            RestoreMode::Eager => "eager",
+        }
+    }
+}
+
+/// Restore options.
+#[derive(Clone, Debug)]
+pub struct RestoreOptions {
+    /// The mode.
+    pub mode: RestoreMode,
+    /// Make the guest run its consistency check at its next poll point.
+    pub verify: bool,
+}
+
+/// What the restore itself cost.
+#[derive(Clone, Debug, Serialize)]
+pub struct RestoreReport {
+    /// The mode.
+    pub mode: String,
+    /// The snapshot id.
+    pub snapshot_id: String,
+    /// µs to read, check and load the snapshot.
+    pub load_us: u64,
+    /// Pages loaded.
+    pub pages_loaded: u64,
+}
+
+/// Leaf-1 and leaf-7 feature bits the snapshot's CPUID has that this host's
+/// KVM does not offer.
+fn missing_cpu_features(kvm: &Kvm, state: &SnapshotState) -> Result<Vec<String>, SnapshotError> {
+    let host = kvm
+        .get_supported_cpuid(KVM_MAX_CPUID_ENTRIES)
+        .map_err(|source| SnapshotError::Kvm {
+            what: "reading the host's CPUID".into(),
+            source,
+        })?;
+    let mut missing = Vec::new();
+    let Some(saved) = state.vcpus.first() else {
+        return Ok(missing);
+    };
+    for leaf in [1u32, 7] {
+        let want = saved
+            .cpuid
+            .iter()
+            .find(|e| e.function == leaf && e.index == 0);
+        let have = host
+            .as_slice()
+            .iter()
+            .find(|e| e.function == leaf && e.index == 0);
+        if let (Some(w), Some(h)) = (want, have) {
+            // Leaf 1 EBX carries the APIC id, not features.
+            let regs: &[(&str, u32, u32)] = if leaf == 1 {
+                &[("ecx", w.ecx, h.ecx), ("edx", w.edx, h.edx)]
+            } else {
+                &[
+                    ("ebx", w.ebx, h.ebx),
+                    ("ecx", w.ecx, h.ecx),
+                    ("edx", w.edx, h.edx),
+                ]
+            };
+            for (name, w, h) in regs {
+                let extra = w & !h;
+                if extra != 0 {
+                    missing.push(format!("CPUID.{leaf:#x}.{name} bits {extra:#x}"));
+                }
+            }
+        }
+    }
+    Ok(missing)
+}
+
+/// The configuration a snapshot's machine ran with.
+fn config_of(state: &SnapshotState) -> Result<VmConfig, SnapshotError> {
+    let m = &state.machine;
+    let backing = BackingKind::from_name(&m.backing)
+        .ok_or_else(|| SnapshotError::Incompatible(format!("unknown backing {:?}", m.backing)))?;
+    let workload = Workload::from_name(&m.workload)
+        .ok_or_else(|| SnapshotError::Incompatible(format!("unknown workload {:?}", m.workload)))?;
+    Ok(VmConfig {
+        mem_bytes: m.mem_bytes,
+        vcpus: m.vcpus,
+        workload,
+        pages: m.pages,
+        passes: m.passes,
+        seed: 0,
+        write_ratio: m.write_ratio,
+        kernel: KernelSource::Embedded,
+        verify_at_end: true,
+        stop_after: None,
+        ram: RamConfig {
+            backing,
+            fault_around_pages: m.fault_around_pages,
+            ..RamConfig::default()
+        },
+        round_per_pass: m.round_per_pass,
+        track: None,
+    })
+}
+
+/// Restores the snapshot in `dir` and runs the guest to the end of its
+/// workload.
+pub fn restore(
+    dir: &Path,
+    opts: &RestoreOptions,
+    hooks: RunHooks,
+    sink: SerialSink,
+) -> Result<(RunReport, RestoreReport), RunError> {
+    let start = Instant::now();
+    let (state, _crc) = read_state(dir)?;
+    let config = config_of(&state)?;
+    let memory = MemoryFile::open(&dir.join("memory.bin"), state.machine.mem_bytes)
+        .map_err(SnapshotError::from)?;
+    let signals = prepare_process()?;
+    let kvm = open_kvm()?;
+    let missing = missing_cpu_features(&kvm, &state)?;
+    if !missing.is_empty() {
+        return Err(SnapshotError::Incompatible(format!(
+            "the guest's CPU features are not available here: {}",
+            missing.join(", ")
+        ))
+        .into());
+    }
+    let ram = Arc::new(GuestRam::new(config.mem_bytes, config.ram)?);
+    let created = Instant::now();
+    let vm = Arc::new(create_vm(&kvm, &ram, config.vcpus)?);
+    let pages_loaded = match opts.mode {
+        RestoreMode::Eager => memory
+            .load_into(Some(&ram), &state.memory.chunk_crc)
+            .map_err(SnapshotError::from)?,
+    };
+    restore_vm(&vm, &state.vm).map_err(|source| SnapshotError::Kvm {
+        what: "restoring the irqchip".into(),
+        source,
+    })?;
+    let mut fds = Vec::with_capacity(state.vcpus.len());
+    for (i, saved) in state.vcpus.iter().enumerate() {
+        let fd = vm
+            .create_vcpu(i as u64)
+            .map_err(|e| RunError::CreateVcpu(i as u32, e))?;
+        restore_vcpu(&fd, saved).map_err(|(what, source)| SnapshotError::Kvm {
+            what: format!("restoring vCPU {i}'s {what}"),
+            source,
+        })?;
+        fds.push(fd);
+    }
+    let cpuid = state
+        .vcpus
+        .first()
+        .map(|v| v.cpuid.clone())
+        .unwrap_or_default();
+    let restore_report = RestoreReport {
+        mode: opts.mode.name().into(),
+        snapshot_id: uuid::Uuid::from_bytes(state.id).to_string(),
+        load_us: start.elapsed().as_micros() as u64,
+        pages_loaded,
+    };
+    let machine = Machine {
+        ram,
+        vm,
+        vcpus: fds,
+        created,
+        tracking: None,
+        command_seq: state.devices.command_seq.clone(),
+        cpuid,
+        machine: state.machine.clone(),
+        restored: true,
+    };
+    let initial = opts.verify.then_some(CommandOp::Verify);
+    let report = supervise(&config, machine, hooks, sink, signals, initial)?;
+    Ok((report, restore_report))
+}

@@ -1,0 +1,185 @@
+//! Taking a snapshot of a running VM.
+//!
+//! `paused` (stop-the-world): the vCPUs are paused — each saves its own
+//! state as it parks — the irqchip and device state are read, every
+//! populated non-zero page is written to `memory.bin`, and the vCPUs resume.
+//! Everything goes into a temporary directory next to the target, fsynced,
+//! then renamed into place; on any error the temporary directory is
+//! removed and the guest runs on unaffected.
+
+use super::memory::{write_memory, write_new_file};
+use super::state::{
+    encode, save_vm, DeviceState, MachineDesc, MemoryDesc, SnapshotState, CHUNK_BYTES,
+};
+use super::{io, SnapshotError};
+use crate::runner::VmHandle;
+use serde::Serialize;
+use std::path::{Path, PathBuf};
+use std::time::Instant;
+
+/// How a snapshot is taken.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum SnapshotMode {
+    /// Stop the world for the whole snapshot.
+    Paused,
+}
+
+impl SnapshotMode {
+    /// The CLI name.
+    pub fn name(self) -> &'static str {
+        match self {
+            SnapshotMode::Paused => "paused",
+        }
+    }
+}
+
+/// What a snapshot cost.
+#[derive(Clone, Debug, Serialize)]
+pub struct SnapshotReport {
+    /// The directory.
+    pub dir: PathBuf,
+    /// The snapshot id.
+    pub id: String,
+    /// `paused` or `live`.
+    pub mode: String,
+    /// µs the vCPUs were paused.
+    pub pause_us: u64,
+    /// µs from the request to the directory in place.
+    pub total_us: u64,
+    /// Pages copied by write faults (live mode).
+    pub pages_by_faults: u64,
+    /// Pages copied by the writer.
+    pub pages_by_writer: u64,
+    /// Bytes of memory written.
+    pub bytes_written: u64,
+    /// Bytes per second.
+    pub throughput_bytes_per_s: f64,
+}
+
+fn temp_dir_for(dir: &Path) -> Result<PathBuf, SnapshotError> {
+    let name = dir
+        .file_name()
+        .ok_or_else(|| SnapshotError::Io {
+            path: dir.to_path_buf(),
+            source: std::io::Error::new(std::io::ErrorKind::InvalidInput, "no directory name"),
+        })?
+        .to_string_lossy()
+        .into_owned();
+    let parent = dir
+        .parent()
+        .filter(|p| !p.as_os_str().is_empty())
+        .unwrap_or(Path::new("."));
+    Ok(parent.join(format!(".{name}.tmp-{}", std::process::id())))
+}
+
+fn fsync_dir(dir: &Path) -> Result<(), SnapshotError> {
+    std::fs::File::open(dir)
+        .and_then(|f| f.sync_all())
+        .map_err(io(dir))
+}
+
+/// Takes a snapshot of the VM behind `vm` into `dir` (which must not exist).
+pub fn take_snapshot(
+    vm: &mut VmHandle,
+    dir: &Path,
+    mode: SnapshotMode,
+    machine: MachineDesc,
+) -> Result<SnapshotReport, SnapshotError> {
+    if dir.exists() {
+        return Err(SnapshotError::Exists(dir.to_path_buf()));
+    }
+    let start = Instant::now();
+    let tmp = temp_dir_for(dir)?;
+    let _ = std::fs::remove_dir_all(&tmp);
+    std::fs::create_dir(&tmp).map_err(io(&tmp))?;
+    let result = write_into(vm, &tmp, mode, machine);
+    match result {
+        Ok(mut report) => {
+            if let Err(e) = std::fs::rename(&tmp, dir).map_err(io(dir)) {
+                let _ = std::fs::remove_dir_all(&tmp);
+                return Err(e);
+            }
+            fsync_dir(
+                dir.parent()
+                    .filter(|p| !p.as_os_str().is_empty())
+                    .unwrap_or(Path::new(".")),
+            )?;
+            report.dir = dir.to_path_buf();
+            report.total_us = start.elapsed().as_micros() as u64;
+            report.throughput_bytes_per_s =
+                report.bytes_written as f64 / start.elapsed().as_secs_f64().max(1e-9);
+            Ok(report)
+        }
+        Err(e) => {
+            let _ = std::fs::remove_dir_all(&tmp);
+            Err(e)
+        }
+    }
+}
+
+fn write_into(
+    vm: &mut VmHandle,
+    tmp: &Path,
+    mode: SnapshotMode,
+    machine: MachineDesc,
+) -> Result<SnapshotReport, SnapshotError> {
+    let paused_at = Instant::now();
+    let vcpus = vm.pause_and_capture().map_err(SnapshotError::Capture);
+    let vcpus = match vcpus {
+        Ok(v) => v,
+        Err(e) => {
+            vm.resume();
+            return Err(e);
+        }
+    };
+    // Everything else happens with the vCPUs parked; they resume whatever
+    // the outcome.
+    let outcome = (|| {
+        let vm_state = save_vm(vm.vm_fd()).map_err(|source| SnapshotError::Kvm {
+            what: "reading the irqchip".into(),
+            source,
+        })?;
+        let mem_path = tmp.join("memory.bin");
+        let written = write_memory(vm.ram(), &mem_path)?;
+        let id = uuid::Uuid::new_v4();
+        let state = SnapshotState {
+            id: *id.as_bytes(),
+            mode: mode.name().into(),
+            machine,
+            vcpus,
+            vm: vm_state,
+            devices: DeviceState {
+                command_seq: vm.command_seqs(),
+            },
+            markers: Vec::new(),
+            working_set: Vec::new(),
+            memory: MemoryDesc {
+                chunk_bytes: CHUNK_BYTES,
+                chunk_crc: written.chunk_crc,
+                pages_stored: written.pages_stored,
+            },
+            diff: None,
+        };
+        let (bytes, _crc) = encode(&state)?;
+        let state_path = tmp.join("state.bin");
+        write_new_file(&state_path, &bytes).map_err(io(&state_path))?;
+        fsync_dir(tmp)?;
+        Ok(SnapshotReport {
+            dir: tmp.to_path_buf(),
+            id: id.to_string(),
+            mode: mode.name().into(),
+            pause_us: 0,
+            total_us: 0,
+            pages_by_faults: 0,
+            pages_by_writer: written.pages_stored,
+            bytes_written: written.bytes,
+            throughput_bytes_per_s: 0.0,
+        })
+    })();
+    vm.resume();
+    let pause_us = paused_at.elapsed().as_micros() as u64;
+    outcome.map(|mut r| {
+        r.pause_us = pause_us;
+        r
+    })
+}
