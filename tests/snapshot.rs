@@ -45,49 +45,95 @@ fn restore(dir: &Path) -> Output {
 
 #[test]
 fn snapshots_mid_workload_restore_with_zero_mismatches() {
-    for (workload, vcpus) in [
+    let cases = [
         ("seq-write", "1"),
         ("seq-write", "2"),
         ("rand-write", "1"),
         ("rand-write", "2"),
-    ] {
-        let dir = snap_dir(&format!("{workload}-{vcpus}"));
-        let j = take(
-            &dir,
-            "200",
-            &[
-                "--workload",
-                workload,
-                "--vcpus",
-                vcpus,
-                "--pages",
-                "192",
-                "--passes",
-                "3",
-            ],
-        );
-        let s = &j["snapshots"][0];
-        assert!(s["pause_us"].as_u64().is_some() && s["bytes_written"].as_u64().unwrap_or(0) > 0);
-        // Files are private and memory.bin is sparse: about what was populated.
-        let meta = std::fs::metadata(dir.join("memory.bin")).expect("memory.bin");
-        use std::os::unix::fs::{MetadataExt, PermissionsExt};
-        assert_eq!(meta.permissions().mode() & 0o777, 0o600);
-        assert!(meta.blocks() * 512 < 8 << 20, "memory.bin is not sparse");
-        let o = restore(&dir);
-        assert_eq!(o.code, 0, "{workload} x{vcpus}: {}\n{}", o.stdout, o.stderr);
-        let r = o.json();
-        assert_eq!(r["status"], "ok");
-        assert_eq!(r["verify_mismatches"], 0);
-        assert_eq!(r["host_verify_mismatches"], 0);
-        // The guest went on from where it was to the end of its workload.
-        let total = 192 * 3 * vcpus.parse::<u64>().expect("n");
-        assert_eq!(r["pages_written"], total, "{r}");
-        assert_eq!(r["restore"]["mode"], "eager");
-        let o = vmm(&["inspect", dir.to_str().expect("utf-8"), "--json"], T);
-        assert_eq!(o.code, 0, "{}", o.stderr);
-        assert_eq!(o.json()["verify_mismatches"], 0);
-        let _ = std::fs::remove_dir_all(dir);
+    ];
+    for mode in ["live", "paused"] {
+        for (workload, vcpus) in cases {
+            check_round_trip(mode, workload, vcpus);
+        }
     }
+}
+
+fn check_round_trip(mode: &str, workload: &str, vcpus: &str) {
+    let dir = snap_dir(&format!("{mode}-{workload}-{vcpus}"));
+    let args = [
+        "--snapshot-mode",
+        mode,
+        "--workload",
+        workload,
+        "--vcpus",
+        vcpus,
+        "--pages",
+        "192",
+        "--passes",
+        "3",
+    ];
+    let j = take(&dir, "200", &args);
+    let s = &j["snapshots"][0];
+    assert_eq!(s["mode"], mode);
+    assert!(s["pause_us"].as_u64().is_some() && s["bytes_written"].as_u64().unwrap_or(0) > 0);
+    // Files are private and memory.bin is sparse: about what was populated.
+    let meta = std::fs::metadata(dir.join("memory.bin")).expect("memory.bin");
+    use std::os::unix::fs::{MetadataExt, PermissionsExt};
+    assert_eq!(meta.permissions().mode() & 0o777, 0o600);
+    assert!(meta.blocks() * 512 < 8 << 20, "memory.bin is not sparse");
+    let o = restore(&dir);
+    let what = format!("{mode} {workload} x{vcpus}");
+    assert_eq!(o.code, 0, "{what}: {}\n{}", o.stdout, o.stderr);
+    let r = o.json();
+    assert_eq!(r["status"], "ok");
+    assert_eq!(r["verify_mismatches"], 0, "{what}");
+    assert_eq!(r["host_verify_mismatches"], 0, "{what}");
+    // The guest went on from where it was to the end of its workload.
+    let total = 192 * 3 * vcpus.parse::<u64>().expect("n");
+    assert_eq!(r["pages_written"], total, "{r}");
+    assert_eq!(r["restore"]["mode"], "eager");
+    let o = vmm(&["inspect", dir.to_str().expect("utf-8"), "--json"], T);
+    assert_eq!(o.code, 0, "{}", o.stderr);
+    assert_eq!(o.json()["verify_mismatches"], 0);
+    let _ = std::fs::remove_dir_all(dir);
+}
+
+#[test]
+fn live_snapshots_refuse_what_they_cannot_run_with() {
+    for (extra, needle) in [
+        (["--backing", "plain"], "use --backing memfd or anon"),
+        (
+            ["--track", "uffd-async"],
+            "cannot run with --track uffd-async",
+        ),
+    ] {
+        let dir = snap_dir("refused");
+        let mut args = vec![
+            "run",
+            "--json",
+            "--snapshot",
+            dir.to_str().expect("utf-8"),
+            "--snapshot-after-pages",
+            "64",
+        ];
+        args.extend_from_slice(&extra);
+        let o = vmm(&args, T);
+        assert_eq!(o.code, 1, "{}", o.stderr);
+        let j = o.json();
+        assert_eq!(j["status"], "unsupported_combination");
+        assert!(j["error"].as_str().unwrap_or("").contains(needle), "{j}");
+        assert!(!dir.exists());
+    }
+    // kvm-bitmap tracking and a live snapshot run together.
+    let dir = snap_dir("with-kvm-bitmap");
+    let j = take(
+        &dir,
+        "200",
+        &["--track", "kvm-bitmap", "--pages", "192", "--passes", "2"],
+    );
+    assert_eq!(j["tracking"]["missed_pages"], 0);
+    assert_eq!(restore(&dir).code, 0);
+    let _ = std::fs::remove_dir_all(dir);
 }
 
 #[test]

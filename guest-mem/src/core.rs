@@ -58,6 +58,9 @@ pub(crate) struct MemoryCore {
     /// Write-protect tracking in force (a [`WpMode`] as u8): the engine then
     /// populates pages write-protected, so no write escapes tracking.
     pub(crate) wp_mode: AtomicU8,
+    /// The live snapshot in progress, if any: write-protect faults copy
+    /// the page into it before the write goes ahead.
+    pub(crate) live_copy: arc_swap::ArcSwapOption<crate::live_copy::LiveCopy>,
     vcpu_tids: RwLock<HashMap<u32, u32>>,
     next_id: AtomicU64,
 }
@@ -89,6 +92,7 @@ impl MemoryCore {
             fault_around,
             zero: ZeroSource::new(512 * crate::entry::PAGE_SIZE)?,
             wp_mode: AtomicU8::new(WpMode::Off as u8),
+            live_copy: arc_swap::ArcSwapOption::empty(),
             vcpu_tids: RwLock::new(HashMap::new()),
             next_id: AtomicU64::new(0),
         })

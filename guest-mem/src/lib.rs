@@ -13,6 +13,7 @@
 mod core;
 pub mod entry;
 pub mod fault;
+pub mod live_copy;
 pub mod ram;
 pub mod region;
 pub mod table;

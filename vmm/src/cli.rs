@@ -8,7 +8,7 @@ use crate::report::{error_json, EXIT_ERROR, EXIT_USAGE};
 use crate::runner::{run, RunError, RunHooks, SerialSink, VmHandle};
 use crate::size::parse_size;
 use crate::snapshot::restore::{restore, RestoreMode, RestoreOptions, RestoreReport};
-use crate::snapshot::writer::{take_snapshot, SnapshotMode};
+use crate::snapshot::writer::{check_live, take_snapshot, SnapshotMode};
 use clap::{Args, Parser, Subcommand};
 use guest_mem::{BackingKind, RamConfig};
 use guest_protocol::Workload;
@@ -43,7 +43,8 @@ pub enum CliCommand {
 fn parse_snapshot_mode(s: &str) -> Result<SnapshotMode, String> {
     match s {
         "paused" => Ok(SnapshotMode::Paused),
-        _ => Err(format!("unknown snapshot mode {s:?}; available: paused")),
+        "live" => Ok(SnapshotMode::Live),
+        _ => Err(format!("unknown snapshot mode {s:?}; one of: live, paused")),
     }
 }
 
@@ -179,8 +180,9 @@ pub struct RunArgs {
     /// Page stores (all vCPUs) after which the snapshot is taken.
     #[arg(long, requires = "snapshot")]
     pub snapshot_after_pages: Option<u64>,
-    /// How the snapshot is taken: paused (stop-the-world).
-    #[arg(long, default_value = "paused", value_parser = parse_snapshot_mode)]
+    /// How the snapshot is taken: live (the guest keeps running; the pause
+    /// covers only the vCPU state) or paused (stop-the-world).
+    #[arg(long, default_value = "live", value_parser = parse_snapshot_mode)]
     pub snapshot_mode: SnapshotMode,
     /// Print exactly one JSON object on stdout; serial output goes to stderr.
     #[arg(long)]
@@ -227,6 +229,12 @@ pub fn cmd_run(args: &RunArgs) -> i32 {
     let mut hooks = RunHooks::default();
     if let (Some(dir), Some(after)) = (args.snapshot.clone(), args.snapshot_after_pages) {
         let mode = args.snapshot_mode;
+        if mode == SnapshotMode::Live {
+            if let Err(e) = check_live(args.backing, args.track) {
+                let e = RunError::Track(crate::dirty::TrackError::Combination(e));
+                return finish(Err(e), args.json);
+            }
+        }
         hooks = hooks.after_pages(
             after,
             Box::new(move |vm: &mut VmHandle| {

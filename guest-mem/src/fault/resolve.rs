@@ -238,6 +238,16 @@ impl MemoryCore {
     fn resolve_wp(&self, region: &Region, addr: u64, gpa: u64) {
         let Some(uffd) = &self.uffd else { return };
         FaultCounters::add(&self.counters.wp, 1);
+        // A live snapshot still needs this page's content: copy it before
+        // the write goes ahead (we hold the region lock, so the background
+        // writer cannot be copying it at the same time).
+        if let Some(lc) = self.live_copy.load_full() {
+            if lc.claim(gpa / PAGE_SIZE) {
+                lc.copy(gpa / PAGE_SIZE, region.host_of(gpa));
+                lc.by_faults
+                    .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+            }
+        }
         let writable = !region.flags.read_only;
         let frame = Frame((gpa - region.gpa) / PAGE_SIZE);
         let _ = self.table.update(gpa, |e| {

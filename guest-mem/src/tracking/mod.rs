@@ -137,17 +137,26 @@ impl GuestRam {
     /// on the engine installs pages protected, and every populated page is
     /// protected now (unpopulated ones too where `WP_UNPOPULATED` exists).
     pub fn start_wp_tracking(&self) -> Result<(), TrackError> {
-        let uffd = self
-            .core
-            .uffd
-            .as_ref()
-            .ok_or(TrackError::NoFaultEngine("write-protect tracking"))?;
+        if self.core.uffd.is_none() {
+            return Err(TrackError::NoFaultEngine("write-protect tracking"));
+        }
         let mode = if self.wp_async() {
             WpMode::Async
         } else {
             WpMode::Sync
         };
         self.core.wp_mode.store(mode as u8, Ordering::Release);
+        self.protect_all()
+    }
+
+    /// Write-protects every fault-engine region (`WP_UNPOPULATED`: no page
+    /// is faulted in to be protected) and records it in the table.
+    pub(crate) fn protect_all(&self) -> Result<(), TrackError> {
+        let uffd = self
+            .core
+            .uffd
+            .as_ref()
+            .ok_or(TrackError::NoFaultEngine("write-protect tracking"))?;
         for r in self.regions() {
             let _g = r.lock.lock().unwrap_or_else(|e| e.into_inner());
             uffd.write_protect(r.mapping.addr(), r.size, true)?;
@@ -182,6 +191,81 @@ impl GuestRam {
             }
         }
         Ok(())
+    }
+
+    /// Live snapshot, step 1 (guest running): write-protect all of guest
+    /// RAM. Pages the guest writes meanwhile fault and are un-protected (and
+    /// seen as such by [`GuestRam::live_freeze`]).
+    pub fn live_protect(&self) -> Result<(), TrackError> {
+        if self.wp_async() {
+            return Err(TrackError::WrongMode {
+                tracker: "a live snapshot",
+                needed: "without WP_ASYNC (synchronous write-protect)",
+            });
+        }
+        self.protect_all()
+    }
+
+    /// Live snapshot, step 2 (vCPUs paused): the pages populated now are the
+    /// ones the snapshot saves; those written since [`GuestRam::live_protect`]
+    /// are protected again; write-protect faults now copy before writing.
+    pub fn live_freeze(
+        &self,
+        file: std::fs::File,
+    ) -> Result<std::sync::Arc<crate::live_copy::LiveCopy>, TrackError> {
+        let uffd = self
+            .core
+            .uffd
+            .as_ref()
+            .ok_or(TrackError::NoFaultEngine("a live snapshot"))?;
+        let pages = self.populated_pages();
+        let lc = std::sync::Arc::new(crate::live_copy::LiveCopy::new(
+            file,
+            &pages,
+            self.size() / PAGE_SIZE,
+        ));
+        for r in self.regions() {
+            let _g = r.lock.lock().unwrap_or_else(|e| e.into_inner());
+            let mut c = Collect(Vec::new(), |e: Entry| e.is_present() && !e.is_uffd_wp());
+            self.core.table.walk_range(r.gpa, r.gpa + r.size, &mut c);
+            for (s, e) in runs(&c.0) {
+                uffd.write_protect(r.host_of(s), e - s, true)?;
+            }
+            for gpa in c.0 {
+                let _ = self.core.table.update(gpa, |e| Some(e.write_protected()));
+            }
+        }
+        self.core.live_copy.store(Some(lc.clone()));
+        Ok(lc)
+    }
+
+    /// Live snapshot, step 3 (guest running): copies every page not yet
+    /// copied, a 64-page group at a time under the page's region lock.
+    pub fn live_write_all(&self, lc: &crate::live_copy::LiveCopy) {
+        let regions = self.regions();
+        for w in 0..lc.words() {
+            if lc.pending_word(w) == 0 {
+                continue;
+            }
+            let first = w as u64 * 64;
+            let Some(r) = regions.iter().find(|r| r.contains_gpa(first * PAGE_SIZE)) else {
+                continue;
+            };
+            let _g = r.lock.lock().unwrap_or_else(|e| e.into_inner());
+            for page in first..first + 64 {
+                if r.contains_gpa(page * PAGE_SIZE) && lc.claim(page) {
+                    lc.copy(page, r.host_of(page * PAGE_SIZE));
+                    lc.by_writer.fetch_add(1, Ordering::Relaxed);
+                }
+            }
+        }
+    }
+
+    /// Live snapshot, step 4 (or abort): copy-before-write off, protection
+    /// removed everywhere.
+    pub fn live_finish(&self) -> Result<(), TrackError> {
+        self.core.live_copy.store(None);
+        self.stop_wp_tracking()
     }
 
     /// Synchronous write-protect harvest: the pages written since the last

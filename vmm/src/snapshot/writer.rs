@@ -22,6 +22,10 @@ use std::time::Instant;
 pub enum SnapshotMode {
     /// Stop the world for the whole snapshot.
     Paused,
+    /// Write-protect while the guest runs, pause only to save the vCPUs and
+    /// re-protect what was written meanwhile, then copy in the background
+    /// with copy-before-write.
+    Live,
 }
 
 impl SnapshotMode {
@@ -29,7 +33,31 @@ impl SnapshotMode {
     pub fn name(self) -> &'static str {
         match self {
             SnapshotMode::Paused => "paused",
+            SnapshotMode::Live => "live",
         }
+    }
+}
+
+/// Refuses what a live snapshot cannot run with (see docs/dirty-tracking.md).
+pub fn check_live(
+    backing: guest_mem::BackingKind,
+    track: Option<crate::dirty::TrackerKind>,
+) -> Result<(), String> {
+    use crate::dirty::TrackerKind;
+    if !backing.uses_fault_engine() {
+        return Err(
+            "a live snapshot needs the fault engine's userfaultfd (synchronous write-protect): \
+                    use --backing memfd or anon, or --snapshot-mode paused"
+                .into(),
+        );
+    }
+    match track {
+        Some(k @ (TrackerKind::UffdWp | TrackerKind::UffdAsync)) => Err(format!(
+            "a live snapshot cannot run with --track {}: both need the VM's userfaultfd write-protect \
+             (use kvm-bitmap or kvm-ring, or --snapshot-mode paused)",
+            k.name()
+        )),
+        _ => Ok(()),
     }
 }
 
@@ -123,6 +151,9 @@ fn write_into(
     mode: SnapshotMode,
     machine: MachineDesc,
 ) -> Result<SnapshotReport, SnapshotError> {
+    if mode == SnapshotMode::Live {
+        return write_live(vm, tmp, machine);
+    }
     let paused_at = Instant::now();
     let vcpus = vm.pause_and_capture().map_err(SnapshotError::Capture);
     let vcpus = match vcpus {
@@ -182,4 +213,114 @@ fn write_into(
         r.pause_us = pause_us;
         r
     })
+}
+
+/// The live snapshot: protect (guest running), pause briefly to capture the
+/// vCPUs and re-protect what was written meanwhile, resume, copy in the
+/// background while write faults copy first.
+fn write_live(
+    vm: &mut VmHandle,
+    tmp: &Path,
+    machine: MachineDesc,
+) -> Result<SnapshotReport, SnapshotError> {
+    let ram_fail = |e: guest_mem::tracking::TrackError| SnapshotError::Capture(e.to_string());
+    vm.ram().live_protect().map_err(ram_fail)?;
+    let abort = |vm: &mut VmHandle, e: SnapshotError| {
+        if let Err(u) = vm.ram().live_finish() {
+            log::error!("removing the snapshot's write protection: {u}");
+        }
+        e
+    };
+    let mem_path = tmp.join("memory.bin");
+    let file = (|| {
+        use std::os::unix::fs::OpenOptionsExt;
+        let f = std::fs::OpenOptions::new()
+            .read(true)
+            .write(true)
+            .create_new(true)
+            .mode(0o600)
+            .open(&mem_path)?;
+        f.set_len(vm.ram().size())?;
+        Ok::<_, std::io::Error>(f)
+    })()
+    .map_err(io(&mem_path));
+    let file = match file {
+        Ok(f) => f,
+        Err(e) => return Err(abort(vm, e)),
+    };
+    // The pause: capture the vCPUs and irqchip, freeze the page set.
+    let paused_at = Instant::now();
+    let vcpus = match vm.pause_and_capture() {
+        Ok(v) => v,
+        Err(e) => {
+            vm.resume();
+            return Err(abort(vm, SnapshotError::Capture(e)));
+        }
+    };
+    let frozen = save_vm(vm.vm_fd())
+        .map_err(|source| SnapshotError::Kvm {
+            what: "reading the irqchip".into(),
+            source,
+        })
+        .and_then(|vm_state| {
+            let f2 = file.try_clone().map_err(io(&mem_path))?;
+            let lc = vm.ram().live_freeze(f2).map_err(ram_fail)?;
+            Ok((vm_state, lc))
+        });
+    let command_seq = vm.command_seqs();
+    vm.resume();
+    let pause_us = paused_at.elapsed().as_micros() as u64;
+    let (vm_state, lc) = match frozen {
+        Ok(v) => v,
+        Err(e) => return Err(abort(vm, e)),
+    };
+    // In the background of the running guest: copy what the faults did not.
+    vm.ram().live_write_all(&lc);
+    if let Err(e) = vm.ram().live_finish() {
+        return Err(SnapshotError::Capture(e.to_string()));
+    }
+    if let Some(e) = lc.error() {
+        return Err(SnapshotError::Io {
+            path: mem_path,
+            source: std::io::Error::other(e),
+        });
+    }
+    let finish = (|| {
+        file.sync_all().map_err(io(&mem_path))?;
+        let chunk_crc = super::memory::MemoryFile::open(&mem_path, vm.ram().size())?.checksums()?;
+        let stats = lc.stats();
+        let id = uuid::Uuid::new_v4();
+        let state = SnapshotState {
+            id: *id.as_bytes(),
+            mode: SnapshotMode::Live.name().into(),
+            machine,
+            vcpus,
+            vm: vm_state,
+            devices: DeviceState { command_seq },
+            markers: Vec::new(),
+            working_set: Vec::new(),
+            memory: MemoryDesc {
+                chunk_bytes: CHUNK_BYTES,
+                chunk_crc,
+                pages_stored: stats.stored,
+            },
+            diff: None,
+        };
+        let (bytes, _crc) = encode(&state)?;
+        let state_path = tmp.join("state.bin");
+        write_new_file(&state_path, &bytes).map_err(io(&state_path))?;
+        fsync_dir(tmp)?;
+        Ok(SnapshotReport {
+            dir: tmp.to_path_buf(),
+            id: id.to_string(),
+            mode: SnapshotMode::Live.name().into(),
+            pause_us,
+            total_us: 0,
+            pages_by_faults: stats.by_faults,
+            pages_by_writer: stats.by_writer,
+            bytes_written: stats.stored * 4096,
+            throughput_bytes_per_s: 0.0,
+        })
+    })();
+    finish
 }

@@ -1,0 +1,207 @@
+//! Copy-before-write for live snapshots.
+//!
+//! The snapshot freezes the set of pages populated at the moment the vCPUs
+//! are paused; from then on each of those pages is copied to the snapshot
+//! file exactly once — by the background writer, or by the fault engine
+//! when a write-protect fault hits it first (copy, then un-protect). Both
+//! claim a page by clearing its bit while holding the page's region lock,
+//! so the page cannot change between the claim and the copy.
+
+use crate::entry::PAGE_SIZE;
+use std::fs::File;
+use std::os::unix::fs::FileExt;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Mutex;
+
+/// The copy-before-write state of one live snapshot.
+#[derive(Debug)]
+pub struct LiveCopy {
+    file: File,
+    needs_copy: Vec<AtomicU64>,
+    pub(crate) by_faults: AtomicU64,
+    pub(crate) by_writer: AtomicU64,
+    pub(crate) stored: AtomicU64,
+    error: Mutex<Option<String>>,
+}
+
+/// What a live copy did.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct LiveCopyStats {
+    /// Pages copied by write faults (before the write went ahead).
+    pub by_faults: u64,
+    /// Pages copied by the background writer.
+    pub by_writer: u64,
+    /// Non-zero pages stored in the file.
+    pub stored: u64,
+}
+
+impl LiveCopy {
+    pub(crate) fn new(file: File, pages: &[u64], ram_pages: u64) -> LiveCopy {
+        let needs_copy: Vec<AtomicU64> = (0..ram_pages.div_ceil(64))
+            .map(|_| AtomicU64::new(0))
+            .collect();
+        for &p in pages {
+            if let Some(w) = needs_copy.get((p / 64) as usize) {
+                w.fetch_or(1 << (p % 64), Ordering::Relaxed);
+            }
+        }
+        LiveCopy {
+            file,
+            needs_copy,
+            by_faults: AtomicU64::new(0),
+            by_writer: AtomicU64::new(0),
+            stored: AtomicU64::new(0),
+            error: Mutex::new(None),
+        }
+    }
+
+    /// Claims page `page` for copying; true if nobody copied it yet.
+    pub(crate) fn claim(&self, page: u64) -> bool {
+        self.needs_copy.get((page / 64) as usize).is_some_and(|w| {
+            w.fetch_and(!(1 << (page % 64)), Ordering::AcqRel) & (1 << (page % 64)) != 0
+        })
+    }
+
+    /// Pages still to copy in word `w` (64 pages from `w * 64`).
+    pub(crate) fn pending_word(&self, w: usize) -> u64 {
+        self.needs_copy
+            .get(w)
+            .map_or(0, |a| a.load(Ordering::Acquire))
+    }
+
+    /// Words in the bitmap.
+    pub(crate) fn words(&self) -> usize {
+        self.needs_copy.len()
+    }
+
+    /// Copies the page at host address `host` (guest page `page`) into the
+    /// file, unless it is all zeros (a hole). The page is present, so
+    /// reading it cannot fault into the userfaultfd.
+    pub(crate) fn copy(&self, page: u64, host: u64) {
+        let mut buf = [0u8; PAGE_SIZE as usize];
+        // SAFETY: `host` is the start of a present page of a live region
+        // mapping (the caller holds the region lock); reading 4 KiB from it
+        // is a plain memory read.
+        unsafe { std::ptr::copy_nonoverlapping(host as *const u8, buf.as_mut_ptr(), buf.len()) };
+        if buf.iter().all(|b| *b == 0) {
+            return;
+        }
+        match self.file.write_all_at(&buf, page * PAGE_SIZE) {
+            Ok(()) => {
+                self.stored.fetch_add(1, Ordering::Relaxed);
+            }
+            Err(e) => {
+                let mut err = self.error.lock().unwrap_or_else(|p| p.into_inner());
+                err.get_or_insert_with(|| {
+                    format!("writing page {:#x} to the snapshot: {e}", page * PAGE_SIZE)
+                });
+            }
+        }
+    }
+
+    /// The first error any copy hit.
+    pub fn error(&self) -> Option<String> {
+        self.error.lock().unwrap_or_else(|p| p.into_inner()).clone()
+    }
+
+    /// Counters so far.
+    pub fn stats(&self) -> LiveCopyStats {
+        LiveCopyStats {
+            by_faults: self.by_faults.load(Ordering::Relaxed),
+            by_writer: self.by_writer.load(Ordering::Relaxed),
+            stored: self.stored.load(Ordering::Relaxed),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use crate::entry::PAGE_SIZE;
+    use crate::ram::{GuestRam, RamConfig};
+    use crate::region::BackingKind;
+    use std::os::unix::fs::FileExt;
+    use std::sync::atomic::{AtomicBool, Ordering};
+    use std::sync::Arc;
+
+    #[test]
+    fn the_file_holds_the_frozen_content_while_writers_run() {
+        for backing in [BackingKind::Memfd, BackingKind::Anon] {
+            let ram = Arc::new(
+                GuestRam::new(
+                    8 << 20,
+                    RamConfig {
+                        backing,
+                        ..RamConfig::default()
+                    },
+                )
+                .expect("ram"),
+            );
+            let pages = 1024u64;
+            let put = |ram: &GuestRam, p: u64, v: u64| {
+                let a = ram.host_addr() + p * PAGE_SIZE;
+                // SAFETY: inside the live mapping of `ram`.
+                unsafe { (a as *mut u64).write_volatile(v) };
+            };
+            for p in 0..pages {
+                put(&ram, p, p + 1);
+            }
+            ram.live_protect().expect("protect");
+            // Writes between protecting and freezing are part of the snapshot.
+            for p in (0..pages).step_by(10) {
+                put(&ram, p, 10_000 + p);
+            }
+            let path = std::env::temp_dir()
+                .join(format!("vmm-live-copy-{}-{backing:?}", std::process::id()));
+            let file = std::fs::OpenOptions::new()
+                .read(true)
+                .write(true)
+                .create(true)
+                .truncate(true)
+                .open(&path)
+                .expect("file");
+            file.set_len(8 << 20).expect("len");
+            let lc = ram
+                .live_freeze(file.try_clone().expect("clone"))
+                .expect("freeze");
+            // After the freeze a writer overwrites the first half (each
+            // first write faults and is copied first), then races the
+            // background copy over the rest.
+            let half_done = Arc::new(AtomicBool::new(false));
+            let writer = {
+                let (ram, half_done) = (ram.clone(), half_done.clone());
+                std::thread::spawn(move || {
+                    for p in (0..pages / 2).chain((pages / 2..pages).rev()) {
+                        let a = ram.host_addr() + p * PAGE_SIZE;
+                        // SAFETY: inside the live mapping.
+                        unsafe { (a as *mut u64).write_volatile(99_999) };
+                        if p == pages / 2 - 1 {
+                            half_done.store(true, Ordering::Release);
+                        }
+                    }
+                })
+            };
+            while !half_done.load(Ordering::Acquire) {
+                std::thread::yield_now();
+            }
+            ram.live_write_all(&lc);
+            writer.join().expect("writer");
+            ram.live_finish().expect("finish");
+            let s = lc.stats();
+            assert_eq!(s.by_faults + s.by_writer, pages, "{s:?}");
+            assert!(
+                s.by_faults >= pages / 2,
+                "the fault path was not exercised: {s:?}"
+            );
+            assert!(lc.error().is_none());
+            for p in 0..pages {
+                let mut b = [0u8; 8];
+                file.read_exact_at(&mut b, p * PAGE_SIZE).expect("read");
+                let want = if p % 10 == 0 { 10_000 + p } else { p + 1 };
+                assert_eq!(u64::from_le_bytes(b), want, "{backing:?} page {p} ({s:?})");
+            }
+            // The writer's later writes went ahead: protection is gone.
+            put(&ram, 5, 5);
+            let _ = std::fs::remove_file(path);
+        }
+    }
+}
