@@ -81,17 +81,33 @@ fn check_round_trip(mode: &str, workload: &str, vcpus: &str) {
     use std::os::unix::fs::{MetadataExt, PermissionsExt};
     assert_eq!(meta.permissions().mode() & 0o777, 0o600);
     assert!(meta.blocks() * 512 < 8 << 20, "memory.bin is not sparse");
-    let o = restore(&dir);
-    let what = format!("{mode} {workload} x{vcpus}");
-    assert_eq!(o.code, 0, "{what}: {}\n{}", o.stdout, o.stderr);
-    let r = o.json();
-    assert_eq!(r["status"], "ok");
-    assert_eq!(r["verify_mismatches"], 0, "{what}");
-    assert_eq!(r["host_verify_mismatches"], 0, "{what}");
-    // The guest went on from where it was to the end of its workload.
-    let total = 192 * 3 * vcpus.parse::<u64>().expect("n");
-    assert_eq!(r["pages_written"], total, "{r}");
-    assert_eq!(r["restore"]["mode"], "eager");
+    for restore_mode in ["eager", "uffd"] {
+        let o = vmm(
+            &[
+                "restore",
+                dir.to_str().expect("utf-8"),
+                "--mode",
+                restore_mode,
+                "--verify",
+                "--json",
+            ],
+            T,
+        );
+        let what = format!("{mode} snapshot, {restore_mode} restore, {workload} x{vcpus}");
+        assert_eq!(o.code, 0, "{what}: {}\n{}", o.stdout, o.stderr);
+        let r = o.json();
+        assert_eq!(r["status"], "ok");
+        assert_eq!(r["verify_mismatches"], 0, "{what}");
+        assert_eq!(r["host_verify_mismatches"], 0, "{what}");
+        // The guest went on from where it was to the end of its workload.
+        let total = 192 * 3 * vcpus.parse::<u64>().expect("n");
+        assert_eq!(r["pages_written"], total, "{r}");
+        assert_eq!(r["restore"]["mode"], restore_mode);
+        if restore_mode == "uffd" {
+            // Lazy: only the execution chunks were loaded up front.
+            assert!(r["memory"]["faults"]["missing"].as_u64().unwrap_or(0) > 0);
+        }
+    }
     let o = vmm(&["inspect", dir.to_str().expect("utf-8"), "--json"], T);
     assert_eq!(o.code, 0, "{}", o.stderr);
     assert_eq!(o.json()["verify_mismatches"], 0);
@@ -226,6 +242,29 @@ fn bad_snapshots_are_refused_clearly() {
         f.write_all_at(&[b[0] ^ 1], 0x40_0000).expect("write");
     }
     expect_bad(&d, "checksum mismatch in chunk 2");
+    // Lazily, the bad chunk is found when the guest first needs it: its
+    // pages are poisoned, the vCPU stops with a memory error, exit 1.
+    let o = vmm(
+        &[
+            "restore",
+            d.to_str().expect("utf-8"),
+            "--mode",
+            "uffd",
+            "--verify",
+            "--json",
+        ],
+        T,
+    );
+    assert_eq!(o.code, 1, "{}", o.stderr);
+    let j = o.json();
+    assert_eq!(j["status"], "memory_error");
+    assert!(
+        j["error"]
+            .as_str()
+            .unwrap_or("")
+            .contains("checksum mismatch in chunk 2"),
+        "{j}"
+    );
 
     // Another format version, with a valid checksum.
     let d = copy("version");

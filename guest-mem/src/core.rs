@@ -61,8 +61,28 @@ pub(crate) struct MemoryCore {
     /// The live snapshot in progress, if any: write-protect faults copy
     /// the page into it before the write goes ahead.
     pub(crate) live_copy: arc_swap::ArcSwapOption<crate::live_copy::LiveCopy>,
+    /// Where missing pages come from when they are not zero (a snapshot
+    /// being restored lazily).
+    pub(crate) page_source: std::sync::OnceLock<Arc<dyn PageSource>>,
+    /// Memory errors met while serving faults (poisoned ranges).
+    pub(crate) memory_errors: Mutex<Vec<String>>,
     vcpu_tids: RwLock<HashMap<u32, u32>>,
     next_id: AtomicU64,
+}
+
+/// A source of page contents for missing faults (instead of zeros).
+pub trait PageSource: Send + Sync {
+    /// Fills `buf` with the guest-physical bytes at `gpa` (page-aligned,
+    /// a whole number of pages, within one 2 MiB leaf table). An error
+    /// means the content cannot be trusted: the pages are poisoned.
+    fn fill(&self, gpa: u64, buf: &mut [u8]) -> Result<(), String>;
+
+    /// Whether the page at `gpa` can be served, without serving it: the VMM
+    /// asks before touching a page itself, since touching a page that a
+    /// failed fill poisons would kill the VMM with SIGBUS.
+    fn check(&self, _gpa: u64) -> Result<(), String> {
+        Ok(())
+    }
 }
 
 /// Write-protect tracking state of the fault engine's userfaultfd.
@@ -93,6 +113,8 @@ impl MemoryCore {
             zero: ZeroSource::new(512 * crate::entry::PAGE_SIZE)?,
             wp_mode: AtomicU8::new(WpMode::Off as u8),
             live_copy: arc_swap::ArcSwapOption::empty(),
+            page_source: std::sync::OnceLock::new(),
+            memory_errors: Mutex::new(Vec::new()),
             vcpu_tids: RwLock::new(HashMap::new()),
             next_id: AtomicU64::new(0),
         })

@@ -20,6 +20,7 @@ pub mod table;
 pub mod tracking;
 pub mod uffd;
 
+pub use core::PageSource;
 pub use entry::{Entry, Flag, Frame, Marker};
 pub use fault::stats::FaultStats;
 pub use ram::{GuestRam, MemoryStats, RamConfig, RamError, RegionStats};

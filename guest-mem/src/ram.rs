@@ -43,6 +43,9 @@ pub enum RamError {
     /// vm-memory refused the region.
     #[error("cannot describe guest memory to vm-memory: {0}")]
     Describe(String),
+    /// The page is poisoned (a memory error).
+    #[error("guest-physical page {0:#x} is poisoned (a memory error)")]
+    Poisoned(u64),
     /// Releasing pages failed.
     #[error("cannot discard guest pages: {0}")]
     Discard(std::io::Error),
@@ -223,6 +226,35 @@ impl GuestRam {
         &self.memory
     }
 
+    /// Serves missing faults from `source` instead of zero pages (lazy
+    /// restore). Must be set before the guest touches memory; a second call
+    /// is refused.
+    pub fn set_page_source(
+        &self,
+        source: Arc<dyn crate::core::PageSource>,
+    ) -> Result<(), RamError> {
+        if !self.config.backing.uses_fault_engine() {
+            return Err(RamError::Describe(
+                "a page source needs the fault engine".into(),
+            ));
+        }
+        self.core
+            .page_source
+            .set(source)
+            .map_err(|_| RamError::Describe("the page source is set already".into()))
+    }
+
+    /// Memory errors met while serving faults (ranges poisoned), drained.
+    pub fn take_memory_errors(&self) -> Vec<String> {
+        std::mem::take(
+            &mut *self
+                .core
+                .memory_errors
+                .lock()
+                .unwrap_or_else(|e| e.into_inner()),
+        )
+    }
+
     /// Records that the calling thread runs vCPU `vcpu`, so faults it takes
     /// are attributed to that vCPU (userfaultfd reports the thread id).
     pub fn register_vcpu_thread(&self, vcpu: u32) {
@@ -357,11 +389,28 @@ impl GuestRam {
         }
     }
 
+    /// Bounds, and rule 12: a poisoned page is an error, never read or
+    /// written (touching it would raise SIGBUS in the VMM itself).
     fn check(&self, addr: u64, len: u64) -> Result<(), RamError> {
-        match addr.checked_add(len) {
-            Some(end) if end <= self.size => Ok(()),
-            _ => Err(RamError::OutOfRange { addr, len }),
+        let end = match addr.checked_add(len) {
+            Some(end) if end <= self.size => end,
+            _ => return Err(RamError::OutOfRange { addr, len }),
+        };
+        let mut page = addr & !(PAGE_SIZE - 1);
+        let source = self.core.page_source.get();
+        while page < end {
+            let e = self.core.table.get(page);
+            if e.marker_kind() == Some(crate::entry::Marker::Poisoned) {
+                return Err(RamError::Poisoned(page));
+            }
+            if let Some(src) = source {
+                if e.is_empty() && src.check(page).is_err() {
+                    return Err(RamError::Poisoned(page));
+                }
+            }
+            page += PAGE_SIZE;
         }
+        Ok(())
     }
 
     /// Copies `data` into guest RAM at `addr`.

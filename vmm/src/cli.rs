@@ -51,7 +51,8 @@ fn parse_snapshot_mode(s: &str) -> Result<SnapshotMode, String> {
 fn parse_restore_mode(s: &str) -> Result<RestoreMode, String> {
     match s {
         "eager" => Ok(RestoreMode::Eager),
-        _ => Err(format!("unknown restore mode {s:?}; available: eager")),
+        "uffd" => Ok(RestoreMode::Uffd),
+        _ => Err(format!("unknown restore mode {s:?}; one of: eager, uffd")),
     }
 }
 
@@ -61,7 +62,9 @@ pub struct RestoreArgs {
     /// The snapshot directory.
     pub dir: PathBuf,
     /// How memory comes back: eager (read everything and check every
-    /// checksum before the guest runs).
+    /// checksum before the guest runs) or uffd (serve each missing page from
+    /// memory.bin through the fault engine, checking a chunk's checksum when
+    /// it is first served from).
     #[arg(long, default_value = "eager", value_parser = parse_restore_mode)]
     pub mode: RestoreMode,
     /// Have the guest run its consistency check at its next poll point.

@@ -33,6 +33,8 @@ pub enum RunStatus {
     TrackingMissedWrites,
     /// A snapshot could not be written (the guest ran on).
     SnapshotFailed,
+    /// Guest memory could not be served (poisoned: a failed checksum or read).
+    MemoryError,
 }
 
 impl RunStatus {

@@ -992,6 +992,11 @@ impl Supervisor {
                 verify_mismatches: self.verify.get(i).copied().flatten(),
             });
         }
+        let memory_errors = ram.take_memory_errors();
+        if let Some(e) = memory_errors.first() {
+            status = RunStatus::MemoryError;
+            error = Some(format!("memory error: {e}"));
+        }
         if let Some(e) = self.handle.snapshot_errors.first() {
             if status == RunStatus::Ok {
                 status = RunStatus::SnapshotFailed;

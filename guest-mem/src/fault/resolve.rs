@@ -2,7 +2,7 @@
 //! populate the faulting page and its fault-around neighbours, record them.
 
 use crate::core::{MemoryCore, WpMode};
-use crate::entry::{Entry, Flag, Frame, PAGE_SIZE};
+use crate::entry::{Entry, Flag, Frame, Marker, PAGE_SIZE};
 use crate::fault::stats::FaultCounters;
 use crate::region::{BackingKind, Region};
 use crate::uffd::sys::{
@@ -138,12 +138,30 @@ impl MemoryCore {
         // would see); the faulting page of a write is then un-protected
         // below and recorded dirty.
         let tracking = self.wp_mode() != WpMode::Off;
+        // Lazy restore: the content comes from the snapshot, not zeros.
+        let sourced = match self.page_source.get() {
+            Some(src) => {
+                let mut buf = vec![0u8; (end - start) as usize];
+                match src.fill(start, &mut buf) {
+                    Ok(()) => Some(buf),
+                    Err(why) => {
+                        self.poison(region, start, end, &why);
+                        return;
+                    }
+                }
+            }
+            None => None,
+        };
         let mut cur = start;
         let mut retries = 0;
         while cur < end {
             let len = end - cur;
             let host = region.host_of(cur);
-            let result = if tracking {
+            let result = if let Some(buf) = &sourced {
+                let src = buf[(cur - start) as usize..].as_ptr();
+                let wp = if tracking { UFFDIO_COPY_MODE_WP } else { 0 };
+                uffd.copy(host, src, len, UFFDIO_COPY_MODE_DONTWAKE | wp)
+            } else if tracking {
                 uffd.copy(
                     host,
                     self.zero.as_ptr(),
@@ -165,7 +183,14 @@ impl MemoryCore {
                 }
             };
             let done = done - done % PAGE_SIZE;
-            self.record_populated(region, cur, done / PAGE_SIZE, gpa, write, tracking);
+            self.record_populated(
+                region,
+                cur,
+                done / PAGE_SIZE,
+                gpa,
+                write || sourced.is_some(),
+                tracking,
+            );
             cur += done;
             match errno {
                 None => {}
@@ -192,6 +217,28 @@ impl MemoryCore {
         }
         if let Err(e) = uffd.wake(region.host_of(start), end - start) {
             log::error!("waking the fault at {gpa:#x}: {e}");
+        }
+    }
+
+    /// Rule 12's markers: `[start, end)` cannot be served (its content
+    /// failed a check): install poison, record it, never hand out zeros.
+    fn poison(&self, region: &Region, start: u64, end: u64, why: &str) {
+        let Some(uffd) = &self.uffd else { return };
+        log::error!("poisoning guest memory {start:#x}..{end:#x}: {why}");
+        if let Err(e) = uffd.poison(region.host_of(start), end - start) {
+            log::error!("UFFDIO_POISON {start:#x}..{end:#x}: {e}");
+        }
+        let mut gpa = start;
+        while gpa < end {
+            let _ = self.table.set(gpa, Entry::marker(Marker::Poisoned, 0));
+            gpa += PAGE_SIZE;
+        }
+        self.memory_errors
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .push(format!("{start:#x}..{end:#x}: {why}"));
+        if let Err(e) = uffd.wake(region.host_of(start), end - start) {
+            log::error!("waking after poisoning {start:#x}: {e}");
         }
     }
 

@@ -6,8 +6,8 @@
 //! vCPU, and hand the machine to the supervisor: the guest continues its
 //! workload where it was.
 
-use super::memory::MemoryFile;
-use super::state::{restore_vcpu, restore_vm, SnapshotState};
+use super::memory::{LazySource, MemoryFile};
+use super::state::{execution_chunks, restore_vcpu, restore_vm, SnapshotState, CHUNK_BYTES};
 use super::{read_state, SnapshotError};
 use crate::config::{KernelSource, VmConfig};
 use crate::report::RunReport;
@@ -27,6 +27,9 @@ use std::time::Instant;
 pub enum RestoreMode {
     /// Read everything and check every checksum before the guest runs.
     Eager,
+    /// Serve missing faults from `memory.bin` through the fault engine,
+    /// checking each chunk's checksum when it is first served from.
+    Uffd,
 }
 
 impl RestoreMode {
@@ -34,6 +37,7 @@ impl RestoreMode {
     pub fn name(self) -> &'static str {
         match self {
             RestoreMode::Eager => "eager",
+            RestoreMode::Uffd => "uffd",
         }
     }
 }
@@ -132,6 +136,36 @@ fn config_of(state: &SnapshotState) -> Result<VmConfig, SnapshotError> {
     })
 }
 
+/// Lazy restore: brings in the recorded working set (and the vCPUs'
+/// execution chunks) through the fault engine before the vCPUs run, in the
+/// recorded order. Returns the pages prefetched.
+fn prefetch(ram: &GuestRam, state: &SnapshotState) -> Result<u64, RunError> {
+    let chunks = execution_chunks(&state.vcpus, state.machine.mem_bytes);
+    let mut pages: Vec<u64> = state.working_set.clone();
+    for c in chunks {
+        let first = c * CHUNK_BYTES / 4096;
+        pages.extend(first..(first + CHUNK_BYTES / 4096).min(state.machine.mem_bytes / 4096));
+    }
+    let mut seen = std::collections::HashSet::new();
+    let mut word = [0u8; 8];
+    let mut n = 0;
+    for p in pages {
+        if seen.insert(p) {
+            // A read faults the page in from the snapshot (fault-around
+            // brings its neighbours).
+            ram.read(p * 4096, &mut word)?;
+            n += 1;
+        }
+    }
+    if let Some(e) = ram.take_memory_errors().first() {
+        return Err(SnapshotError::Memory(super::memory::MemoryFileError::Io(
+            std::io::Error::other(format!("the snapshot's working set cannot be served: {e}")),
+        ))
+        .into());
+    }
+    Ok(n)
+}
+
 /// Restores the snapshot in `dir` and runs the guest to the end of its
 /// workload.
 pub fn restore(
@@ -155,6 +189,11 @@ pub fn restore(
         ))
         .into());
     }
+    let mut config = config;
+    if opts.mode == RestoreMode::Uffd && !config.ram.backing.uses_fault_engine() {
+        // Lazy restore needs the fault engine: plain memory becomes memfd.
+        config.ram.backing = BackingKind::Memfd;
+    }
     let ram = Arc::new(GuestRam::new(config.mem_bytes, config.ram)?);
     let created = Instant::now();
     let vm = Arc::new(create_vm(&kvm, &ram, config.vcpus)?);
@@ -162,6 +201,11 @@ pub fn restore(
         RestoreMode::Eager => memory
             .load_into(Some(&ram), &state.memory.chunk_crc)
             .map_err(SnapshotError::from)?,
+        RestoreMode::Uffd => {
+            let source = Arc::new(LazySource::new(memory, state.memory.chunk_crc.clone()));
+            ram.set_page_source(source)?;
+            prefetch(&ram, &state)?
+        }
     };
     restore_vm(&vm, &state.vm).map_err(|source| SnapshotError::Kvm {
         what: "restoring the irqchip".into(),

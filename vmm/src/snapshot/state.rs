@@ -392,3 +392,37 @@ pub fn fnv1a_hex(bytes: &[u8]) -> String {
     }
     format!("{h:016x}")
 }
+
+/// The 2 MiB chunks a vCPU needs to run at all: those holding its
+/// instruction pointer, stack pointer and page-table root. KVM on hosts
+/// without hardware virtualization cannot take a userfaultfd fault on an
+/// instruction fetch, so a lazy restore loads these before the vCPUs run.
+pub fn execution_chunks(vcpus: &[SavedVcpu], mem_bytes: u64) -> Vec<u64> {
+    let mut chunks: Vec<u64> = vcpus
+        .iter()
+        .flat_map(|v| {
+            [
+                v.regs.rip,
+                v.regs.rsp.saturating_sub(8),
+                v.sregs.cr3,
+                v.sregs.gdt.base,
+            ]
+        })
+        .filter(|a| *a < mem_bytes)
+        .map(|a| a / CHUNK_BYTES)
+        .collect();
+    chunks.sort_unstable();
+    chunks.dedup();
+    chunks
+}
+
+/// The working set to prefetch: the stored pages (`populated`, guest page
+/// numbers) inside the vCPUs' execution chunks.
+pub fn working_set(vcpus: &[SavedVcpu], mem_bytes: u64, populated: &[u64]) -> Vec<u64> {
+    let chunks = execution_chunks(vcpus, mem_bytes);
+    populated
+        .iter()
+        .copied()
+        .filter(|p| chunks.binary_search(&(p * 4096 / CHUNK_BYTES)).is_ok())
+        .collect()
+}

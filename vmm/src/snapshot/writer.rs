@@ -8,6 +8,7 @@
 //! removed and the guest runs on unaffected.
 
 use super::memory::{write_memory, write_new_file};
+use super::state::working_set;
 use super::state::{
     encode, save_vm, DeviceState, MachineDesc, MemoryDesc, SnapshotState, CHUNK_BYTES,
 };
@@ -171,7 +172,9 @@ fn write_into(
             source,
         })?;
         let mem_path = tmp.join("memory.bin");
+        let populated = vm.ram().populated_pages();
         let written = write_memory(vm.ram(), &mem_path)?;
+        let working_set = working_set(&vcpus, vm.ram().size(), &populated);
         let id = uuid::Uuid::new_v4();
         let state = SnapshotState {
             id: *id.as_bytes(),
@@ -183,7 +186,7 @@ fn write_into(
                 command_seq: vm.command_seqs(),
             },
             markers: Vec::new(),
-            working_set: Vec::new(),
+            working_set,
             memory: MemoryDesc {
                 chunk_bytes: CHUNK_BYTES,
                 chunk_crc: written.chunk_crc,
@@ -268,6 +271,7 @@ fn write_live(
             Ok((vm_state, lc))
         });
     let command_seq = vm.command_seqs();
+    let working_set = working_set(&vcpus, vm.ram().size(), &vm.ram().populated_pages());
     vm.resume();
     let pause_us = paused_at.elapsed().as_micros() as u64;
     let (vm_state, lc) = match frozen {
@@ -298,7 +302,7 @@ fn write_live(
             vm: vm_state,
             devices: DeviceState { command_seq },
             markers: Vec::new(),
-            working_set: Vec::new(),
+            working_set,
             memory: MemoryDesc {
                 chunk_bytes: CHUNK_BYTES,
                 chunk_crc,

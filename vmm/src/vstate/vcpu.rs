@@ -104,6 +104,16 @@ pub enum VcpuFault {
         /// Register dump.
         regs: String,
     },
+    /// The guest touched a poisoned page (a memory error).
+    #[error("vCPU {vcpu}: memory error: guest-physical address {addr:#x} is poisoned; {regs}")]
+    MemoryError {
+        /// The vCPU.
+        vcpu: u32,
+        /// The address.
+        addr: u64,
+        /// Register dump.
+        regs: String,
+    },
     /// The guest broke the control-port protocol.
     #[error("vCPU {vcpu}: guest protocol error: {what}")]
     Protocol {
@@ -305,6 +315,13 @@ impl VcpuRunner {
                 }
                 Ok(VcpuExit::MmioRead(addr, _)) | Ok(VcpuExit::MmioWrite(addr, _)) => {
                     let regs = describe_registers(&self.fd);
+                    // This host reports an access to a poisoned page as MMIO
+                    // at its address: look the page up in the table.
+                    let page = addr & !0xfff;
+                    if self.ram.table().get(page).marker_kind() == Some(guest_mem::Marker::Poisoned)
+                    {
+                        return VcpuOutcome::Fault(VcpuFault::MemoryError { vcpu, addr, regs });
+                    }
                     return VcpuOutcome::Fault(VcpuFault::Unmapped { vcpu, addr, regs });
                 }
                 Ok(other) => {
