@@ -390,3 +390,20 @@ fn a_failed_snapshot_leaves_nothing_and_the_guest_runs_on() {
         "a snapshot directory was left behind: {listing}"
     );
 }
+
+#[test]
+fn snapshot_and_restore_benches_run() {
+    let o = vmm(
+        &["bench", "snapshot", "--wp-sizes", "16M", "--mem", "64M"],
+        T,
+    );
+    assert_eq!(o.code, 0, "{}\n{}", o.stdout, o.stderr);
+    assert!(
+        o.stdout.contains("wp-unpopulated")
+            && o.stdout.contains("live")
+            && o.stdout.contains("paused")
+    );
+    let o = vmm(&["bench", "restore", "--sizes", "64M", "--runs", "1"], T);
+    assert_eq!(o.code, 0, "{}\n{}", o.stdout, o.stderr);
+    assert!(o.stdout.contains("eager") && o.stdout.contains("uffd"));
+}

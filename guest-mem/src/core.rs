@@ -61,6 +61,9 @@ pub(crate) struct MemoryCore {
     /// The live snapshot in progress, if any: write-protect faults copy
     /// the page into it before the write goes ahead.
     pub(crate) live_copy: arc_swap::ArcSwapOption<crate::live_copy::LiveCopy>,
+    /// Between a live snapshot's protect and its freeze: the pages that
+    /// became writable (written, or populated) and must be protected again.
+    pub(crate) live_window: Mutex<Option<Vec<u64>>>,
     /// Where missing pages come from when they are not zero (a snapshot
     /// being restored lazily).
     pub(crate) page_source: std::sync::OnceLock<Arc<dyn PageSource>>,
@@ -113,6 +116,7 @@ impl MemoryCore {
             zero: ZeroSource::new(512 * crate::entry::PAGE_SIZE)?,
             wp_mode: AtomicU8::new(WpMode::Off as u8),
             live_copy: arc_swap::ArcSwapOption::empty(),
+            live_window: Mutex::new(None),
             page_source: std::sync::OnceLock::new(),
             memory_errors: Mutex::new(Vec::new()),
             vcpu_tids: RwLock::new(HashMap::new()),
@@ -125,6 +129,29 @@ impl MemoryCore {
             1 => WpMode::Sync,
             2 => WpMode::Async,
             _ => WpMode::Off,
+        }
+    }
+
+    /// Notes pages a live snapshot must re-protect or must not copy.
+    pub(crate) fn note_unprotected(&self, start: u64, end: u64) {
+        if let Some(lc) = self.live_copy.load_full() {
+            let mut gpa = start;
+            while gpa < end {
+                lc.mark_born(gpa / crate::entry::PAGE_SIZE);
+                gpa += crate::entry::PAGE_SIZE;
+            }
+        }
+        if let Some(w) = self
+            .live_window
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .as_mut()
+        {
+            let mut gpa = start;
+            while gpa < end {
+                w.push(gpa);
+                gpa += crate::entry::PAGE_SIZE;
+            }
         }
     }
 

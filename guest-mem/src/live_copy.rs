@@ -1,11 +1,14 @@
 //! Copy-before-write for live snapshots.
 //!
-//! The snapshot freezes the set of pages populated at the moment the vCPUs
-//! are paused; from then on each of those pages is copied to the snapshot
-//! file exactly once — by the background writer, or by the fault engine
-//! when a write-protect fault hits it first (copy, then un-protect). Both
-//! claim a page by clearing its bit while holding the page's region lock,
-//! so the page cannot change between the claim and the copy.
+//! The snapshot's content is guest memory at the moment the vCPUs are
+//! paused. From then on each page populated at that moment is copied to the
+//! snapshot file exactly once — by the background writer, or by the fault
+//! engine when a write-protect fault hits it first (copy, then un-protect).
+//! Both claim a page by setting its "copied" bit while holding the page's
+//! region lock, so the page cannot change between the claim and the copy.
+//! Pages populated after the freeze are marked "born" by the fault engine
+//! and never copied (they were zero, a hole). Nothing in the pause walks
+//! the pages: its cost does not grow with memory size.
 
 use crate::entry::PAGE_SIZE;
 use std::fs::File;
@@ -17,7 +20,10 @@ use std::sync::Mutex;
 #[derive(Debug)]
 pub struct LiveCopy {
     file: File,
-    needs_copy: Vec<AtomicU64>,
+    /// Pages copied (by the writer or a fault).
+    copied: Vec<AtomicU64>,
+    /// Pages populated after the freeze (not part of the snapshot).
+    born: Vec<AtomicU64>,
     pub(crate) by_faults: AtomicU64,
     pub(crate) by_writer: AtomicU64,
     pub(crate) stored: AtomicU64,
@@ -36,18 +42,16 @@ pub struct LiveCopyStats {
 }
 
 impl LiveCopy {
-    pub(crate) fn new(file: File, pages: &[u64], ram_pages: u64) -> LiveCopy {
-        let needs_copy: Vec<AtomicU64> = (0..ram_pages.div_ceil(64))
-            .map(|_| AtomicU64::new(0))
-            .collect();
-        for &p in pages {
-            if let Some(w) = needs_copy.get((p / 64) as usize) {
-                w.fetch_or(1 << (p % 64), Ordering::Relaxed);
-            }
-        }
+    pub(crate) fn new(file: File, ram_pages: u64) -> LiveCopy {
+        let bits = || {
+            (0..ram_pages.div_ceil(64))
+                .map(|_| AtomicU64::new(0))
+                .collect()
+        };
         LiveCopy {
             file,
-            needs_copy,
+            copied: bits(),
+            born: bits(),
             by_faults: AtomicU64::new(0),
             by_writer: AtomicU64::new(0),
             stored: AtomicU64::new(0),
@@ -55,46 +59,76 @@ impl LiveCopy {
         }
     }
 
-    /// Claims page `page` for copying; true if nobody copied it yet.
+    /// Records that `page` was populated after the freeze: its content is
+    /// not part of the snapshot (it was zero then).
+    pub(crate) fn mark_born(&self, page: u64) {
+        if let Some(w) = self.born.get((page / 64) as usize) {
+            w.fetch_or(1 << (page % 64), Ordering::AcqRel);
+        }
+    }
+
+    /// Claims page `page` for copying: true if it belongs to the snapshot
+    /// (populated before the freeze) and nobody copied it yet. The caller
+    /// holds the page's region lock.
     pub(crate) fn claim(&self, page: u64) -> bool {
-        self.needs_copy.get((page / 64) as usize).is_some_and(|w| {
-            w.fetch_and(!(1 << (page % 64)), Ordering::AcqRel) & (1 << (page % 64)) != 0
-        })
-    }
-
-    /// Pages still to copy in word `w` (64 pages from `w * 64`).
-    pub(crate) fn pending_word(&self, w: usize) -> u64 {
-        self.needs_copy
+        let (w, bit) = ((page / 64) as usize, 1u64 << (page % 64));
+        if self
+            .born
             .get(w)
-            .map_or(0, |a| a.load(Ordering::Acquire))
-    }
-
-    /// Words in the bitmap.
-    pub(crate) fn words(&self) -> usize {
-        self.needs_copy.len()
+            .is_none_or(|b| b.load(Ordering::Acquire) & bit != 0)
+        {
+            return false;
+        }
+        self.copied
+            .get(w)
+            .is_some_and(|c| c.fetch_or(bit, Ordering::AcqRel) & bit == 0)
     }
 
     /// Copies the page at host address `host` (guest page `page`) into the
     /// file, unless it is all zeros (a hole). The page is present, so
     /// reading it cannot fault into the userfaultfd.
     pub(crate) fn copy(&self, page: u64, host: u64) {
-        let mut buf = [0u8; PAGE_SIZE as usize];
-        // SAFETY: `host` is the start of a present page of a live region
-        // mapping (the caller holds the region lock); reading 4 KiB from it
-        // is a plain memory read.
-        unsafe { std::ptr::copy_nonoverlapping(host as *const u8, buf.as_mut_ptr(), buf.len()) };
-        if buf.iter().all(|b| *b == 0) {
-            return;
-        }
-        match self.file.write_all_at(&buf, page * PAGE_SIZE) {
-            Ok(()) => {
-                self.stored.fetch_add(1, Ordering::Relaxed);
+        self.copy_run(page, host, 1);
+    }
+
+    /// Copies `n` consecutive claimed pages starting at guest page `page`
+    /// (host address `host`), writing each run of non-zero pages with one
+    /// `pwrite` (zero pages stay holes). The pages are present and the
+    /// caller holds their region lock.
+    pub(crate) fn copy_run(&self, page: u64, host: u64, n: u64) {
+        let len = (n * PAGE_SIZE) as usize;
+        let mut buf = vec![0u8; len];
+        // SAFETY: `host..host + len` are present pages of a live region
+        // mapping (the caller holds the region lock); a plain memory read.
+        unsafe { std::ptr::copy_nonoverlapping(host as *const u8, buf.as_mut_ptr(), len) };
+        let pages: Vec<&[u8]> = buf.chunks(PAGE_SIZE as usize).collect();
+        let mut i = 0;
+        while i < pages.len() {
+            if pages[i].iter().all(|b| *b == 0) {
+                i += 1;
+                continue;
             }
-            Err(e) => {
-                let mut err = self.error.lock().unwrap_or_else(|p| p.into_inner());
-                err.get_or_insert_with(|| {
-                    format!("writing page {:#x} to the snapshot: {e}", page * PAGE_SIZE)
-                });
+            let first = i;
+            while i < pages.len() && !pages[i].iter().all(|b| *b == 0) {
+                i += 1;
+            }
+            let bytes = &buf[first * PAGE_SIZE as usize..i * PAGE_SIZE as usize];
+            match self
+                .file
+                .write_all_at(bytes, (page + first as u64) * PAGE_SIZE)
+            {
+                Ok(()) => {
+                    self.stored.fetch_add((i - first) as u64, Ordering::Relaxed);
+                }
+                Err(e) => {
+                    let mut err = self.error.lock().unwrap_or_else(|p| p.into_inner());
+                    err.get_or_insert_with(|| {
+                        format!(
+                            "writing page {:#x} to the snapshot: {e}",
+                            (page + first as u64) * PAGE_SIZE
+                        )
+                    });
+                }
             }
         }
     }

@@ -97,6 +97,10 @@ pub enum BenchCommand {
     /// Compare every dirty-tracking backend against no tracking, guest- and
     /// host-driven, side by side.
     Dirty(bench::dirty::DirtyBenchArgs),
+    /// Write-protect methods, live and paused snapshots side by side.
+    Snapshot(bench::snapshot::SnapshotBenchArgs),
+    /// Restore in each mode: time to the first I/O exit and to a verified end.
+    Restore(bench::snapshot::RestoreBenchArgs),
 }
 
 fn parse_mem(s: &str) -> Result<u64, String> {
@@ -335,5 +339,7 @@ pub fn main(args: impl IntoIterator<Item = OsString>) -> i32 {
         CliCommand::Bench(BenchCommand::Boot(args)) => bench::boot::main(&args),
         CliCommand::Bench(BenchCommand::Faults(args)) => bench::faults::main(&args),
         CliCommand::Bench(BenchCommand::Dirty(args)) => bench::dirty::main(&args),
+        CliCommand::Bench(BenchCommand::Snapshot(args)) => bench::snapshot::main(&args),
+        CliCommand::Bench(BenchCommand::Restore(args)) => bench::snapshot::restore_main(&args),
     }
 }

@@ -267,6 +267,15 @@ impl VmHandle {
         }
         let epoch = self.capture.request();
         self.pause().map_err(|e| e.to_string())?;
+        // vCPUs already parked by an earlier pause capture when poked.
+        let start = Instant::now();
+        while !self.capture.complete(epoch) {
+            if start.elapsed() > PAUSE_TIMEOUT {
+                break;
+            }
+            self.control.poke();
+            std::thread::sleep(Duration::from_micros(100));
+        }
         self.capture.take(epoch)
     }
 

@@ -215,6 +215,10 @@ impl MemoryCore {
                 log::error!("un-protecting {gpa:#x}: {e}");
             }
         }
+        // A live snapshot must know about pages that appear unprotected.
+        if !tracking {
+            self.note_unprotected(start, cur.min(end));
+        }
         if let Err(e) = uffd.wake(region.host_of(start), end - start) {
             log::error!("waking the fault at {gpa:#x}: {e}");
         }
@@ -294,6 +298,14 @@ impl MemoryCore {
                 lc.by_faults
                     .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
             }
+        } else if let Some(w) = self
+            .live_window
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .as_mut()
+        {
+            // Written between a live snapshot's protect and its freeze.
+            w.push(gpa);
         }
         let writable = !region.flags.read_only;
         let frame = Frame((gpa - region.gpa) / PAGE_SIZE);

@@ -194,8 +194,8 @@ impl GuestRam {
     }
 
     /// Live snapshot, step 1 (guest running): write-protect all of guest
-    /// RAM. Pages the guest writes meanwhile fault and are un-protected (and
-    /// seen as such by [`GuestRam::live_freeze`]).
+    /// RAM; pages that become writable meanwhile (written, or populated) are
+    /// remembered for [`GuestRam::live_freeze`].
     pub fn live_protect(&self) -> Result<(), TrackError> {
         if self.wp_async() {
             return Err(TrackError::WrongMode {
@@ -203,12 +203,26 @@ impl GuestRam {
                 needed: "without WP_ASYNC (synchronous write-protect)",
             });
         }
-        self.protect_all()
+        *self
+            .core
+            .live_window
+            .lock()
+            .unwrap_or_else(|e| e.into_inner()) = Some(Vec::new());
+        let r = self.protect_all();
+        if r.is_err() {
+            *self
+                .core
+                .live_window
+                .lock()
+                .unwrap_or_else(|e| e.into_inner()) = None;
+        }
+        r
     }
 
-    /// Live snapshot, step 2 (vCPUs paused): the pages populated now are the
-    /// ones the snapshot saves; those written since [`GuestRam::live_protect`]
-    /// are protected again; write-protect faults now copy before writing.
+    /// Live snapshot, step 2 (vCPUs paused): protects again only the pages
+    /// that became writable since [`GuestRam::live_protect`], then installs
+    /// copy-before-write. No walk over all pages: the pause does not grow
+    /// with memory size.
     pub fn live_freeze(
         &self,
         file: std::fs::File,
@@ -218,45 +232,64 @@ impl GuestRam {
             .uffd
             .as_ref()
             .ok_or(TrackError::NoFaultEngine("a live snapshot"))?;
-        let pages = self.populated_pages();
-        let lc = std::sync::Arc::new(crate::live_copy::LiveCopy::new(
-            file,
-            &pages,
-            self.size() / PAGE_SIZE,
-        ));
+        let mut window = self
+            .core
+            .live_window
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .take()
+            .unwrap_or_default();
+        window.sort_unstable();
+        window.dedup();
         for r in self.regions() {
             let _g = r.lock.lock().unwrap_or_else(|e| e.into_inner());
-            let mut c = Collect(Vec::new(), |e: Entry| e.is_present() && !e.is_uffd_wp());
-            self.core.table.walk_range(r.gpa, r.gpa + r.size, &mut c);
-            for (s, e) in runs(&c.0) {
+            let mine: Vec<u64> = window
+                .iter()
+                .copied()
+                .filter(|g| r.contains_gpa(*g))
+                .collect();
+            for (s, e) in runs(&mine) {
                 uffd.write_protect(r.host_of(s), e - s, true)?;
             }
-            for gpa in c.0 {
-                let _ = self.core.table.update(gpa, |e| Some(e.write_protected()));
+            for gpa in mine {
+                let _ = self
+                    .core
+                    .table
+                    .update(gpa, |e| e.is_present().then(|| e.write_protected()));
             }
         }
+        let lc = std::sync::Arc::new(crate::live_copy::LiveCopy::new(
+            file,
+            self.size() / PAGE_SIZE,
+        ));
         self.core.live_copy.store(Some(lc.clone()));
         Ok(lc)
     }
 
-    /// Live snapshot, step 3 (guest running): copies every page not yet
-    /// copied, a 64-page group at a time under the page's region lock.
+    /// Live snapshot, step 3 (guest running): copies every page of the
+    /// snapshot not yet copied, a leaf table (512 pages) at a time under
+    /// the region's lock, walking only populated tables.
     pub fn live_write_all(&self, lc: &crate::live_copy::LiveCopy) {
-        let regions = self.regions();
-        for w in 0..lc.words() {
-            if lc.pending_word(w) == 0 {
-                continue;
-            }
-            let first = w as u64 * 64;
-            let Some(r) = regions.iter().find(|r| r.contains_gpa(first * PAGE_SIZE)) else {
-                continue;
-            };
-            let _g = r.lock.lock().unwrap_or_else(|e| e.into_inner());
-            for page in first..first + 64 {
-                if r.contains_gpa(page * PAGE_SIZE) && lc.claim(page) {
-                    lc.copy(page, r.host_of(page * PAGE_SIZE));
-                    lc.by_writer.fetch_add(1, Ordering::Relaxed);
+        for r in self.regions() {
+            let mut start = r.gpa;
+            let end = r.gpa + r.size;
+            while start < end {
+                let stop = (((start / (2 << 20)) + 1) * (2 << 20)).min(end);
+                let mut c = Collect(Vec::new(), |e: Entry| e.is_present());
+                self.core.table.walk_range(start, stop, &mut c);
+                if !c.0.is_empty() {
+                    let _g = r.lock.lock().unwrap_or_else(|e| e.into_inner());
+                    let claimed: Vec<u64> =
+                        c.0.into_iter()
+                            .filter(|gpa| lc.claim(gpa / PAGE_SIZE))
+                            .collect();
+                    lc.by_writer
+                        .fetch_add(claimed.len() as u64, Ordering::Relaxed);
+                    for (s, e) in runs(&claimed) {
+                        lc.copy_run(s / PAGE_SIZE, r.host_of(s), (e - s) / PAGE_SIZE);
+                    }
                 }
+                start = stop;
             }
         }
     }
@@ -265,6 +298,11 @@ impl GuestRam {
     /// removed everywhere.
     pub fn live_finish(&self) -> Result<(), TrackError> {
         self.core.live_copy.store(None);
+        *self
+            .core
+            .live_window
+            .lock()
+            .unwrap_or_else(|e| e.into_inner()) = None;
         self.stop_wp_tracking()
     }
 

@@ -97,16 +97,42 @@ pub fn write_memory(ram: &GuestRam, path: &Path) -> Result<WrittenMemory, Memory
         .open(path)?;
     file.set_len(ram.size())?;
     let mut sums = ChunkSums::new(ram.size());
-    let mut buf = vec![0u8; PAGE as usize];
     let mut stored = 0;
-    for page in ram.populated_pages() {
-        ram.read(page * PAGE, &mut buf)?;
-        if is_zero(&buf) {
-            continue;
+    let pages = ram.populated_pages();
+    // Runs of consecutive populated pages, at most 2 MiB each: one read
+    // from guest memory, one write per run of non-zero pages.
+    let mut i = 0;
+    let mut buf = vec![0u8; CHUNK_BYTES as usize];
+    while i < pages.len() {
+        let first = pages[i];
+        let mut n = 1;
+        while i + n < pages.len()
+            && pages[i + n] == first + n as u64
+            && (n as u64) < CHUNK_BYTES / PAGE
+        {
+            n += 1;
         }
-        file.write_all_at(&buf, page * PAGE)?;
-        sums.add(page, &buf);
-        stored += 1;
+        let bytes = &mut buf[..n * PAGE as usize];
+        ram.read(first * PAGE, bytes)?;
+        let mut j = 0;
+        while j < n {
+            let page = |k: usize| &bytes[k * PAGE as usize..(k + 1) * PAGE as usize];
+            if is_zero(page(j)) {
+                j += 1;
+                continue;
+            }
+            let start = j;
+            while j < n && !is_zero(page(j)) {
+                sums.add(first + j as u64, page(j));
+                j += 1;
+            }
+            file.write_all_at(
+                &bytes[start * PAGE as usize..j * PAGE as usize],
+                (first + start as u64) * PAGE,
+            )?;
+            stored += (j - start) as u64;
+        }
+        i += n;
     }
     file.sync_all()?;
     Ok(WrittenMemory {

@@ -60,8 +60,10 @@ pub struct RestoreReport {
     pub snapshot_id: String,
     /// µs to read, check and load the snapshot.
     pub load_us: u64,
-    /// Pages loaded.
+    /// Pages loaded (eager) or prefetched (uffd) before the vCPUs ran.
     pub pages_loaded: u64,
+    /// µs from the start of the restore to the guest's first I/O exit.
+    pub first_io_us: Option<u64>,
 }
 
 /// Leaf-1 and leaf-7 feature bits the snapshot's CPUID has that this host's
@@ -232,6 +234,7 @@ pub fn restore(
         snapshot_id: uuid::Uuid::from_bytes(state.id).to_string(),
         load_us: start.elapsed().as_micros() as u64,
         pages_loaded,
+        first_io_us: None,
     };
     let machine = Machine {
         ram,
@@ -245,6 +248,9 @@ pub fn restore(
         restored: true,
     };
     let initial = opts.verify.then_some(CommandOp::Verify);
+    let created_us = created.duration_since(start).as_micros() as u64;
     let report = supervise(&config, machine, hooks, sink, signals, initial)?;
+    let mut restore_report = restore_report;
+    restore_report.first_io_us = report.boot_us.map(|b| created_us + b);
     Ok((report, restore_report))
 }

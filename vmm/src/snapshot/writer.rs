@@ -271,9 +271,11 @@ fn write_live(
             Ok((vm_state, lc))
         });
     let command_seq = vm.command_seqs();
-    let working_set = working_set(&vcpus, vm.ram().size(), &vm.ram().populated_pages());
     vm.resume();
     let pause_us = paused_at.elapsed().as_micros() as u64;
+    // Outside the pause: pages populated since are a superset, which only
+    // makes the prefetch a little larger.
+    let working_set = working_set(&vcpus, vm.ram().size(), &vm.ram().populated_pages());
     let (vm_state, lc) = match frozen {
         Ok(v) => v,
         Err(e) => return Err(abort(vm, e)),

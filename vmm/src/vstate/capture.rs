@@ -50,6 +50,14 @@ impl CaptureSlots {
         }
     }
 
+    /// True when every vCPU has answered request `epoch`.
+    pub fn complete(&self, epoch: u64) -> bool {
+        let slots = self.slots.lock().unwrap_or_else(|e| e.into_inner());
+        slots
+            .iter()
+            .all(|s| s.as_ref().is_some_and(|s| s.0 == epoch))
+    }
+
     /// Takes the captures of `epoch`, one per vCPU, in index order.
     pub fn take(&self, epoch: u64) -> Result<Vec<SavedVcpu>, String> {
         let mut slots = self.slots.lock().unwrap_or_else(|e| e.into_inner());

@@ -78,6 +78,13 @@ impl VcpuControl {
                     self.changed.notify_all();
                     while s.request == Request::Pause {
                         s = self.changed.wait(s).unwrap_or_else(PoisonError::into_inner);
+                        if s.request == Request::Pause {
+                            // Still paused: a capture may have been asked
+                            // for meanwhile (see `poke`).
+                            drop(s);
+                            before_park();
+                            s = self.lock();
+                        }
                     }
                     s.parked -= 1;
                 }
@@ -125,6 +132,13 @@ impl VcpuControl {
             }
         }
         Ok(start.elapsed())
+    }
+
+    /// Wakes parked vCPUs without releasing them (so they notice a new
+    /// capture request).
+    pub fn poke(&self) {
+        let _s = self.lock();
+        self.changed.notify_all();
     }
 
     /// Lets paused vCPUs run again.

@@ -1,0 +1,461 @@
+//! `vmm bench snapshot` and `vmm bench restore`.
+//!
+//! * write-protect cost (the table of the `UFFD_FEATURE_WP_UNPOPULATED`
+//!   commit): protecting a 25%-populated anonymous range by pre-reading
+//!   every page, by `MADV_POPULATE_READ`, and by `WP_UNPOPULATED`, with and
+//!   without THP, host-driven, side by side;
+//! * a live and a paused snapshot of a guest whose RAM the host populated
+//!   (labelled), with a memcpy of the same bytes into a fresh tmpfs file in
+//!   the same run;
+//! * restore: each mode, process spawn to the guest's first I/O exit and to
+//!   the end of the verify.
+
+use super::min_median;
+use crate::config::VmConfig;
+use crate::report::{EXIT_ERROR, EXIT_OK};
+use crate::runner::{run, HookError, RunHooks, SerialSink, VmHandle};
+use crate::size::{format_size, parse_size};
+use crate::snapshot::writer::{take_snapshot, SnapshotMode, SnapshotReport};
+use clap::Args;
+use guest_mem::uffd::sys::{UFFDIO_REGISTER_MODE_WP, UFFD_FEATURE_WP_UNPOPULATED};
+use guest_mem::uffd::Userfaultfd;
+use serde::Serialize;
+use std::path::PathBuf;
+use std::sync::{Arc, Mutex};
+use std::time::Instant;
+
+fn parse_sizes(s: &str) -> Result<Vec<u64>, String> {
+    s.split(',')
+        .map(|p| parse_size(p).map_err(|e| e.to_string()))
+        .collect()
+}
+
+/// `vmm bench snapshot` flags.
+#[derive(Args, Debug, Clone)]
+pub struct SnapshotBenchArgs {
+    /// Sizes for the write-protect comparison.
+    #[arg(long, default_value = "1G,4G", value_parser = parse_sizes)]
+    pub wp_sizes: Vec<Vec<u64>>,
+    /// Guest RAM of the snapshot measurement (populated by the host).
+    #[arg(long, default_value = "1G", value_parser = |s: &str| parse_size(s).map_err(|e| e.to_string()))]
+    pub mem: u64,
+    /// Directory for the snapshots (default: /dev/shm, a tmpfs like the
+    /// memcpy the snapshot is compared with).
+    #[arg(long)]
+    pub dir: Option<PathBuf>,
+    /// Also write the results as JSON to this file.
+    #[arg(long)]
+    pub json: Option<PathBuf>,
+}
+
+/// One write-protect measurement.
+#[derive(Debug, Serialize)]
+pub struct WpRow {
+    /// Range size.
+    pub bytes: u64,
+    /// THP on the range.
+    pub thp: bool,
+    /// `pre-read`, `populate-read` or `wp-unpopulated`.
+    pub method: String,
+    /// µs to make the whole range write-protected.
+    pub us: f64,
+}
+
+/// One snapshot measurement.
+#[derive(Debug, Serialize)]
+pub struct SnapRow {
+    /// The snapshot's report.
+    pub snapshot: SnapshotReport,
+    /// Size on disk (allocated blocks).
+    pub disk_bytes: u64,
+}
+
+/// The benchmark's result.
+#[derive(Debug, Serialize)]
+pub struct SnapshotBench {
+    /// Write-protect comparison.
+    pub write_protect: Vec<WpRow>,
+    /// Live and paused snapshots.
+    pub snapshots: Vec<SnapRow>,
+    /// Guest RAM of the snapshots.
+    pub mem_bytes: u64,
+    /// Bytes the host populated in that guest.
+    pub populated_bytes: u64,
+    /// µs to memcpy the populated bytes into a fresh tmpfs file.
+    pub memcpy_tmpfs_us: f64,
+}
+
+fn anon(len: u64, thp: bool) -> Result<*mut u8, String> {
+    // SAFETY: a fresh anonymous mapping; checked below.
+    let p = unsafe {
+        libc::mmap(
+            std::ptr::null_mut(),
+            len as usize,
+            libc::PROT_READ | libc::PROT_WRITE,
+            libc::MAP_PRIVATE | libc::MAP_ANONYMOUS | libc::MAP_NORESERVE,
+            -1,
+            0,
+        )
+    };
+    if p == libc::MAP_FAILED {
+        return Err(format!("mmap {len}: {}", std::io::Error::last_os_error()));
+    }
+    // SAFETY: advising our own mapping.
+    unsafe {
+        libc::madvise(
+            p,
+            len as usize,
+            if thp {
+                libc::MADV_HUGEPAGE
+            } else {
+                libc::MADV_NOHUGEPAGE
+            },
+        )
+    };
+    Ok(p as *mut u8)
+}
+
+/// Write-protects a 25%-populated range with `method`; returns µs.
+fn wp_once(bytes: u64, thp: bool, method: &str) -> Result<f64, String> {
+    let p = anon(bytes, thp)?;
+    let pages = bytes / 4096;
+    for i in (0..pages).step_by(4) {
+        // SAFETY: inside the fresh mapping.
+        unsafe { p.add((i * 4096) as usize).write_volatile(1) };
+    }
+    let uffd = Userfaultfd::open(UFFD_FEATURE_WP_UNPOPULATED, 0).map_err(|e| e.to_string())?;
+    uffd.register(p as u64, bytes, UFFDIO_REGISTER_MODE_WP)
+        .map_err(|e| e.to_string())?;
+    let start = Instant::now();
+    match method {
+        "pre-read" => {
+            for i in 0..pages {
+                // SAFETY: inside the mapping.
+                unsafe { p.add((i * 4096) as usize).read_volatile() };
+            }
+        }
+        "populate-read" => {
+            // SAFETY: advising our own mapping.
+            let r = unsafe {
+                libc::madvise(
+                    p as *mut libc::c_void,
+                    bytes as usize,
+                    22, /* MADV_POPULATE_READ */
+                )
+            };
+            if r != 0 {
+                return Err(format!(
+                    "MADV_POPULATE_READ: {}",
+                    std::io::Error::last_os_error()
+                ));
+            }
+        }
+        _ => {}
+    }
+    uffd.write_protect(p as u64, bytes, true)
+        .map_err(|e| e.to_string())?;
+    let us = start.elapsed().as_secs_f64() * 1e6;
+    // SAFETY: unmapping our own mapping.
+    unsafe { libc::munmap(p as *mut libc::c_void, bytes as usize) };
+    Ok(us)
+}
+
+/// A snapshot's report and the bytes the host populated, or why it failed.
+type SnapshotOutcome = Result<(SnapshotReport, u64), String>;
+
+fn snapshot_once(mem: u64, mode: SnapshotMode, dir: PathBuf) -> Result<(SnapRow, u64), String> {
+    let _ = std::fs::remove_dir_all(&dir);
+    let cfg = VmConfig {
+        mem_bytes: mem,
+        pages: 64,
+        passes: 1000,
+        stop_after: Some(std::time::Duration::from_millis(50)),
+        ..VmConfig::default()
+    };
+    let out: Arc<Mutex<Option<SnapshotOutcome>>> = Arc::default();
+    let out2 = out.clone();
+    let hooks = RunHooks::default().after_pages(
+        64,
+        Box::new(move |vm: &mut VmHandle| -> Result<(), HookError> {
+            // Host-driven population of most of guest RAM (labelled as such).
+            vm.pause()?;
+            let first = 16u64 << 20;
+            let mut populated = 0;
+            let page = [0x5au8; 4096];
+            let mut gpa = first;
+            while gpa + 4096 <= vm.ram().size() {
+                vm.ram().write(gpa, &page)?;
+                populated += 4096;
+                gpa += 4096;
+            }
+            vm.resume();
+            let desc = vm.machine().clone();
+            let r = take_snapshot(vm, &dir, mode, desc).map_err(|e| e.to_string());
+            *out2.lock().map_err(|_| HookError("poisoned".into()))? =
+                Some(r.map(|r| (r, populated)));
+            Ok(())
+        }),
+    );
+    run(&cfg, hooks, SerialSink::Capture).map_err(|e| e.to_string())?;
+    let r = out
+        .lock()
+        .map_err(|_| "poisoned")?
+        .take()
+        .ok_or("the snapshot hook did not run")??;
+    let disk = {
+        use std::os::unix::fs::MetadataExt;
+        std::fs::metadata(r.0.dir.join("memory.bin"))
+            .map(|m| m.blocks() * 512)
+            .unwrap_or(0)
+    };
+    Ok((
+        SnapRow {
+            snapshot: r.0,
+            disk_bytes: disk,
+        },
+        r.1,
+    ))
+}
+
+fn memcpy_tmpfs(bytes: u64) -> Result<f64, String> {
+    use std::io::Write;
+    let path = PathBuf::from(format!("/dev/shm/vmm-bench-memcpy-{}", std::process::id()));
+    let buf = vec![0x5au8; 2 << 20];
+    let start = Instant::now();
+    let mut f = std::fs::File::create(&path).map_err(|e| e.to_string())?;
+    let mut left = bytes;
+    while left > 0 {
+        let n = left.min(buf.len() as u64) as usize;
+        f.write_all(&buf[..n]).map_err(|e| e.to_string())?;
+        left -= n as u64;
+    }
+    let us = start.elapsed().as_secs_f64() * 1e6;
+    let _ = std::fs::remove_file(path);
+    Ok(us)
+}
+
+/// Runs `vmm bench snapshot`; returns the exit code.
+pub fn main(args: &SnapshotBenchArgs) -> i32 {
+    let sizes: Vec<u64> = args.wp_sizes.iter().flatten().copied().collect();
+    let mut wp = Vec::new();
+    for &bytes in &sizes {
+        for thp in [false, true] {
+            for method in ["pre-read", "populate-read", "wp-unpopulated"] {
+                let mut samples = Vec::new();
+                for _ in 0..3 {
+                    match wp_once(bytes, thp, method) {
+                        Ok(us) => samples.push(us),
+                        Err(e) => {
+                            eprintln!("vmm bench snapshot: write-protect {method}: {e}");
+                            return EXIT_ERROR;
+                        }
+                    }
+                }
+                wp.push(WpRow {
+                    bytes,
+                    thp,
+                    method: method.into(),
+                    us: min_median(&samples).map_or(0.0, |m| m.1),
+                });
+            }
+        }
+    }
+    // On tmpfs by default, like the memcpy it is compared with.
+    let dir = args.dir.clone().unwrap_or_else(|| {
+        let shm = PathBuf::from("/dev/shm");
+        if shm.is_dir() {
+            shm
+        } else {
+            std::env::temp_dir()
+        }
+    });
+    let mut snaps = Vec::new();
+    let mut populated = 0;
+    for mode in [SnapshotMode::Live, SnapshotMode::Paused] {
+        match snapshot_once(
+            args.mem,
+            mode,
+            dir.join(format!(
+                "vmm-bench-snap-{}-{}",
+                std::process::id(),
+                mode.name()
+            )),
+        ) {
+            Ok((row, p)) => {
+                let _ = std::fs::remove_dir_all(&row.snapshot.dir);
+                populated = p;
+                snaps.push(row);
+            }
+            Err(e) => {
+                eprintln!("vmm bench snapshot: {} snapshot: {e}", mode.name());
+                return EXIT_ERROR;
+            }
+        }
+    }
+    let memcpy = match memcpy_tmpfs(populated) {
+        Ok(us) => us,
+        Err(e) => {
+            eprintln!("vmm bench snapshot: memcpy to tmpfs: {e}");
+            return EXIT_ERROR;
+        }
+    };
+    let result = SnapshotBench {
+        write_protect: wp,
+        snapshots: snaps,
+        mem_bytes: args.mem,
+        populated_bytes: populated,
+        memcpy_tmpfs_us: memcpy,
+    };
+    println!("write-protect a 25%-populated anonymous range (host-driven), median of 3:");
+    for r in &result.write_protect {
+        println!(
+            "  {:>8} thp={:<5} {:<15} {:>10.1} ms",
+            format_size(r.bytes),
+            r.thp,
+            r.method,
+            r.us / 1000.0
+        );
+    }
+    println!(
+        "snapshots of a {} guest, {} populated by the host (labelled), the guest writing:",
+        format_size(result.mem_bytes),
+        format_size(result.populated_bytes)
+    );
+    for s in &result.snapshots {
+        let r = &s.snapshot;
+        println!(
+            "  {:<6} pause {:>7.3} ms, total {:>8.1} ms, {} pages by faults, {} by the writer, {:.0} MB/s ({:.0}% of a memcpy into tmpfs), {} on disk",
+            r.mode,
+            r.pause_us as f64 / 1000.0,
+            r.total_us as f64 / 1000.0,
+            r.pages_by_faults,
+            r.pages_by_writer,
+            r.throughput_bytes_per_s / 1e6,
+            100.0 * (r.bytes_written as f64 / (r.total_us as f64 / 1e6)) / (result.populated_bytes as f64 / (result.memcpy_tmpfs_us / 1e6)),
+            format_size(s.disk_bytes / 4096 * 4096)
+        );
+    }
+    println!(
+        "  memcpy of the same bytes into a fresh tmpfs file: {:.1} ms",
+        result.memcpy_tmpfs_us / 1000.0
+    );
+    super::write_json("snapshot", args.json.as_deref(), &result)
+}
+
+/// `vmm bench restore` flags.
+#[derive(Args, Debug, Clone)]
+pub struct RestoreBenchArgs {
+    /// Guest sizes.
+    #[arg(long, default_value = "256M,2G", value_parser = parse_sizes)]
+    pub sizes: Vec<Vec<u64>>,
+    /// Restores per mode and size.
+    #[arg(long, default_value_t = 5)]
+    pub runs: u32,
+    /// Directory for the snapshots (default: a temporary directory).
+    #[arg(long)]
+    pub dir: Option<PathBuf>,
+    /// Also write the results as JSON to this file.
+    #[arg(long)]
+    pub json: Option<PathBuf>,
+}
+
+/// One mode at one size.
+#[derive(Debug, Serialize)]
+pub struct RestoreRow {
+    /// Guest RAM.
+    pub mem_bytes: u64,
+    /// `eager` or `uffd`.
+    pub mode: String,
+    /// Median µs from the restore's start to the guest's first I/O exit.
+    pub first_io_median_us: f64,
+    /// Median µs from process spawn to the process's exit after the verify.
+    pub spawn_to_verified_median_us: f64,
+}
+
+/// Runs `vmm bench restore`; returns the exit code.
+pub fn restore_main(args: &RestoreBenchArgs) -> i32 {
+    let exe = match std::env::current_exe() {
+        Ok(e) => e,
+        Err(e) => {
+            eprintln!("vmm bench restore: {e}");
+            return EXIT_ERROR;
+        }
+    };
+    let base = args.dir.clone().unwrap_or_else(std::env::temp_dir);
+    let mut rows = Vec::new();
+    for &mem in args.sizes.iter().flatten() {
+        let dir = base.join(format!("vmm-bench-restore-{}-{mem}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        let take = std::process::Command::new(&exe)
+            .args([
+                "run",
+                "--json",
+                "--pages",
+                "1024",
+                "--passes",
+                "2",
+                "--snapshot-after-pages",
+                "1100",
+                "--mem",
+            ])
+            .arg(mem.to_string())
+            .arg("--snapshot")
+            .arg(&dir)
+            .output();
+        if !take.as_ref().is_ok_and(|o| o.status.success()) {
+            eprintln!(
+                "vmm bench restore: taking the {} snapshot failed",
+                format_size(mem)
+            );
+            return EXIT_ERROR;
+        }
+        for mode in ["eager", "uffd"] {
+            let mut first = Vec::new();
+            let mut total = Vec::new();
+            for _ in 0..args.runs.max(1) {
+                let start = Instant::now();
+                let out = std::process::Command::new(&exe)
+                    .args(["restore", "--json", "--verify", "--mode", mode])
+                    .arg(&dir)
+                    .output();
+                let wall = start.elapsed().as_secs_f64() * 1e6;
+                let Ok(out) = out else {
+                    eprintln!("vmm bench restore: cannot spawn");
+                    return EXIT_ERROR;
+                };
+                let j: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap_or_default();
+                if j["status"] != "ok" {
+                    eprintln!("vmm bench restore: {mode} restore failed: {}", j["error"]);
+                    return EXIT_ERROR;
+                }
+                if let Some(us) = j["restore"]["first_io_us"].as_f64() {
+                    first.push(us);
+                }
+                total.push(wall);
+            }
+            rows.push(RestoreRow {
+                mem_bytes: mem,
+                mode: mode.into(),
+                first_io_median_us: min_median(&first).map_or(0.0, |m| m.1),
+                spawn_to_verified_median_us: min_median(&total).map_or(0.0, |m| m.1),
+            });
+        }
+        let _ = std::fs::remove_dir_all(&dir);
+    }
+    println!("restore (warm page cache), median of {} runs:", args.runs);
+    for r in &rows {
+        println!(
+            "  {:>8} {:<6} first I/O exit {:>8.2} ms after the restore started; spawn to verified exit {:>8.1} ms",
+            format_size(r.mem_bytes),
+            r.mode,
+            r.first_io_median_us / 1000.0,
+            r.spawn_to_verified_median_us / 1000.0
+        );
+    }
+    println!("note: guest instructions are emulated on hosts without hardware virtualization");
+    let code = super::write_json("restore", args.json.as_deref(), &rows);
+    if code != EXIT_OK {
+        return code;
+    }
+    EXIT_OK
+}
