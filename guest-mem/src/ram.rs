@@ -320,28 +320,11 @@ impl GuestRam {
     /// resident pages for `plain` memory.
     pub fn populated_pages(&self) -> Vec<u64> {
         if !self.config.backing.uses_fault_engine() {
-            let mut out = Vec::new();
-            for r in &self.boot_regions {
-                let pages = (r.size / PAGE_SIZE) as usize;
-                let mut vec = vec![0u8; pages];
-                // SAFETY: the mapping is live and `vec` has one byte per page.
-                let rc = unsafe {
-                    libc::mincore(
-                        r.mapping.addr() as *mut libc::c_void,
-                        r.size as usize,
-                        vec.as_mut_ptr(),
-                    )
-                };
-                if rc == 0 {
-                    out.extend(
-                        vec.iter()
-                            .enumerate()
-                            .filter(|(_, b)| *b & 1 != 0)
-                            .map(|(i, _)| r.gpa / PAGE_SIZE + i as u64),
-                    );
-                }
-            }
-            return out;
+            return self
+                .boot_regions
+                .iter()
+                .flat_map(|r| resident_pages(r))
+                .collect();
         }
         struct Pages(Vec<u64>);
         impl Walker for Pages {
@@ -362,7 +345,10 @@ impl GuestRam {
         let populated_pages = if self.config.backing.uses_fault_engine() {
             self.populated_pages_in(0, u64::MAX)
         } else {
-            self.boot_regions.iter().map(|r| resident_pages(r)).sum()
+            self.boot_regions
+                .iter()
+                .map(|r| resident_pages(r).len() as u64)
+                .sum()
         };
         MemoryStats {
             backing: self.config.backing,
@@ -491,8 +477,9 @@ fn vm_memory_view(regions: &[Arc<Region>]) -> Result<GuestMemoryMmap, RamError> 
     GuestMemoryMmap::from_regions(mm).map_err(|e| RamError::Describe(e.to_string()))
 }
 
-/// Resident pages of a region's mapping (`mincore`), for kernel-managed memory.
-fn resident_pages(r: &Region) -> u64 {
+/// Guest page numbers of a region's resident pages (`mincore`), for
+/// kernel-managed memory.
+fn resident_pages(r: &Region) -> Vec<u64> {
     let pages = (r.size / PAGE_SIZE) as usize;
     let mut vec = vec![0u8; pages];
     // SAFETY: the mapping is live and `vec` has one byte per page.
@@ -504,9 +491,13 @@ fn resident_pages(r: &Region) -> u64 {
         )
     };
     if rc != 0 {
-        return 0;
+        return Vec::new();
     }
-    vec.iter().filter(|b| *b & 1 != 0).count() as u64
+    vec.iter()
+        .enumerate()
+        .filter(|(_, b)| *b & 1 != 0)
+        .map(|(i, _)| r.gpa / PAGE_SIZE + i as u64)
+        .collect()
 }
 
 /// Bytes of a region's mapping backed by huge pages, from /proc/self/smaps.

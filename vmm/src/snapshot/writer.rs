@@ -175,40 +175,19 @@ fn write_into(
         let populated = vm.ram().populated_pages();
         let written = write_memory(vm.ram(), &mem_path)?;
         let working_set = working_set(&vcpus, vm.ram().size(), &populated);
-        let id = uuid::Uuid::new_v4();
-        let state = SnapshotState {
-            id: *id.as_bytes(),
-            mode: mode.name().into(),
+        let parts = StateParts {
+            mode,
             machine,
             vcpus,
-            vm: vm_state,
-            devices: DeviceState {
-                command_seq: vm.command_seqs(),
-            },
-            markers: Vec::new(),
+            vm_state,
+            command_seq: vm.command_seqs(),
             working_set,
-            memory: MemoryDesc {
-                chunk_bytes: CHUNK_BYTES,
-                chunk_crc: written.chunk_crc,
-                pages_stored: written.pages_stored,
-            },
-            diff: None,
+            chunk_crc: written.chunk_crc,
+            pages_stored: written.pages_stored,
         };
-        let (bytes, _crc) = encode(&state)?;
-        let state_path = tmp.join("state.bin");
-        write_new_file(&state_path, &bytes).map_err(io(&state_path))?;
-        fsync_dir(tmp)?;
-        Ok(SnapshotReport {
-            dir: tmp.to_path_buf(),
-            id: id.to_string(),
-            mode: mode.name().into(),
-            pause_us: 0,
-            total_us: 0,
-            pages_by_faults: 0,
-            pages_by_writer: written.pages_stored,
-            bytes_written: written.bytes,
-            throughput_bytes_per_s: 0.0,
-        })
+        let mut report = write_state(tmp, parts)?;
+        report.pages_by_writer = written.pages_stored;
+        Ok(report)
     })();
     vm.resume();
     let pause_us = paused_at.elapsed().as_micros() as u64;
@@ -295,38 +274,72 @@ fn write_live(
         file.sync_all().map_err(io(&mem_path))?;
         let chunk_crc = super::memory::MemoryFile::open(&mem_path, vm.ram().size())?.checksums()?;
         let stats = lc.stats();
-        let id = uuid::Uuid::new_v4();
-        let state = SnapshotState {
-            id: *id.as_bytes(),
-            mode: SnapshotMode::Live.name().into(),
+        let parts = StateParts {
+            mode: SnapshotMode::Live,
             machine,
             vcpus,
-            vm: vm_state,
-            devices: DeviceState { command_seq },
-            markers: Vec::new(),
+            vm_state,
+            command_seq,
             working_set,
-            memory: MemoryDesc {
-                chunk_bytes: CHUNK_BYTES,
-                chunk_crc,
-                pages_stored: stats.stored,
-            },
-            diff: None,
+            chunk_crc,
+            pages_stored: stats.stored,
         };
-        let (bytes, _crc) = encode(&state)?;
-        let state_path = tmp.join("state.bin");
-        write_new_file(&state_path, &bytes).map_err(io(&state_path))?;
-        fsync_dir(tmp)?;
-        Ok(SnapshotReport {
-            dir: tmp.to_path_buf(),
-            id: id.to_string(),
-            mode: SnapshotMode::Live.name().into(),
-            pause_us,
-            total_us: 0,
-            pages_by_faults: stats.by_faults,
-            pages_by_writer: stats.by_writer,
-            bytes_written: stats.stored * 4096,
-            throughput_bytes_per_s: 0.0,
-        })
+        let mut report = write_state(tmp, parts)?;
+        report.pause_us = pause_us;
+        report.pages_by_faults = stats.by_faults;
+        report.pages_by_writer = stats.by_writer;
+        Ok(report)
     })();
     finish
+}
+
+/// What `state.bin` is made of, besides what `write_state` adds.
+struct StateParts {
+    mode: SnapshotMode,
+    machine: MachineDesc,
+    vcpus: Vec<super::state::SavedVcpu>,
+    vm_state: super::state::SavedVm,
+    command_seq: Vec<u32>,
+    working_set: Vec<u64>,
+    chunk_crc: Vec<u32>,
+    pages_stored: u64,
+}
+
+/// Writes `state.bin` (a new id) into `tmp`, fsyncs the directory, and
+/// starts the report.
+fn write_state(tmp: &Path, p: StateParts) -> Result<SnapshotReport, SnapshotError> {
+    let id = uuid::Uuid::new_v4();
+    let state = SnapshotState {
+        id: *id.as_bytes(),
+        mode: p.mode.name().into(),
+        machine: p.machine,
+        vcpus: p.vcpus,
+        vm: p.vm_state,
+        devices: DeviceState {
+            command_seq: p.command_seq,
+        },
+        markers: Vec::new(),
+        working_set: p.working_set,
+        memory: MemoryDesc {
+            chunk_bytes: CHUNK_BYTES,
+            chunk_crc: p.chunk_crc,
+            pages_stored: p.pages_stored,
+        },
+        diff: None,
+    };
+    let (bytes, _crc) = encode(&state)?;
+    let state_path = tmp.join("state.bin");
+    write_new_file(&state_path, &bytes).map_err(io(&state_path))?;
+    fsync_dir(tmp)?;
+    Ok(SnapshotReport {
+        dir: tmp.to_path_buf(),
+        id: id.to_string(),
+        mode: p.mode.name().into(),
+        pause_us: 0,
+        total_us: 0,
+        pages_by_faults: 0,
+        pages_by_writer: 0,
+        bytes_written: p.pages_stored * 4096,
+        throughput_bytes_per_s: 0.0,
+    })
 }
