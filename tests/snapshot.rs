@@ -81,11 +81,28 @@ fn check_round_trip(mode: &str, workload: &str, vcpus: &str) {
     use std::os::unix::fs::{MetadataExt, PermissionsExt};
     assert_eq!(meta.permissions().mode() & 0o777, 0o600);
     assert!(meta.blocks() * 512 < 8 << 20, "memory.bin is not sparse");
-    for restore_mode in ["eager", "uffd"] {
+    // mmap mode both where the snapshot is (ext4 here: kernel-managed) and
+    // from a copy on tmpfs (with the fault engine).
+    let shm = Path::new("/dev/shm").join(dir.file_name().expect("name"));
+    let on_tmpfs = Path::new("/dev/shm").is_dir() && {
+        let _ = std::fs::remove_dir_all(&shm);
+        std::fs::create_dir_all(&shm).is_ok()
+            && std::fs::copy(dir.join("memory.bin"), shm.join("memory.bin")).is_ok()
+            && std::fs::copy(dir.join("state.bin"), shm.join("state.bin")).is_ok()
+    };
+    let mut restores = vec![
+        ("eager", dir.clone()),
+        ("uffd", dir.clone()),
+        ("mmap", dir.clone()),
+    ];
+    if on_tmpfs {
+        restores.push(("mmap", shm.clone()));
+    }
+    for (restore_mode, from) in restores {
         let o = vmm(
             &[
                 "restore",
-                dir.to_str().expect("utf-8"),
+                from.to_str().expect("utf-8"),
                 "--mode",
                 restore_mode,
                 "--verify",
@@ -93,7 +110,10 @@ fn check_round_trip(mode: &str, workload: &str, vcpus: &str) {
             ],
             T,
         );
-        let what = format!("{mode} snapshot, {restore_mode} restore, {workload} x{vcpus}");
+        let what = format!(
+            "{mode} snapshot, {restore_mode} restore from {}, {workload} x{vcpus}",
+            from.display()
+        );
         assert_eq!(o.code, 0, "{what}: {}\n{}", o.stdout, o.stderr);
         let r = o.json();
         assert_eq!(r["status"], "ok");
@@ -112,6 +132,7 @@ fn check_round_trip(mode: &str, workload: &str, vcpus: &str) {
     assert_eq!(o.code, 0, "{}", o.stderr);
     assert_eq!(o.json()["verify_mismatches"], 0);
     let _ = std::fs::remove_dir_all(dir);
+    let _ = std::fs::remove_dir_all(shm);
 }
 
 #[test]
@@ -265,6 +286,22 @@ fn bad_snapshots_are_refused_clearly() {
             .contains("checksum mismatch in chunk 2"),
         "{j}"
     );
+    // Mapped: the background verification stops the guest, naming the chunk.
+    let o = vmm(
+        &[
+            "restore",
+            d.to_str().expect("utf-8"),
+            "--mode",
+            "mmap",
+            "--json",
+        ],
+        T,
+    );
+    assert_eq!(o.code, 1, "{}", o.stderr);
+    assert!(o.json()["error"]
+        .as_str()
+        .unwrap_or("")
+        .contains("checksum mismatch in chunk 2"));
 
     // Another format version, with a valid checksum.
     let d = copy("version");

@@ -178,6 +178,7 @@ impl MemoryCore {
         flags: RegionFlags,
         backing: BackingKind,
         thp: bool,
+        mapping: Option<HostMapping>,
     ) -> Result<Arc<Region>, CoreError> {
         let page = crate::entry::PAGE_SIZE;
         if size == 0
@@ -200,7 +201,10 @@ impl MemoryCore {
             }
             .into());
         }
-        let mapping = HostMapping::new(backing, size, thp)?;
+        let mapping = match mapping {
+            Some(m) => m,
+            None => HostMapping::new(backing, size, thp)?,
+        };
         if backing.uses_fault_engine() {
             if let Some(u) = &self.uffd {
                 u.register(

@@ -149,6 +149,29 @@ impl GuestRam {
     /// Guest RAM of `size` bytes at guest-physical 0, one region, backed and
     /// populated as `config` says.
     pub fn new(size: u64, config: RamConfig) -> Result<GuestRam, RamError> {
+        GuestRam::with_mapping(size, config, None)
+    }
+
+    /// Guest RAM that starts as a private (copy-on-write) mapping of `file`,
+    /// e.g. a snapshot's `memory.bin`. With `config.backing` `anon` the
+    /// fault engine serves the file's holes (userfaultfd registers on a
+    /// private mapping of a tmpfs file, not of an ext4 one); with `plain`
+    /// the kernel does.
+    pub fn from_file_private(
+        size: u64,
+        config: RamConfig,
+        file: &std::fs::File,
+    ) -> Result<GuestRam, RamError> {
+        let mapping =
+            crate::region::HostMapping::from_file_private(file, size).map_err(CoreError::from)?;
+        GuestRam::with_mapping(size, config, Some(mapping))
+    }
+
+    fn with_mapping(
+        size: u64,
+        config: RamConfig,
+        mapping: Option<crate::region::HostMapping>,
+    ) -> Result<GuestRam, RamError> {
         if size == 0 || !size.is_multiple_of(PAGE_SIZE) {
             return Err(RamError::BadSize(size));
         }
@@ -171,8 +194,14 @@ impl GuestRam {
         } else {
             None
         };
-        let region =
-            core.add_region(0, size, RegionFlags::default(), config.backing, config.thp)?;
+        let region = core.add_region(
+            0,
+            size,
+            RegionFlags::default(),
+            config.backing,
+            config.thp,
+            mapping,
+        )?;
         let memory = vm_memory_view(std::slice::from_ref(&region))?;
         Ok(GuestRam {
             engine,
@@ -272,7 +301,7 @@ impl GuestRam {
     ) -> Result<Arc<Region>, RamError> {
         Ok(self
             .core
-            .add_region(gpa, size, flags, self.config.backing, self.config.thp)?)
+            .add_region(gpa, size, flags, self.config.backing, self.config.thp, None)?)
     }
 
     /// Removes a region added with [`GuestRam::add_region`].

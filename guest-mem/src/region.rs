@@ -187,6 +187,34 @@ impl HostMapping {
         })
     }
 
+    /// Maps `len` bytes of `file` privately (copy-on-write: guest writes
+    /// never reach the file), e.g. a snapshot's memory file.
+    pub fn from_file_private(file: &File, len: u64) -> Result<HostMapping, RegionError> {
+        // SAFETY: a new private mapping of a file we hold open, at an address
+        // the kernel picks; checked below.
+        let addr = unsafe {
+            libc::mmap(
+                std::ptr::null_mut(),
+                len as usize,
+                libc::PROT_READ | libc::PROT_WRITE,
+                libc::MAP_PRIVATE,
+                file.as_raw_fd(),
+                0,
+            )
+        };
+        if addr == libc::MAP_FAILED {
+            return Err(RegionError::Map {
+                size: len,
+                source: std::io::Error::last_os_error(),
+            });
+        }
+        Ok(HostMapping {
+            addr: addr as *mut u8,
+            len,
+            memfd: None,
+        })
+    }
+
     /// Host address of the first byte.
     pub fn addr(&self) -> u64 {
         self.addr as u64

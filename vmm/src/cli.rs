@@ -52,7 +52,10 @@ fn parse_restore_mode(s: &str) -> Result<RestoreMode, String> {
     match s {
         "eager" => Ok(RestoreMode::Eager),
         "uffd" => Ok(RestoreMode::Uffd),
-        _ => Err(format!("unknown restore mode {s:?}; one of: eager, uffd")),
+        "mmap" => Ok(RestoreMode::Mmap),
+        _ => Err(format!(
+            "unknown restore mode {s:?}; one of: eager, mmap, uffd"
+        )),
     }
 }
 
@@ -64,7 +67,8 @@ pub struct RestoreArgs {
     /// How memory comes back: eager (read everything and check every
     /// checksum before the guest runs) or uffd (serve each missing page from
     /// memory.bin through the fault engine, checking a chunk's checksum when
-    /// it is first served from).
+    /// it is first served from) or mmap (map memory.bin privately; checksums
+    /// verified in the background).
     #[arg(long, default_value = "eager", value_parser = parse_restore_mode)]
     pub mode: RestoreMode,
     /// Have the guest run its consistency check at its next poll point.

@@ -35,6 +35,8 @@ pub enum RunStatus {
     SnapshotFailed,
     /// Guest memory could not be served (poisoned: a failed checksum or read).
     MemoryError,
+    /// The snapshot being run failed its checksums (found in the background).
+    SnapshotCorrupt,
 }
 
 impl RunStatus {

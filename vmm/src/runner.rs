@@ -192,6 +192,7 @@ pub struct RunHooks {
     after_pages: Vec<(u64, HookAction)>,
     at_exit: Vec<HookAction>,
     on_round: Vec<RoundHook>,
+    fail_on: Vec<Arc<Mutex<Option<String>>>>,
 }
 
 impl RunHooks {
@@ -200,6 +201,13 @@ impl RunHooks {
     pub fn after_pages(mut self, pages: u64, action: HookAction) -> Self {
         self.after_pages.push((pages, action));
         self.after_pages.sort_by_key(|(p, _)| *p);
+        self
+    }
+
+    /// Stops the guest and fails the run as soon as another thread puts an
+    /// error into `slot` (e.g. a background checksum verification).
+    pub fn fail_on(mut self, slot: Arc<Mutex<Option<String>>>) -> Self {
+        self.fail_on.push(slot);
         self
     }
 
@@ -668,6 +676,7 @@ struct Supervisor {
     hooks: Vec<(u64, HookAction)>,
     at_exit: Vec<HookAction>,
     on_round: Vec<RoundHook>,
+    fail_on: Vec<Arc<Mutex<Option<String>>>>,
     rounds: Option<RoundDriver>,
     stop_after: Option<Duration>,
     progress: Vec<u64>,
@@ -707,6 +716,7 @@ impl Supervisor {
             hooks: hooks.after_pages,
             at_exit: hooks.at_exit,
             on_round: hooks.on_round,
+            fail_on: hooks.fail_on,
             rounds,
             stop_after,
             progress: vec![0; n],
@@ -768,8 +778,19 @@ impl Supervisor {
         self.force_at = None;
     }
 
-    /// Periodic work: deadlines.
+    /// Periodic work: deadlines and errors reported by other threads.
     fn tick(&mut self) {
+        if self.hook_error.is_none() {
+            let failed = self
+                .fail_on
+                .iter()
+                .find_map(|slot| slot.lock().ok().and_then(|s| s.clone()));
+            if let Some(e) = failed {
+                log::error!("{e}");
+                self.hook_error = Some(e);
+                self.force_stop();
+            }
+        }
         if let Some(limit) = self.stop_after {
             if self.started.elapsed() >= limit {
                 self.stop_after = None;

@@ -409,7 +409,7 @@ pub fn restore_main(args: &RestoreBenchArgs) -> i32 {
             );
             return EXIT_ERROR;
         }
-        for mode in ["eager", "uffd"] {
+        for mode in ["eager", "mmap", "uffd"] {
             let mut first = Vec::new();
             let mut total = Vec::new();
             for _ in 0..args.runs.max(1) {

@@ -30,6 +30,9 @@ pub enum RestoreMode {
     /// Serve missing faults from `memory.bin` through the fault engine,
     /// checking each chunk's checksum when it is first served from.
     Uffd,
+    /// Map `memory.bin` privately (copy-on-write, pages shared through the
+    /// page cache); checksums are verified in the background after resume.
+    Mmap,
 }
 
 impl RestoreMode {
@@ -38,6 +41,7 @@ impl RestoreMode {
         match self {
             RestoreMode::Eager => "eager",
             RestoreMode::Uffd => "uffd",
+            RestoreMode::Mmap => "mmap",
         }
     }
 }
@@ -64,6 +68,9 @@ pub struct RestoreReport {
     pub pages_loaded: u64,
     /// µs from the start of the restore to the guest's first I/O exit.
     pub first_io_us: Option<u64>,
+    /// How guest memory is served (mmap mode: with or without the fault
+    /// engine, depending on the file system).
+    pub memory: String,
 }
 
 /// Leaf-1 and leaf-7 feature bits the snapshot's CPUID has that this host's
@@ -138,6 +145,20 @@ fn config_of(state: &SnapshotState) -> Result<VmConfig, SnapshotError> {
     })
 }
 
+/// True when `path` lies on a tmpfs.
+fn on_tmpfs(path: &Path) -> bool {
+    use std::os::unix::ffi::OsStrExt;
+    let Ok(c) = std::ffi::CString::new(path.as_os_str().as_bytes()) else {
+        return false;
+    };
+    // SAFETY: statfs writes into the zeroed struct we own; the path is a
+    // NUL-terminated string.
+    unsafe {
+        let mut st: libc::statfs = std::mem::zeroed();
+        libc::statfs(c.as_ptr(), &mut st) == 0 && st.f_type == 0x0102_1994 // TMPFS_MAGIC
+    }
+}
+
 /// Lazy restore: brings in the recorded working set (and the vCPUs'
 /// execution chunks) through the fault engine before the vCPUs run, in the
 /// recorded order. Returns the pages prefetched.
@@ -192,11 +213,48 @@ pub fn restore(
         .into());
     }
     let mut config = config;
+    let mut hooks = hooks;
+    let mut verifier: Option<Arc<std::sync::Mutex<Option<String>>>> = None;
+    let mut verifier_thread: Option<std::thread::JoinHandle<()>> = None;
     if opts.mode == RestoreMode::Uffd && !config.ram.backing.uses_fault_engine() {
         // Lazy restore needs the fault engine: plain memory becomes memfd.
         config.ram.backing = BackingKind::Memfd;
     }
-    let ram = Arc::new(GuestRam::new(config.mem_bytes, config.ram)?);
+    let mem_path = dir.join("memory.bin");
+    let mut memory_note = format!(
+        "{} backing through the fault engine",
+        config.ram.backing.name()
+    );
+    let ram = if opts.mode == RestoreMode::Mmap {
+        let file = std::fs::File::open(&mem_path).map_err(|source| SnapshotError::Io {
+            path: mem_path.clone(),
+            source,
+        })?;
+        // userfaultfd registers on a private mapping of a tmpfs file but not
+        // of an ext4 one: keep the fault engine (and live snapshots) on
+        // tmpfs only; elsewhere the kernel serves the mapping alone.
+        config.ram.backing = if on_tmpfs(&mem_path) {
+            memory_note =
+                "memory.bin mapped private, on tmpfs: fault engine and live snapshots available"
+                    .into();
+            // Only the faulting hole gets a zero page: its neighbours may be
+            // file pages not mapped yet, which fault-around would zero.
+            config.ram.fault_around_pages = 1;
+            BackingKind::Memfd
+        } else {
+            memory_note = "memory.bin mapped private, not on tmpfs: kernel-managed, without the fault engine or \
+                           live snapshots (put the snapshot on tmpfs to keep them)"
+                .into();
+            BackingKind::Plain
+        };
+        Arc::new(GuestRam::from_file_private(
+            config.mem_bytes,
+            config.ram,
+            &file,
+        )?)
+    } else {
+        Arc::new(GuestRam::new(config.mem_bytes, config.ram)?)
+    };
     let created = Instant::now();
     let vm = Arc::new(create_vm(&kvm, &ram, config.vcpus)?);
     let pages_loaded = match opts.mode {
@@ -207,6 +265,26 @@ pub fn restore(
             let source = Arc::new(LazySource::new(memory, state.memory.chunk_crc.clone()));
             ram.set_page_source(source)?;
             prefetch(&ram, &state)?
+        }
+        RestoreMode::Mmap => {
+            // Verified in the background once the guest runs; a bad chunk
+            // stops it (the run fails naming the chunk).
+            let slot: Arc<std::sync::Mutex<Option<String>>> = Arc::default();
+            let (s2, crcs) = (slot.clone(), state.memory.chunk_crc.clone());
+            verifier = Some(slot.clone());
+            verifier_thread = std::thread::Builder::new()
+                .name("verify".into())
+                .spawn(move || {
+                    if let Err(e) = memory.verify(&crcs) {
+                        if let Ok(mut s) = s2.lock() {
+                            *s = Some(format!("snapshot {e}"));
+                        }
+                    }
+                })
+                .map(Some)
+                .map_err(|e| RunError::Runtime(format!("cannot start the verifier: {e}")))?;
+            hooks = hooks.fail_on(slot);
+            0
         }
     };
     restore_vm(&vm, &state.vm).map_err(|source| SnapshotError::Kvm {
@@ -235,6 +313,7 @@ pub fn restore(
         load_us: start.elapsed().as_micros() as u64,
         pages_loaded,
         first_io_us: None,
+        memory: memory_note,
     };
     let machine = Machine {
         ram,
@@ -249,7 +328,16 @@ pub fn restore(
     };
     let initial = opts.verify.then_some(CommandOp::Verify);
     let created_us = created.duration_since(start).as_micros() as u64;
-    let report = supervise(&config, machine, hooks, sink, signals, initial)?;
+    let mut report = supervise(&config, machine, hooks, sink, signals, initial)?;
+    // The background verification's verdict counts even when the guest
+    // finished first.
+    if let Some(t) = verifier_thread {
+        let _ = t.join();
+    }
+    if let Some(e) = verifier.and_then(|v| v.lock().ok().and_then(|s| s.clone())) {
+        report.status = crate::report::RunStatus::SnapshotCorrupt;
+        report.error = Some(e);
+    }
     let mut restore_report = restore_report;
     restore_report.first_io_us = report.boot_us.map(|b| created_us + b);
     Ok((report, restore_report))
