@@ -7,6 +7,7 @@
 //! * [`region`]: regions (the VMA analogue) and their host backings.
 //! * [`uffd`]: the userfaultfd ABI and a safe wrapper.
 //! * [`fault`]: the fault engine (handler threads, fault-around, counters).
+//! * [`live_copy`]: copy-before-write for live snapshots.
 //! * [`tracking`]: write-protect (sync and async) dirty tracking, soft-dirty detection, the VMM-write log.
 //! * [`ram`]: `GuestRam`, the front: regions, engine and a vm-memory view.
 

@@ -1,11 +1,17 @@
 //! Taking a snapshot of a running VM.
 //!
-//! `paused` (stop-the-world): the vCPUs are paused — each saves its own
-//! state as it parks — the irqchip and device state are read, every
-//! populated non-zero page is written to `memory.bin`, and the vCPUs resume.
+//! * `live`: write-protect guest RAM while the guest runs, pause only to
+//!   capture the vCPUs and the irqchip and re-protect the pages written
+//!   meanwhile, resume, then copy in the background while write faults copy
+//!   a page before letting the write through (`guest_mem::live_copy`).
+//! * `paused` (stop-the-world): the vCPUs are paused — each saves its own
+//!   state as it parks — the irqchip and device state are read, every
+//!   populated non-zero page is written to `memory.bin`, and the vCPUs
+//!   resume.
+//!
 //! Everything goes into a temporary directory next to the target, fsynced,
-//! then renamed into place; on any error the temporary directory is
-//! removed and the guest runs on unaffected.
+//! then renamed into place; on any error the temporary directory is removed,
+//! protection is lifted, and the guest runs on unaffected.
 
 use super::memory::{write_memory, write_new_file};
 use super::state::working_set;
