@@ -369,6 +369,28 @@ fn a_failed_snapshot_leaves_nothing_and_the_guest_runs_on() {
     assert_eq!(j["pages_written"], 256);
     assert!(!Path::new("/nonexistent/parent/snap").exists());
 
+    // A threshold the guest never reaches is an error, not a silent success.
+    let o = vmm(
+        &[
+            "run",
+            "--json",
+            "--pages",
+            "64",
+            "--passes",
+            "1",
+            "--snapshot",
+            "/tmp/never",
+            "--snapshot-after-pages",
+            "100000",
+        ],
+        T,
+    );
+    assert_eq!(o.code, 1);
+    assert!(o.json()["error"]
+        .as_str()
+        .unwrap_or("")
+        .contains("no snapshot was taken"));
+
     // An existing target is refused the same way (never overwritten).
     let dir = snap_dir("exists");
     std::fs::create_dir_all(&dir).expect("dir");

@@ -259,10 +259,21 @@ pub fn cmd_run(args: &RunArgs) -> i32 {
             }),
         );
     }
-    finish(
-        run(&args.to_config(), hooks, sink).map(|r| (r, None)),
-        args.json,
-    )
+    let result = run(&args.to_config(), hooks, sink).map(|mut r| {
+        // Asked for a snapshot that never happened: say so, do not exit 0.
+        if let Some(after) = args.snapshot_after_pages {
+            if r.snapshots.is_empty() && r.status == crate::report::RunStatus::Ok {
+                r.status = crate::report::RunStatus::SnapshotFailed;
+                r.error = Some(format!(
+                    "no snapshot was taken: the guest made {} page stores, fewer than \
+                     --snapshot-after-pages {after}",
+                    r.pages_written
+                ));
+            }
+        }
+        (r, None)
+    });
+    finish(result, args.json)
 }
 
 /// Prints a run's report (with an extra `restore` object) or its error and
