@@ -219,29 +219,24 @@ impl Userfaultfd {
 
     /// Sets (`protect`) or clears write protection on a range.
     pub fn write_protect(&self, start: u64, len: u64, protect: bool) -> Result<(), UffdError> {
-        let mut w = UffdioWriteprotect {
-            range: UffdioRange { start, len },
-            mode: if protect {
-                UFFDIO_WRITEPROTECT_MODE_WP
-            } else {
-                0
-            },
+        let mode = if protect {
+            UFFDIO_WRITEPROTECT_MODE_WP
+        } else {
+            0
         };
-        self.call(
-            "UFFDIO_WRITEPROTECT",
-            UFFDIO_WRITEPROTECT(),
-            &mut w,
-            start,
-            len,
-        )
+        self.writeprotect_ioctl(start, len, mode)
     }
 
     /// Removes write protection without waking waiting threads (the kernel
     /// refuses `DONTWAKE` together with protecting, which never wakes).
     pub fn write_unprotect_nowake(&self, start: u64, len: u64) -> Result<(), UffdError> {
+        self.writeprotect_ioctl(start, len, UFFDIO_WRITEPROTECT_MODE_DONTWAKE)
+    }
+
+    fn writeprotect_ioctl(&self, start: u64, len: u64, mode: u64) -> Result<(), UffdError> {
         let mut w = UffdioWriteprotect {
             range: UffdioRange { start, len },
-            mode: UFFDIO_WRITEPROTECT_MODE_DONTWAKE,
+            mode,
         };
         self.call(
             "UFFDIO_WRITEPROTECT",
