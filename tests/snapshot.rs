@@ -466,3 +466,159 @@ fn snapshot_and_restore_benches_run() {
     assert_eq!(o.code, 0, "{}\n{}", o.stdout, o.stderr);
     assert!(o.stdout.contains("eager") && o.stdout.contains("uffd"));
 }
+
+fn run_ok(args: &[&str]) -> serde_json::Value {
+    let o = vmm(args, T);
+    assert_eq!(o.code, 0, "{args:?}: {}\n{}", o.stdout, o.stderr);
+    o.json()
+}
+
+#[test]
+fn diff_chains_of_three_restore_like_a_full_snapshot() {
+    let (c0, c1, c2, full) = (
+        snap_dir("c0"),
+        snap_dir("c1"),
+        snap_dir("c2"),
+        snap_dir("full"),
+    );
+    let s = |p: &Path| p.to_str().expect("utf-8").to_string();
+    run_ok(&[
+        "run",
+        "--json",
+        "--vcpus",
+        "2",
+        "--workload",
+        "rand-write",
+        "--pages",
+        "256",
+        "--passes",
+        "6",
+        "--snapshot",
+        &s(&c0),
+        "--snapshot-after-pages",
+        "300",
+    ]);
+    // A live diff of the restored VM, then a paused diff of the restored diff.
+    run_ok(&[
+        "restore",
+        &s(&c0),
+        "--json",
+        "--snapshot",
+        &s(&c1),
+        "--snapshot-after-pages",
+        "500",
+        "--snapshot-parent",
+        &s(&c0),
+    ]);
+    run_ok(&[
+        "restore",
+        &s(&c1),
+        "--json",
+        "--snapshot",
+        &s(&c2),
+        "--snapshot-after-pages",
+        "500",
+        "--snapshot-parent",
+        &s(&c1),
+        "--snapshot-mode",
+        "paused",
+    ]);
+    // The same point, as a full snapshot.
+    run_ok(&[
+        "restore",
+        &s(&c1),
+        "--json",
+        "--snapshot",
+        &s(&full),
+        "--snapshot-after-pages",
+        "500",
+        "--snapshot-mode",
+        "paused",
+    ]);
+    let i = run_ok(&["inspect", &s(&c2), "--json"]);
+    assert_eq!(i["chain_length"], 3);
+    assert_eq!(i["verify_mismatches"], 0);
+    let diff_pages = i["diff_pages"].as_u64().expect("diff pages");
+    let f = run_ok(&["inspect", &s(&full), "--json"]);
+    assert!(f["chain_length"] == 1 && f["verify_mismatches"] == 0);
+    assert!(
+        diff_pages < f["pages_stored"].as_u64().expect("pages"),
+        "a diff stores less than a full snapshot"
+    );
+    let full_end = run_ok(&["restore", &s(&full), "--verify", "--json"]);
+    for mode in ["eager", "uffd"] {
+        let r = run_ok(&["restore", &s(&c2), "--mode", mode, "--verify", "--json"]);
+        assert_eq!(r["verify_mismatches"], 0, "{mode}: {r}");
+        assert_eq!(r["host_verify_mismatches"], 0, "{mode}");
+        assert_eq!(r["pages_written"], full_end["pages_written"], "{mode}");
+        assert_eq!(r["pages_written"], 256 * 6 * 2);
+    }
+    // A diff cannot be mapped directly.
+    let o = vmm(&["restore", &s(&c2), "--mode", "mmap", "--json"], T);
+    assert_eq!(o.code, 1);
+    assert!(o.json()["error"]
+        .as_str()
+        .unwrap_or("")
+        .contains("cannot be mapped directly"));
+
+    // A parent that is not the one the diff was taken from is refused...
+    let moved = snap_dir("c1-moved");
+    std::fs::rename(&c1, &moved).expect("move");
+    std::fs::create_dir_all(&c1).expect("dir");
+    for f in ["memory.bin", "state.bin"] {
+        std::fs::copy(c0.join(f), c1.join(f)).expect("copy");
+    }
+    let o = vmm(&["restore", &s(&c2), "--json"], T);
+    assert_eq!(o.code, 1);
+    assert!(
+        o.json()["error"]
+            .as_str()
+            .unwrap_or("")
+            .contains("is not the parent"),
+        "{}",
+        o.stdout
+    );
+    // ... and so is a missing one.
+    std::fs::remove_dir_all(&c1).expect("rm");
+    let o = vmm(&["restore", &s(&c2), "--json"], T);
+    assert_eq!(o.code, 1);
+    assert!(
+        o.json()["error"]
+            .as_str()
+            .unwrap_or("")
+            .contains("is missing"),
+        "{}",
+        o.stdout
+    );
+    std::fs::rename(&moved, &c1).expect("move back");
+
+    // --snapshot-parent only makes sense for a VM restored from it.
+    assert_usage_error(
+        &[
+            "run",
+            "--snapshot",
+            "/tmp/x",
+            "--snapshot-after-pages",
+            "10",
+            "--snapshot-parent",
+            &s(&c0),
+        ],
+        "needs a VM restored from that snapshot",
+    );
+    assert_usage_error(
+        &[
+            "restore",
+            &s(&c1),
+            "--snapshot",
+            "/tmp/x",
+            "--snapshot-after-pages",
+            "10",
+            "--snapshot-parent",
+            &s(&c0),
+        ],
+        "is not the snapshot this VM was restored from",
+    );
+    for d in [c0, c1, c2, full] {
+        let _ = std::fs::remove_dir_all(d);
+    }
+}

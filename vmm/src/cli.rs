@@ -59,6 +59,93 @@ fn parse_restore_mode(s: &str) -> Result<RestoreMode, String> {
     }
 }
 
+/// Snapshot flags shared by `vmm run` and `vmm restore`.
+#[derive(Args, Debug, Clone)]
+pub struct SnapshotArgs {
+    /// Take a snapshot into this directory (which must not exist) once the
+    /// guest has made --snapshot-after-pages page stores.
+    #[arg(long, requires = "snapshot_after_pages")]
+    pub snapshot: Option<PathBuf>,
+    /// Page stores (all vCPUs) after which the snapshot is taken.
+    #[arg(long, requires = "snapshot")]
+    pub snapshot_after_pages: Option<u64>,
+    /// How the snapshot is taken: live (the guest keeps running; the pause
+    /// covers only the vCPU state) or paused (stop-the-world).
+    #[arg(long, default_value = "live", value_parser = parse_snapshot_mode)]
+    pub snapshot_mode: SnapshotMode,
+    /// Take a diff against this snapshot (the one the VM was restored from):
+    /// only pages whose content differs are stored.
+    #[arg(long, requires = "snapshot")]
+    pub snapshot_parent: Option<PathBuf>,
+}
+
+/// Builds the snapshot hook the flags ask for; `restored_from` is the
+/// snapshot the VM was restored from (a diff's parent must be that one).
+fn snapshot_hooks(
+    snap: &SnapshotArgs,
+    backing: BackingKind,
+    track: Option<TrackerKind>,
+    restored_from: Option<&std::path::Path>,
+) -> Result<RunHooks, RunError> {
+    let hooks = RunHooks::default();
+    let (Some(dir), Some(after)) = (snap.snapshot.clone(), snap.snapshot_after_pages) else {
+        return Ok(hooks);
+    };
+    let mode = snap.snapshot_mode;
+    if mode == SnapshotMode::Live {
+        check_live(backing, track)
+            .map_err(|e| RunError::Track(crate::dirty::TrackError::Combination(e)))?;
+    }
+    if let Some(parent) = &snap.snapshot_parent {
+        let Some(from) = restored_from else {
+            return Err(RunError::Config(crate::config::ConfigError::DiffParent(
+                "--snapshot-parent needs a VM restored from that snapshot: \
+                 vmm restore PARENT --snapshot DIR --snapshot-after-pages N --snapshot-parent PARENT"
+                    .into(),
+            )));
+        };
+        let (p, _) = crate::snapshot::read_state(parent)?;
+        let (r, _) = crate::snapshot::read_state(from)?;
+        if p.id != r.id {
+            return Err(RunError::Config(crate::config::ConfigError::DiffParent(
+                format!(
+                    "--snapshot-parent {} is not the snapshot this VM was restored from ({})",
+                    parent.display(),
+                    from.display()
+                ),
+            )));
+        }
+    }
+    let parent = snap.snapshot_parent.clone();
+    Ok(hooks.after_pages(
+        after,
+        Box::new(move |vm: &mut VmHandle| {
+            let desc = vm.machine().clone();
+            match take_snapshot(vm, &dir, mode, desc, parent.as_deref()) {
+                Ok(r) => vm.snapshots.push(r),
+                // The guest runs on unaffected; the run reports the failure.
+                Err(e) => vm.snapshot_errors.push(e.to_string()),
+            }
+            Ok(())
+        }),
+    ))
+}
+
+/// A snapshot was asked for but the guest never reached the threshold: say
+/// so, do not exit 0.
+fn check_snapshot_taken(snap: &SnapshotArgs, r: &mut RunReport) {
+    if let Some(after) = snap.snapshot_after_pages {
+        if r.snapshots.is_empty() && r.status == crate::report::RunStatus::Ok {
+            r.status = crate::report::RunStatus::SnapshotFailed;
+            r.error = Some(format!(
+                "no snapshot was taken: the guest made {} page stores, fewer than \
+                 --snapshot-after-pages {after}",
+                r.pages_written
+            ));
+        }
+    }
+}
+
 /// `vmm restore` flags.
 #[derive(Args, Debug, Clone)]
 pub struct RestoreArgs {
@@ -74,6 +161,10 @@ pub struct RestoreArgs {
     /// Have the guest run its consistency check at its next poll point.
     #[arg(long)]
     pub verify: bool,
+    /// Snapshot flags (a diff against the restored snapshot with
+    /// --snapshot-parent).
+    #[command(flatten)]
+    pub snap: SnapshotArgs,
     /// Print exactly one JSON object on stdout; serial output goes to stderr.
     #[arg(long)]
     pub json: bool,
@@ -184,17 +275,9 @@ pub struct RunArgs {
     /// kvm-ring, uffd-wp, uffd-async or soft-dirty.
     #[arg(long, value_parser = parse_tracker)]
     pub track: Option<TrackerKind>,
-    /// Take a snapshot into this directory (which must not exist) once the
-    /// guest has made --snapshot-after-pages page stores.
-    #[arg(long, requires = "snapshot_after_pages")]
-    pub snapshot: Option<PathBuf>,
-    /// Page stores (all vCPUs) after which the snapshot is taken.
-    #[arg(long, requires = "snapshot")]
-    pub snapshot_after_pages: Option<u64>,
-    /// How the snapshot is taken: live (the guest keeps running; the pause
-    /// covers only the vCPU state) or paused (stop-the-world).
-    #[arg(long, default_value = "live", value_parser = parse_snapshot_mode)]
-    pub snapshot_mode: SnapshotMode,
+    /// Snapshot flags.
+    #[command(flatten)]
+    pub snap: SnapshotArgs,
     /// Print exactly one JSON object on stdout; serial output goes to stderr.
     #[arg(long)]
     pub json: bool,
@@ -237,40 +320,12 @@ pub fn cmd_run(args: &RunArgs) -> i32 {
     } else {
         SerialSink::Stdout
     };
-    let mut hooks = RunHooks::default();
-    if let (Some(dir), Some(after)) = (args.snapshot.clone(), args.snapshot_after_pages) {
-        let mode = args.snapshot_mode;
-        if mode == SnapshotMode::Live {
-            if let Err(e) = check_live(args.backing, args.track) {
-                let e = RunError::Track(crate::dirty::TrackError::Combination(e));
-                return finish(Err(e), args.json);
-            }
-        }
-        hooks = hooks.after_pages(
-            after,
-            Box::new(move |vm: &mut VmHandle| {
-                let desc = vm.machine().clone();
-                match take_snapshot(vm, &dir, mode, desc) {
-                    Ok(r) => vm.snapshots.push(r),
-                    // The guest runs on unaffected; the run reports the failure.
-                    Err(e) => vm.snapshot_errors.push(e.to_string()),
-                }
-                Ok(())
-            }),
-        );
-    }
+    let hooks = match snapshot_hooks(&args.snap, args.backing, args.track, None) {
+        Ok(h) => h,
+        Err(e) => return finish(Err(e), args.json),
+    };
     let result = run(&args.to_config(), hooks, sink).map(|mut r| {
-        // Asked for a snapshot that never happened: say so, do not exit 0.
-        if let Some(after) = args.snapshot_after_pages {
-            if r.snapshots.is_empty() && r.status == crate::report::RunStatus::Ok {
-                r.status = crate::report::RunStatus::SnapshotFailed;
-                r.error = Some(format!(
-                    "no snapshot was taken: the guest made {} page stores, fewer than \
-                     --snapshot-after-pages {after}",
-                    r.pages_written
-                ));
-            }
-        }
+        check_snapshot_taken(&args.snap, &mut r);
         (r, None)
     });
     finish(result, args.json)
@@ -331,8 +386,17 @@ pub fn cmd_restore(args: &RestoreArgs) -> i32 {
         mode: args.mode,
         verify: args.verify,
     };
+    // The restored machine's backing decides whether a live snapshot can
+    // run; the restore refuses it later if not, with the same message.
+    let hooks = match snapshot_hooks(&args.snap, BackingKind::Memfd, None, Some(&args.dir)) {
+        Ok(h) => h,
+        Err(e) => return finish(Err(e), args.json),
+    };
     finish(
-        restore(&args.dir, &opts, RunHooks::default(), sink).map(|(r, rr)| (r, Some(rr))),
+        restore(&args.dir, &opts, hooks, sink).map(|(mut r, rr)| {
+            check_snapshot_taken(&args.snap, &mut r);
+            (r, Some(rr))
+        }),
         args.json,
     )
 }

@@ -110,6 +110,9 @@ pub enum ConfigError {
     /// `--fault-around` is not a power of two in 1..=512.
     #[error("--fault-around {0} is not a power of two between 1 and 512")]
     FaultAround(u64),
+    /// A diff snapshot's parent is not usable.
+    #[error("{0}")]
+    DiffParent(String),
     /// `--pages` beyond what a word can encode.
     #[error("--pages {0} is too large: a page index must fit in 24 bits")]
     PagesTooLarge(u64),

@@ -190,7 +190,7 @@ fn snapshot_once(mem: u64, mode: SnapshotMode, dir: PathBuf) -> Result<(SnapRow,
             }
             vm.resume();
             let desc = vm.machine().clone();
-            let r = take_snapshot(vm, &dir, mode, desc).map_err(|e| e.to_string());
+            let r = take_snapshot(vm, &dir, mode, desc, None).map_err(|e| e.to_string());
             *out2.lock().map_err(|_| HookError("poisoned".into()))? =
                 Some(r.map(|r| (r, populated)));
             Ok(())

@@ -1,8 +1,7 @@
 //! `vmm inspect DIR`: a snapshot's metadata, every checksum verified, and
 //! the host-side consistency oracle run on its memory image.
 
-use super::memory::MemoryFile;
-use super::read_state;
+use super::chain::Chain;
 use crate::oracle::verify_image;
 use crate::report::{error_json, EXIT_ERROR, EXIT_MISMATCH, EXIT_OK};
 use crate::size::format_size;
@@ -17,19 +16,17 @@ pub fn main(dir: &Path, json: bool) -> i32 {
         eprintln!("vmm: error: {msg}");
         EXIT_ERROR
     };
-    let (state, crc) = match read_state(dir) {
-        Ok(s) => s,
+    let chain = match Chain::open(dir) {
+        Ok(c) => c,
         Err(e) => return fail("bad_snapshot", e.to_string()),
     };
+    let (state, crc) = (&chain.head().state, chain.head().crc);
     let m = &state.machine;
-    let memory = match MemoryFile::open(&dir.join("memory.bin"), m.mem_bytes) {
-        Ok(f) => f,
-        Err(e) => return fail("bad_snapshot", e.to_string()),
-    };
-    if let Err(e) = memory.verify(&state.memory.chunk_crc) {
+    if let Err(e) = chain.verify() {
         return fail("bad_snapshot", e.to_string());
     }
-    let oracle = verify_image(&memory);
+    // The oracle runs on the image the chain describes (diffs over the base).
+    let oracle = verify_image(&chain);
     let id = uuid::Uuid::from_bytes(state.id).to_string();
     let mismatches = oracle.as_ref().ok().map(|v| v.total);
     if json {
@@ -50,6 +47,8 @@ pub fn main(dir: &Path, json: bool) -> i32 {
             "checksums_ok": true,
             "markers": state.markers.len(),
             "diff_parent": state.diff.as_ref().map(|d| uuid::Uuid::from_bytes(d.parent_id).to_string()),
+            "diff_pages": state.diff.as_ref().map(|d| d.pages.len()),
+            "chain_length": chain.links.len(),
             "verify_mismatches": mismatches,
             "oracle_error": oracle.as_ref().err().map(|e| e.to_string()),
         });
@@ -59,6 +58,14 @@ pub fn main(dir: &Path, json: bool) -> i32 {
             "snapshot {id} ({} mode), state.bin crc {crc:#010x}",
             state.mode
         );
+        if let Some(d) = &state.diff {
+            println!(
+                "  diff of {} ({} pages listed), chain of {} snapshots, every link checked",
+                uuid::Uuid::from_bytes(d.parent_id),
+                d.pages.len(),
+                chain.links.len()
+            );
+        }
         println!(
             "  machine: {} vCPU(s), {} ({} backing), kernel {}",
             m.vcpus,

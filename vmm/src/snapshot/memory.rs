@@ -214,6 +214,52 @@ impl MemoryFile {
         Ok(())
     }
 
+    /// Page numbers of the file's non-zero pages, in order.
+    pub fn stored_pages(&self) -> Result<Vec<u64>, MemoryFileError> {
+        let mut out = Vec::new();
+        self.for_each_page(|page, _| {
+            out.push(page);
+            Ok(())
+        })?;
+        Ok(out)
+    }
+
+    /// Punches a hole over page `page` (its content becomes zero).
+    pub fn punch(&self, page: u64) -> Result<(), MemoryFileError> {
+        // SAFETY: fallocate on a file we own; no memory is touched.
+        let r = unsafe {
+            libc::fallocate(
+                self.file.as_raw_fd(),
+                libc::FALLOC_FL_PUNCH_HOLE | libc::FALLOC_FL_KEEP_SIZE,
+                (page * PAGE) as libc::off_t,
+                PAGE as libc::off_t,
+            )
+        };
+        if r != 0 {
+            return Err(std::io::Error::last_os_error().into());
+        }
+        Ok(())
+    }
+
+    /// Opens `path` for writing (to turn a full memory file into a diff).
+    pub fn open_rw(path: &Path, mem_bytes: u64) -> Result<MemoryFile, MemoryFileError> {
+        let file = std::fs::OpenOptions::new()
+            .read(true)
+            .write(true)
+            .open(path)?;
+        let len = file.metadata()?.len();
+        if len < mem_bytes {
+            return Err(MemoryFileError::Truncated {
+                got: len,
+                want: mem_bytes,
+            });
+        }
+        Ok(MemoryFile {
+            file,
+            len: mem_bytes,
+        })
+    }
+
     /// Checks every chunk checksum against `expected`.
     pub fn verify(&self, expected: &[u32]) -> Result<u64, MemoryFileError> {
         self.load_into(None, expected)
@@ -262,7 +308,7 @@ impl MemoryFile {
 
 impl MemoryFile {
     /// The checksum chunk `chunk` has now.
-    fn chunk_crc(&self, chunk: u64) -> Result<u32, MemoryFileError> {
+    pub fn chunk_crc(&self, chunk: u64) -> Result<u32, MemoryFileError> {
         let start = chunk * CHUNK_BYTES;
         let len = CHUNK_BYTES.min(self.len.saturating_sub(start));
         let mut buf = vec![0u8; len as usize];
@@ -275,91 +321,6 @@ impl MemoryFile {
             }
         }
         Ok(h.finalize())
-    }
-}
-
-/// Serves missing faults from a snapshot's memory file (the `uffd` restore
-/// mode): a chunk's checksum is checked the first time anything is served
-/// from it; a chunk that fails is never served (its pages are poisoned).
-pub struct LazySource {
-    file: MemoryFile,
-    expected: Vec<u32>,
-    /// Per chunk: 0 unchecked, 1 good, 2 bad.
-    checked: Vec<std::sync::atomic::AtomicU8>,
-    served: std::sync::atomic::AtomicU64,
-}
-
-impl LazySource {
-    /// A source over `file` with the snapshot's chunk checksums.
-    pub fn new(file: MemoryFile, expected: Vec<u32>) -> LazySource {
-        let checked = (0..expected.len())
-            .map(|_| std::sync::atomic::AtomicU8::new(0))
-            .collect();
-        LazySource {
-            file,
-            expected,
-            checked,
-            served: std::sync::atomic::AtomicU64::new(0),
-        }
-    }
-
-    /// Bytes served so far.
-    pub fn served_bytes(&self) -> u64 {
-        self.served.load(std::sync::atomic::Ordering::Relaxed)
-    }
-
-    fn check(&self, chunk: u64) -> Result<(), String> {
-        use std::sync::atomic::Ordering;
-        let Some(state) = self.checked.get(chunk as usize) else {
-            return Err(format!("chunk {chunk} is beyond the snapshot"));
-        };
-        let start = chunk * CHUNK_BYTES;
-        let bad = || {
-            format!(
-                "snapshot memory.bin: checksum mismatch in chunk {chunk} (guest-physical {start:#x}..{:#x})",
-                start + CHUNK_BYTES
-            )
-        };
-        match state.load(Ordering::Acquire) {
-            1 => Ok(()),
-            2 => Err(bad()),
-            _ => {
-                let ok = self.chunk_ok(chunk);
-                state.store(if ok { 1 } else { 2 }, Ordering::Release);
-                if ok {
-                    Ok(())
-                } else {
-                    Err(bad())
-                }
-            }
-        }
-    }
-
-    fn chunk_ok(&self, chunk: u64) -> bool {
-        self.file
-            .chunk_crc(chunk)
-            .is_ok_and(|crc| Some(&crc) == self.expected.get(chunk as usize))
-    }
-}
-
-impl guest_mem::PageSource for LazySource {
-    fn check(&self, gpa: u64) -> Result<(), String> {
-        LazySource::check(self, gpa / CHUNK_BYTES)
-    }
-
-    fn fill(&self, gpa: u64, buf: &mut [u8]) -> Result<(), String> {
-        let end = gpa + buf.len() as u64;
-        let mut chunk = gpa / CHUNK_BYTES;
-        while chunk * CHUNK_BYTES < end {
-            self.check(chunk)?;
-            chunk += 1;
-        }
-        self.file
-            .read_at(gpa, buf)
-            .map_err(|e| format!("reading the snapshot at {gpa:#x}: {e}"))?;
-        self.served
-            .fetch_add(buf.len() as u64, std::sync::atomic::Ordering::Relaxed);
-        Ok(())
     }
 }
 

@@ -10,6 +10,7 @@
 //! * [`writer`]: taking a snapshot of a running VM.
 //! * [`restore`]: booting a VM from a snapshot.
 
+pub mod chain;
 pub mod inspect;
 pub mod memory;
 pub mod restore;

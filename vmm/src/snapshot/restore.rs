@@ -6,10 +6,12 @@
 //! vCPU, and hand the machine to the supervisor: the guest continues its
 //! workload where it was.
 
-use super::memory::{LazySource, MemoryFile};
+use super::chain::{Chain, ChainSource};
+use super::memory::MemoryFile;
 use super::state::{execution_chunks, restore_vcpu, restore_vm, SnapshotState, CHUNK_BYTES};
-use super::{read_state, SnapshotError};
+use super::SnapshotError;
 use crate::config::{KernelSource, VmConfig};
+use crate::oracle::MemoryImage;
 use crate::report::RunReport;
 use crate::runner::{prepare_process, supervise, Machine, RunError, RunHooks, SerialSink};
 use crate::vstate::vm::{create_vm, open_kvm};
@@ -145,6 +147,36 @@ fn config_of(state: &SnapshotState) -> Result<VmConfig, SnapshotError> {
     })
 }
 
+/// `eager`: the full snapshot at the chain's end, then each diff from the
+/// oldest on, every checksum checked before anything of a link is trusted.
+fn load_chain(ram: &GuestRam, chain: &Chain) -> Result<u64, RunError> {
+    let mut pages = 0;
+    let mut buf = vec![0u8; 4096];
+    for link in chain.links.iter().rev() {
+        match &link.state.diff {
+            None => {
+                pages += link
+                    .memory
+                    .load_into(Some(ram), &link.state.memory.chunk_crc)
+                    .map_err(SnapshotError::from)?;
+            }
+            Some(d) => {
+                link.memory
+                    .verify(&link.state.memory.chunk_crc)
+                    .map_err(SnapshotError::from)?;
+                for &p in &d.pages {
+                    link.memory.read_at(p * 4096, &mut buf).map_err(|e| {
+                        RunError::Runtime(format!("reading {}: {e}", link.dir.display()))
+                    })?;
+                    ram.write(p * 4096, &buf)?;
+                    pages += 1;
+                }
+            }
+        }
+    }
+    Ok(pages)
+}
+
 /// True when `path` lies on a tmpfs.
 fn on_tmpfs(path: &Path) -> bool {
     use std::os::unix::ffi::OsStrExt;
@@ -198,13 +230,20 @@ pub fn restore(
     sink: SerialSink,
 ) -> Result<(RunReport, RestoreReport), RunError> {
     let start = Instant::now();
-    let (state, _crc) = read_state(dir)?;
-    let config = config_of(&state)?;
+    let chain = Arc::new(Chain::open(dir)?);
+    let state = &chain.head().state;
+    let config = config_of(state)?;
+    if chain.is_diff() && opts.mode == RestoreMode::Mmap {
+        return Err(SnapshotError::Incompatible(
+            "a diff snapshot cannot be mapped directly: restore its chain with --mode eager or uffd".into(),
+        )
+        .into());
+    }
     let memory = MemoryFile::open(&dir.join("memory.bin"), state.machine.mem_bytes)
         .map_err(SnapshotError::from)?;
     let signals = prepare_process()?;
     let kvm = open_kvm()?;
-    let missing = missing_cpu_features(&kvm, &state)?;
+    let missing = missing_cpu_features(&kvm, state)?;
     if !missing.is_empty() {
         return Err(SnapshotError::Incompatible(format!(
             "the guest's CPU features are not available here: {}",
@@ -258,13 +297,10 @@ pub fn restore(
     let created = Instant::now();
     let vm = Arc::new(create_vm(&kvm, &ram, config.vcpus)?);
     let pages_loaded = match opts.mode {
-        RestoreMode::Eager => memory
-            .load_into(Some(&ram), &state.memory.chunk_crc)
-            .map_err(SnapshotError::from)?,
+        RestoreMode::Eager => load_chain(&ram, &chain)?,
         RestoreMode::Uffd => {
-            let source = Arc::new(LazySource::new(memory, state.memory.chunk_crc.clone()));
-            ram.set_page_source(source)?;
-            prefetch(&ram, &state)?
+            ram.set_page_source(Arc::new(ChainSource::new(chain.clone())))?;
+            prefetch(&ram, state)?
         }
         RestoreMode::Mmap => {
             // Verified in the background once the guest runs; a bad chunk

@@ -151,6 +151,9 @@ pub struct DiffDesc {
     pub parent_id: [u8; 16],
     /// The parent's `state.bin` CRC.
     pub parent_crc: u32,
+    /// Where the parent was (as given when the diff was taken; a relative
+    /// path is relative to the diff's own directory's parent).
+    pub parent_dir: String,
     /// Guest page numbers present in this diff (a hole elsewhere means
     /// "unchanged", never "now zero").
     pub pages: Vec<u64>,
@@ -281,6 +284,12 @@ fn validate(s: &SnapshotState) -> Result<(), StateError> {
         || s.memory.chunk_crc.len() as u64 != m.mem_bytes.div_ceil(CHUNK_BYTES)
     {
         return bad("memory checksums do not match the memory size".into());
+    }
+    if let Some(d) = &s.diff {
+        let pages = m.mem_bytes / 4096;
+        if d.pages.windows(2).any(|w| w[0] >= w[1]) || d.pages.last().is_some_and(|p| *p >= pages) {
+            return bad("the diff's page list is not sorted or lies beyond memory".into());
+        }
     }
     if s.devices.command_seq.len() != m.vcpus as usize {
         return bad("device state does not match the vCPU count".into());

@@ -13,8 +13,11 @@
 //! then renamed into place; on any error the temporary directory is removed,
 //! protection is lifted, and the guest runs on unaffected.
 
+use super::chain::Chain;
+use super::memory::MemoryFile;
 use super::memory::{write_memory, write_new_file};
 use super::state::working_set;
+use super::state::DiffDesc;
 use super::state::{
     encode, save_vm, DeviceState, MachineDesc, MemoryDesc, SnapshotState, CHUNK_BYTES,
 };
@@ -119,15 +122,27 @@ pub fn take_snapshot(
     dir: &Path,
     mode: SnapshotMode,
     machine: MachineDesc,
+    parent: Option<&Path>,
 ) -> Result<SnapshotReport, SnapshotError> {
     if dir.exists() {
         return Err(SnapshotError::Exists(dir.to_path_buf()));
     }
+    // A diff: the parent chain is opened (and checked) before anything else.
+    let parent = match parent {
+        Some(p) => Some(ParentRef {
+            chain: Chain::open(p)?,
+            dir: std::fs::canonicalize(p)
+                .map_err(io(p))?
+                .to_string_lossy()
+                .into_owned(),
+        }),
+        None => None,
+    };
     let start = Instant::now();
     let tmp = temp_dir_for(dir)?;
     let _ = std::fs::remove_dir_all(&tmp);
     std::fs::create_dir(&tmp).map_err(io(&tmp))?;
-    let result = write_into(vm, &tmp, mode, machine);
+    let result = write_into(vm, &tmp, mode, machine, parent);
     match result {
         Ok(mut report) => {
             if let Err(e) = std::fs::rename(&tmp, dir).map_err(io(dir)) {
@@ -157,9 +172,10 @@ fn write_into(
     tmp: &Path,
     mode: SnapshotMode,
     machine: MachineDesc,
+    parent: Option<ParentRef>,
 ) -> Result<SnapshotReport, SnapshotError> {
     if mode == SnapshotMode::Live {
-        return write_live(vm, tmp, machine);
+        return write_live(vm, tmp, machine, parent);
     }
     let paused_at = Instant::now();
     let vcpus = vm.pause_and_capture().map_err(SnapshotError::Capture);
@@ -182,6 +198,7 @@ fn write_into(
         let written = write_memory(vm.ram(), &mem_path)?;
         let working_set = working_set(&vcpus, vm.ram().size(), &populated);
         let parts = StateParts {
+            parent,
             mode,
             machine,
             vcpus,
@@ -210,6 +227,7 @@ fn write_live(
     vm: &mut VmHandle,
     tmp: &Path,
     machine: MachineDesc,
+    parent: Option<ParentRef>,
 ) -> Result<SnapshotReport, SnapshotError> {
     let ram_fail = |e: guest_mem::tracking::TrackError| SnapshotError::Capture(e.to_string());
     vm.ram().live_protect().map_err(ram_fail)?;
@@ -281,6 +299,7 @@ fn write_live(
         let chunk_crc = super::memory::MemoryFile::open(&mem_path, vm.ram().size())?.checksums()?;
         let stats = lc.stats();
         let parts = StateParts {
+            parent,
             mode: SnapshotMode::Live,
             machine,
             vcpus,
@@ -301,6 +320,7 @@ fn write_live(
 
 /// What `state.bin` is made of, besides what `write_state` adds.
 struct StateParts {
+    parent: Option<ParentRef>,
     mode: SnapshotMode,
     machine: MachineDesc,
     vcpus: Vec<super::state::SavedVcpu>,
@@ -313,7 +333,15 @@ struct StateParts {
 
 /// Writes `state.bin` (a new id) into `tmp`, fsyncs the directory, and
 /// starts the report.
-fn write_state(tmp: &Path, p: StateParts) -> Result<SnapshotReport, SnapshotError> {
+fn write_state(tmp: &Path, mut p: StateParts) -> Result<SnapshotReport, SnapshotError> {
+    let mut diff = None;
+    if let Some(parent) = &p.parent {
+        let (d, crc, stored) =
+            make_diff(&tmp.join("memory.bin"), &parent.chain, parent.dir.clone())?;
+        p.chunk_crc = crc;
+        p.pages_stored = stored;
+        diff = Some(d);
+    }
     let id = uuid::Uuid::new_v4();
     let state = SnapshotState {
         id: *id.as_bytes(),
@@ -331,7 +359,7 @@ fn write_state(tmp: &Path, p: StateParts) -> Result<SnapshotReport, SnapshotErro
             chunk_crc: p.chunk_crc,
             pages_stored: p.pages_stored,
         },
-        diff: None,
+        diff,
     };
     let (bytes, _crc) = encode(&state)?;
     let state_path = tmp.join("state.bin");
@@ -348,4 +376,56 @@ fn write_state(tmp: &Path, p: StateParts) -> Result<SnapshotReport, SnapshotErro
         bytes_written: p.pages_stored * 4096,
         throughput_bytes_per_s: 0.0,
     })
+}
+
+/// The parent chain of a diff snapshot and the directory it records.
+struct ParentRef {
+    chain: Chain,
+    dir: String,
+}
+
+/// Turns the full `memory` file just written into a diff against `parent`:
+/// pages equal to the parent chain's become holes, and the sorted list of
+/// pages that differ (zero ones included) is returned with the new chunk
+/// checksums and the count of non-zero pages stored.
+fn make_diff(
+    memory: &Path,
+    parent: &Chain,
+    parent_dir: String,
+) -> Result<(DiffDesc, Vec<u32>, u64), SnapshotError> {
+    use crate::oracle::MemoryImage;
+    let head = parent.head();
+    let mem_bytes = head.state.machine.mem_bytes;
+    let file = MemoryFile::open_rw(memory, mem_bytes)?;
+    let mut candidates = file.stored_pages()?;
+    candidates.extend(parent.candidate_pages()?);
+    candidates.sort_unstable();
+    candidates.dedup();
+    let (mut mine, mut theirs) = (vec![0u8; 4096], vec![0u8; 4096]);
+    let mut pages = Vec::new();
+    let mut stored = 0;
+    let read_err =
+        |e: guest_mem::RamError| SnapshotError::Capture(format!("reading for the diff: {e}"));
+    for p in candidates {
+        file.read_at(p * 4096, &mut mine).map_err(read_err)?;
+        parent.read_at(p * 4096, &mut theirs).map_err(read_err)?;
+        let zero = mine.iter().all(|b| *b == 0);
+        if mine != theirs {
+            pages.push(p);
+            stored += u64::from(!zero);
+        } else if !zero {
+            file.punch(p)?;
+        }
+    }
+    let crc = file.checksums()?;
+    Ok((
+        DiffDesc {
+            parent_id: head.state.id,
+            parent_crc: head.crc,
+            parent_dir,
+            pages,
+        },
+        crc,
+        stored,
+    ))
 }
