@@ -17,9 +17,18 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Mutex;
 
 /// The copy-before-write state of one live snapshot.
+/// A page's contribution to its 2 MiB chunk's checksum (the snapshot format
+/// decides; the sum over a chunk's pages is order-independent).
+pub type PageSum = fn(u64, &[u8]) -> u32;
+
+/// Bytes covered by one checksum chunk.
+const CHUNK_BYTES: u64 = 2 << 20;
+
 #[derive(Debug)]
 pub struct LiveCopy {
     file: File,
+    page_sum: PageSum,
+    sums: Vec<std::sync::atomic::AtomicU32>,
     /// Pages copied (by the writer or a fault).
     copied: Vec<AtomicU64>,
     /// Pages populated after the freeze (not part of the snapshot).
@@ -42,14 +51,19 @@ pub struct LiveCopyStats {
 }
 
 impl LiveCopy {
-    pub(crate) fn new(file: File, ram_pages: u64) -> LiveCopy {
+    pub(crate) fn new(file: File, ram_pages: u64, page_sum: PageSum) -> LiveCopy {
         let bits = || {
             (0..ram_pages.div_ceil(64))
                 .map(|_| AtomicU64::new(0))
                 .collect()
         };
+        let chunks = (ram_pages * PAGE_SIZE).div_ceil(CHUNK_BYTES);
         LiveCopy {
             file,
+            page_sum,
+            sums: (0..chunks)
+                .map(|_| std::sync::atomic::AtomicU32::new(0))
+                .collect(),
             copied: bits(),
             born: bits(),
             by_faults: AtomicU64::new(0),
@@ -97,11 +111,12 @@ impl LiveCopy {
     /// caller holds their region lock.
     pub(crate) fn copy_run(&self, page: u64, host: u64, n: u64) {
         let len = (n * PAGE_SIZE) as usize;
-        let mut buf = vec![0u8; len];
         // SAFETY: `host..host + len` are present pages of a live region
-        // mapping (the caller holds the region lock); a plain memory read.
-        unsafe { std::ptr::copy_nonoverlapping(host as *const u8, buf.as_mut_ptr(), len) };
-        let pages: Vec<&[u8]> = buf.chunks(PAGE_SIZE as usize).collect();
+        // mapping, still write-protected (nobody copied them yet, so no fault
+        // un-protected them) and the caller holds their region lock: their
+        // content cannot change while it is read.
+        let src = unsafe { std::slice::from_raw_parts(host as *const u8, len) };
+        let pages: Vec<&[u8]> = src.chunks(PAGE_SIZE as usize).collect();
         let mut i = 0;
         while i < pages.len() {
             if pages[i].iter().all(|b| *b == 0) {
@@ -110,9 +125,13 @@ impl LiveCopy {
             }
             let first = i;
             while i < pages.len() && !pages[i].iter().all(|b| *b == 0) {
+                let p = page + i as u64;
+                if let Some(s) = self.sums.get((p * PAGE_SIZE / CHUNK_BYTES) as usize) {
+                    s.fetch_add((self.page_sum)(p, pages[i]), Ordering::Relaxed);
+                }
                 i += 1;
             }
-            let bytes = &buf[first * PAGE_SIZE as usize..i * PAGE_SIZE as usize];
+            let bytes = &src[first * PAGE_SIZE as usize..i * PAGE_SIZE as usize];
             match self
                 .file
                 .write_all_at(bytes, (page + first as u64) * PAGE_SIZE)
@@ -131,6 +150,14 @@ impl LiveCopy {
                 }
             }
         }
+    }
+
+    /// The chunk checksums of everything copied (complete once the copy is).
+    pub fn chunk_sums(&self) -> Vec<u32> {
+        self.sums
+            .iter()
+            .map(|s| s.load(Ordering::Acquire))
+            .collect()
     }
 
     /// The first error any copy hit.
@@ -194,8 +221,9 @@ mod tests {
                 .open(&path)
                 .expect("file");
             file.set_len(8 << 20).expect("len");
+            let sum: super::PageSum = |p, c| (p as u32).wrapping_add(c[0] as u32);
             let lc = ram
-                .live_freeze(file.try_clone().expect("clone"))
+                .live_freeze(file.try_clone().expect("clone"), sum)
                 .expect("freeze");
             // After the freeze a writer overwrites the first half (each
             // first write faults and is copied first), then races the
@@ -227,6 +255,16 @@ mod tests {
                 "the fault path was not exercised: {s:?}"
             );
             assert!(lc.error().is_none());
+            // The chunk sums cover every stored page, whichever copied it.
+            let want: u32 = (0..pages).fold(0u32, |acc, p| {
+                let mut b = [0u8; 1];
+                file.read_exact_at(&mut b, p * PAGE_SIZE).expect("read");
+                acc.wrapping_add(sum(p, &b))
+            });
+            assert_eq!(
+                lc.chunk_sums().iter().fold(0u32, |a, s| a.wrapping_add(*s)),
+                want
+            );
             for p in 0..pages {
                 let mut b = [0u8; 8];
                 file.read_exact_at(&mut b, p * PAGE_SIZE).expect("read");

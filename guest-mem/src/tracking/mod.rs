@@ -226,6 +226,7 @@ impl GuestRam {
     pub fn live_freeze(
         &self,
         file: std::fs::File,
+        page_sum: crate::live_copy::PageSum,
     ) -> Result<std::sync::Arc<crate::live_copy::LiveCopy>, TrackError> {
         let uffd = self
             .core
@@ -261,6 +262,7 @@ impl GuestRam {
         let lc = std::sync::Arc::new(crate::live_copy::LiveCopy::new(
             file,
             self.size() / PAGE_SIZE,
+            page_sum,
         ));
         self.core.live_copy.store(Some(lc.clone()));
         Ok(lc)

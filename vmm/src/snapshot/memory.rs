@@ -1,9 +1,10 @@
 //! `memory.bin`: raw guest memory, the byte at offset X being guest-physical
 //! byte X, so it can be mapped directly. Sparse: unpopulated and all-zero
-//! pages are holes. Each 2 MiB chunk has a CRC32 over the (page index,
-//! content) of its non-zero pages, stored in `state.bin`, so corruption and
-//! truncation are both detected (a non-zero page turned zero drops out of
-//! the sum; a zero page turned non-zero enters it).
+//! pages are holes. Each 2 MiB chunk has a checksum — the wrapping sum of
+//! the CRC32s of (page index, content) of its non-zero pages — stored in
+//! `state.bin`, so corruption and truncation are both detected (a non-zero
+//! page turned zero drops out of the sum; a zero page turned non-zero enters
+//! it), and pages can be summed in any order.
 
 use super::state::CHUNK_BYTES;
 use crate::oracle::MemoryImage;
@@ -53,27 +54,36 @@ fn is_zero(page: &[u8]) -> bool {
 
 /// Per-chunk checksum accumulator.
 struct ChunkSums {
-    sums: Vec<crc32fast::Hasher>,
+    sums: Vec<u32>,
+}
+
+/// A page's contribution to its chunk's checksum: the CRC32 of its
+/// little-endian page number followed by its content. A chunk's checksum is
+/// the wrapping sum of its non-zero pages' contributions, so pages can be
+/// added in any order and from several threads (a live snapshot copies
+/// pages out of order).
+pub fn page_sum(page: u64, content: &[u8]) -> u32 {
+    let mut h = crc32fast::Hasher::new();
+    h.update(&page.to_le_bytes());
+    h.update(content);
+    h.finalize()
 }
 
 impl ChunkSums {
     fn new(mem_bytes: u64) -> ChunkSums {
         ChunkSums {
-            sums: (0..mem_bytes.div_ceil(CHUNK_BYTES))
-                .map(|_| crc32fast::Hasher::new())
-                .collect(),
+            sums: vec![0; mem_bytes.div_ceil(CHUNK_BYTES) as usize],
         }
     }
 
     fn add(&mut self, page: u64, content: &[u8]) {
-        if let Some(h) = self.sums.get_mut((page * PAGE / CHUNK_BYTES) as usize) {
-            h.update(&page.to_le_bytes());
-            h.update(content);
+        if let Some(s) = self.sums.get_mut((page * PAGE / CHUNK_BYTES) as usize) {
+            *s = s.wrapping_add(page_sum(page, content));
         }
     }
 
     fn finish(self) -> Vec<u32> {
-        self.sums.into_iter().map(|h| h.finalize()).collect()
+        self.sums
     }
 }
 
@@ -313,14 +323,13 @@ impl MemoryFile {
         let len = CHUNK_BYTES.min(self.len.saturating_sub(start));
         let mut buf = vec![0u8; len as usize];
         self.file.read_exact_at(&mut buf, start)?;
-        let mut h = crc32fast::Hasher::new();
+        let mut sum = 0u32;
         for (i, page) in buf.chunks(PAGE as usize).enumerate() {
             if !is_zero(page) {
-                h.update(&(start / PAGE + i as u64).to_le_bytes());
-                h.update(page);
+                sum = sum.wrapping_add(page_sum(start / PAGE + i as u64, page));
             }
         }
-        Ok(h.finalize())
+        Ok(sum)
     }
 }
 

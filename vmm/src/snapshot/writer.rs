@@ -270,7 +270,10 @@ fn write_live(
         })
         .and_then(|vm_state| {
             let f2 = file.try_clone().map_err(io(&mem_path))?;
-            let lc = vm.ram().live_freeze(f2).map_err(ram_fail)?;
+            let lc = vm
+                .ram()
+                .live_freeze(f2, super::memory::page_sum)
+                .map_err(ram_fail)?;
             Ok((vm_state, lc))
         });
     let command_seq = vm.command_seqs();
@@ -296,7 +299,8 @@ fn write_live(
     }
     let finish = (|| {
         file.sync_all().map_err(io(&mem_path))?;
-        let chunk_crc = super::memory::MemoryFile::open(&mem_path, vm.ram().size())?.checksums()?;
+        // Summed as the pages were copied: no second pass over the file.
+        let chunk_crc = lc.chunk_sums();
         let stats = lc.stats();
         let parts = StateParts {
             parent,
