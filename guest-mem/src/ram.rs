@@ -273,6 +273,14 @@ impl GuestRam {
             .map_err(|_| RamError::Describe("the page source is set already".into()))
     }
 
+    /// Populates `[start, end)` from the page source now, in large copies,
+    /// instead of fault by fault (a lazy restore's prefetch). Returns the
+    /// pages populated; an error names what could not be served (and is
+    /// poisoned).
+    pub fn prefill(&self, start: u64, end: u64) -> Result<u64, String> {
+        self.core.prefill(start, end.min(self.size))
+    }
+
     /// Memory errors met while serving faults (ranges poisoned), drained.
     pub fn take_memory_errors(&self) -> Vec<String> {
         std::mem::take(

@@ -246,6 +246,59 @@ impl MemoryCore {
         }
     }
 
+    /// Populates the unpopulated pages of `[start, end)` from the page
+    /// source with large `UFFDIO_COPY`s, without waiting for faults (a lazy
+    /// restore's prefetch). Returns the pages populated; a source error
+    /// poisons the run it concerns and is returned.
+    pub(crate) fn prefill(&self, start: u64, end: u64) -> Result<u64, String> {
+        let (Some(uffd), Some(src)) = (&self.uffd, self.page_source.get()) else {
+            return Ok(0);
+        };
+        let tracking = self.wp_mode() != WpMode::Off;
+        let mut total = 0;
+        for region in self.regions.load().iter() {
+            let lo = start.max(region.gpa);
+            let hi = end.min(region.gpa + region.size);
+            if lo >= hi {
+                continue;
+            }
+            let _g = region.lock.lock().unwrap_or_else(|e| e.into_inner());
+            let mut gpa = lo & !(PAGE_SIZE - 1);
+            while gpa < hi {
+                if !self.table.get(gpa).is_empty() {
+                    gpa += PAGE_SIZE;
+                    continue;
+                }
+                // A run of empty entries inside one leaf table.
+                let table_end = ((gpa / LEAF_TABLE_SPAN) + 1) * LEAF_TABLE_SPAN;
+                let mut run_end = gpa + PAGE_SIZE;
+                while run_end < hi.min(table_end) && self.table.get(run_end).is_empty() {
+                    run_end += PAGE_SIZE;
+                }
+                if !self.table.has_leaf_table(gpa) {
+                    let _ = self.table.ensure_leaf_table(gpa);
+                }
+                let mut buf = vec![0u8; (run_end - gpa) as usize];
+                if let Err(why) = src.fill(gpa, &mut buf) {
+                    self.poison(region, gpa, run_end, &why);
+                    return Err(why);
+                }
+                let wp = if tracking { UFFDIO_COPY_MODE_WP } else { 0 };
+                let done = match uffd.copy(region.host_of(gpa), buf.as_ptr(), run_end - gpa, wp) {
+                    Ok(n) => n,
+                    Err((_, partial)) => partial.max(0) as u64,
+                };
+                let done = done - done % PAGE_SIZE;
+                self.record_populated(region, gpa, done / PAGE_SIZE, u64::MAX, true, tracking);
+                total += done / PAGE_SIZE;
+                // Skip a page the kernel had already (EEXIST) or go on after
+                // the run.
+                gpa += done.max(PAGE_SIZE);
+            }
+        }
+        Ok(total)
+    }
+
     fn record_populated(
         &self,
         region: &Region,

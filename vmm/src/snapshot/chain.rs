@@ -129,6 +129,27 @@ impl Chain {
         self.links.len() - 1
     }
 
+    /// Pages of `[start, end)` (bytes) that may hold data anywhere in the
+    /// chain, without reading them: the full snapshot's data ranges and the
+    /// diffs' listed pages.
+    pub fn data_pages_in(&self, start: u64, end: u64) -> Result<Vec<u64>, MemoryFileError> {
+        let mut out = Vec::new();
+        for l in &self.links {
+            match &l.state.diff {
+                Some(d) => out.extend(
+                    d.pages
+                        .iter()
+                        .copied()
+                        .filter(|p| (start..end).contains(&(p * PAGE))),
+                ),
+                None => out.extend(l.memory.data_pages_in(start, end)?),
+            }
+        }
+        out.sort_unstable();
+        out.dedup();
+        Ok(out)
+    }
+
     /// Checks every chunk checksum of every link.
     pub fn verify(&self) -> Result<(), MemoryFileError> {
         for l in &self.links {
@@ -235,14 +256,26 @@ impl guest_mem::PageSource for ChainSource {
     }
 
     fn fill(&self, gpa: u64, buf: &mut [u8]) -> Result<(), String> {
-        for (i, page_buf) in buf.chunks_mut(PAGE as usize).enumerate() {
-            let page = gpa / PAGE + i as u64;
-            let link = self.chain.owner(page);
-            self.check_link(link, page)?;
+        // One read per run of pages held by the same link.
+        let pages = buf.len() as u64 / PAGE;
+        let mut i = 0;
+        while i < pages {
+            let first = gpa / PAGE + i;
+            let link = self.chain.owner(first);
+            let mut n = 1;
+            while i + n < pages && self.chain.owner(first + n) == link {
+                n += 1;
+            }
+            for p in first..first + n {
+                // Cheap after the first page of each chunk.
+                self.check_link(link, p)?;
+            }
+            let range = (i * PAGE) as usize..((i + n) * PAGE) as usize;
             self.chain.links[link]
                 .memory
-                .read_at(page * PAGE, page_buf)
-                .map_err(|e| format!("reading the snapshot at {:#x}: {e}", page * PAGE))?;
+                .read_at(first * PAGE, &mut buf[range])
+                .map_err(|e| format!("reading the snapshot at {:#x}: {e}", first * PAGE))?;
+            i += n;
         }
         Ok(())
     }

@@ -224,6 +224,19 @@ impl MemoryFile {
         Ok(())
     }
 
+    /// Page numbers of the pages in `[start, end)` that hold data (not
+    /// holes), without reading them.
+    pub fn data_pages_in(&self, start: u64, end: u64) -> Result<Vec<u64>, MemoryFileError> {
+        let mut out = Vec::new();
+        for (s, e) in data_ranges(&self.file, self.len)? {
+            let (lo, hi) = (s.max(start), e.min(end));
+            if lo < hi {
+                out.extend(lo / PAGE..hi.div_ceil(PAGE));
+            }
+        }
+        Ok(out)
+    }
+
     /// Page numbers of the file's non-zero pages, in order.
     pub fn stored_pages(&self) -> Result<Vec<u64>, MemoryFileError> {
         let mut out = Vec::new();

@@ -194,29 +194,39 @@ fn on_tmpfs(path: &Path) -> bool {
 /// Lazy restore: brings in the recorded working set (and the vCPUs'
 /// execution chunks) through the fault engine before the vCPUs run, in the
 /// recorded order. Returns the pages prefetched.
-fn prefetch(ram: &GuestRam, state: &SnapshotState) -> Result<u64, RunError> {
-    let chunks = execution_chunks(&state.vcpus, state.machine.mem_bytes);
-    let mut pages: Vec<u64> = state.working_set.clone();
-    for c in chunks {
-        let first = c * CHUNK_BYTES / 4096;
-        pages.extend(first..(first + CHUNK_BYTES / 4096).min(state.machine.mem_bytes / 4096));
-    }
-    let mut seen = std::collections::HashSet::new();
-    let mut word = [0u8; 8];
-    let mut n = 0;
-    for p in pages {
-        if seen.insert(p) {
-            // A read faults the page in from the snapshot (fault-around
-            // brings its neighbours).
-            ram.read(p * 4096, &mut word)?;
-            n += 1;
-        }
-    }
-    if let Some(e) = ram.take_memory_errors().first() {
-        return Err(SnapshotError::Memory(super::memory::MemoryFileError::Io(
+fn prefetch(ram: &GuestRam, chain: &Chain) -> Result<u64, RunError> {
+    let state = &chain.head().state;
+    let bad = |e: String| {
+        RunError::from(SnapshotError::Memory(super::memory::MemoryFileError::Io(
             std::io::Error::other(format!("the snapshot's working set cannot be served: {e}")),
-        ))
-        .into());
+        )))
+    };
+    // The pages of the execution chunks that hold data (holes demand-fault
+    // as zeros, data accesses can), plus the recorded working set, copied
+    // in runs of consecutive pages.
+    let mut pages = Vec::new();
+    for c in execution_chunks(&state.vcpus, state.machine.mem_bytes) {
+        pages.extend(
+            chain
+                .data_pages_in(c * CHUNK_BYTES, (c + 1) * CHUNK_BYTES)
+                .map_err(SnapshotError::from)?,
+        );
+    }
+    pages.extend_from_slice(&state.working_set);
+    pages.sort_unstable();
+    pages.dedup();
+    let mut n = 0;
+    let mut i = 0;
+    while i < pages.len() {
+        let first = pages[i];
+        let mut len = 1;
+        while i + (len as usize) < pages.len() && pages[i + len as usize] == first + len {
+            len += 1;
+        }
+        n += ram
+            .prefill(first * 4096, (first + len) * 4096)
+            .map_err(bad)?;
+        i += len as usize;
     }
     Ok(n)
 }
@@ -300,7 +310,7 @@ pub fn restore(
         RestoreMode::Eager => load_chain(&ram, &chain)?,
         RestoreMode::Uffd => {
             ram.set_page_source(Arc::new(ChainSource::new(chain.clone())))?;
-            prefetch(&ram, state)?
+            prefetch(&ram, &chain)?
         }
         RestoreMode::Mmap => {
             // Verified in the background once the guest runs; a bad chunk
