@@ -281,6 +281,51 @@ impl GuestRam {
         self.core.prefill(start, end.min(self.size))
     }
 
+    /// Rule 12: marks the unpopulated page at `gpa` poisoned (a memory
+    /// error): the guest touching it gets a memory error, the VMM's own
+    /// accesses are refused, never zeros. Needs the fault engine.
+    pub fn poison_page(&self, gpa: u64, why: &str) -> Result<(), RamError> {
+        let gpa = gpa & !(PAGE_SIZE - 1);
+        self.check(gpa, PAGE_SIZE)?;
+        if self.core.uffd.is_none() {
+            return Err(RamError::Describe(
+                "poisoning a page needs the fault engine (--backing memfd or anon)".into(),
+            ));
+        }
+        if !self.core.table.get(gpa).is_empty() {
+            return Err(RamError::Describe(format!(
+                "page {gpa:#x} is populated: only an unpopulated page can be poisoned"
+            )));
+        }
+        let region = self
+            .regions()
+            .into_iter()
+            .find(|r| r.contains_gpa(gpa))
+            .ok_or(RamError::OutOfRange {
+                addr: gpa,
+                len: PAGE_SIZE,
+            })?;
+        self.core.poison(&region, gpa, gpa + PAGE_SIZE, why);
+        self.take_memory_errors();
+        Ok(())
+    }
+
+    /// The poisoned pages the table records (guest-physical addresses).
+    pub fn poisoned_pages(&self) -> Vec<u64> {
+        struct Poisoned(Vec<u64>);
+        impl Walker for Poisoned {
+            fn leaf(&mut self, gpa: u64, e: Entry) -> WalkAction {
+                if e.marker_kind() == Some(crate::entry::Marker::Poisoned) {
+                    self.0.push(gpa);
+                }
+                WalkAction::Continue
+            }
+        }
+        let mut p = Poisoned(Vec::new());
+        self.core.table.walk_range(0, self.size, &mut p);
+        p.0
+    }
+
     /// Memory errors met while serving faults (ranges poisoned), drained.
     pub fn take_memory_errors(&self) -> Vec<String> {
         std::mem::take(

@@ -226,7 +226,7 @@ impl MemoryCore {
 
     /// Rule 12's markers: `[start, end)` cannot be served (its content
     /// failed a check): install poison, record it, never hand out zeros.
-    fn poison(&self, region: &Region, start: u64, end: u64, why: &str) {
+    pub(crate) fn poison(&self, region: &Region, start: u64, end: u64, why: &str) {
         let Some(uffd) = &self.uffd else { return };
         log::error!("poisoning guest memory {start:#x}..{end:#x}: {why}");
         if let Err(e) = uffd.poison(region.host_of(start), end - start) {

@@ -46,6 +46,7 @@ pub fn main(dir: &Path, json: bool) -> i32 {
             "chunks": state.memory.chunk_crc.len(),
             "checksums_ok": true,
             "markers": state.markers.len(),
+            "poisoned_pages": state.markers.iter().filter(|m| m.kind == 2).map(|m| format!("{:#x}", m.gpa)).collect::<Vec<_>>(),
             "diff_parent": state.diff.as_ref().map(|d| uuid::Uuid::from_bytes(d.parent_id).to_string()),
             "diff_pages": state.diff.as_ref().map(|d| d.pages.len()),
             "chain_length": chain.links.len(),

@@ -333,6 +333,22 @@ pub fn restore(
             0
         }
     };
+    // Rule 12: poisoned pages stay poisoned across a restore.
+    for m in &state.markers {
+        if m.kind == 2 {
+            // A diff may have listed it as "now zero": drop that first.
+            if !ram.table().get(m.gpa).is_empty() {
+                ram.discard(m.gpa & !0xfff, 4096)?;
+            }
+            ram.poison_page(m.gpa, "poisoned in the snapshot")
+                .map_err(|e| {
+                    SnapshotError::Incompatible(format!(
+                        "cannot keep the poisoned page {:#x}: {e}",
+                        m.gpa
+                    ))
+                })?;
+        }
+    }
     restore_vm(&vm, &state.vm).map_err(|source| SnapshotError::Kvm {
         what: "restoring the irqchip".into(),
         source,

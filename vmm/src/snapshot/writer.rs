@@ -199,6 +199,7 @@ fn write_into(
         let working_set = working_set(&vcpus, vm.ram().size(), &populated);
         let parts = StateParts {
             parent,
+            markers: markers_of(vm.ram()),
             mode,
             machine,
             vcpus,
@@ -304,6 +305,7 @@ fn write_live(
         let stats = lc.stats();
         let parts = StateParts {
             parent,
+            markers: markers_of(vm.ram()),
             mode: SnapshotMode::Live,
             machine,
             vcpus,
@@ -325,6 +327,7 @@ fn write_live(
 /// What `state.bin` is made of, besides what `write_state` adds.
 struct StateParts {
     parent: Option<ParentRef>,
+    markers: Vec<super::state::MarkerDesc>,
     mode: SnapshotMode,
     machine: MachineDesc,
     vcpus: Vec<super::state::SavedVcpu>,
@@ -356,7 +359,7 @@ fn write_state(tmp: &Path, mut p: StateParts) -> Result<SnapshotReport, Snapshot
         devices: DeviceState {
             command_seq: p.command_seq,
         },
-        markers: Vec::new(),
+        markers: p.markers,
         working_set: p.working_set,
         memory: MemoryDesc {
             chunk_bytes: CHUNK_BYTES,
@@ -432,4 +435,17 @@ fn make_diff(
         crc,
         stored,
     ))
+}
+
+/// Rule 12: the table's poisoned pages travel with the snapshot (their
+/// content is not saved: they are holes in `memory.bin`).
+fn markers_of(ram: &guest_mem::GuestRam) -> Vec<super::state::MarkerDesc> {
+    ram.poisoned_pages()
+        .into_iter()
+        .map(|gpa| super::state::MarkerDesc {
+            gpa,
+            kind: 2,
+            payload: 0,
+        })
+        .collect()
 }
