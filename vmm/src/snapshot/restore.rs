@@ -191,9 +191,10 @@ fn on_tmpfs(path: &Path) -> bool {
     }
 }
 
-/// Lazy restore: brings in the recorded working set (and the vCPUs'
-/// execution chunks) through the fault engine before the vCPUs run, in the
-/// recorded order. Returns the pages prefetched.
+/// Lazy restore: copies the data pages of the vCPUs' execution chunks and
+/// the recorded working set straight from the snapshot (large
+/// `UFFDIO_COPY`s, no fault round trips) before the vCPUs run. Returns the
+/// pages prefetched.
 fn prefetch(ram: &GuestRam, chain: &Chain) -> Result<u64, RunError> {
     let state = &chain.head().state;
     let bad = |e: String| {
