@@ -22,6 +22,7 @@ fn invalid_sizes_and_counts_are_usage_errors() {
     assert_usage_error(&["run", "--workload", "bogus"], "unknown workload");
     assert_usage_error(&["run", "--write-ratio", "101"], "not a percentage");
     assert_usage_error(&["run", "--no-such-flag"], "unexpected argument");
+    assert_usage_error(&["bench", "snapshot", "--runs", "0"], "not in 1..=50");
 }
 
 #[test]

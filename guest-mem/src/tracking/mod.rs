@@ -272,6 +272,7 @@ impl GuestRam {
     /// snapshot not yet copied, a leaf table (512 pages) at a time under
     /// the region's lock, walking only populated tables.
     pub fn live_write_all(&self, lc: &crate::live_copy::LiveCopy) {
+        let mut buf = vec![0u8; 2 << 20];
         for r in self.regions() {
             let mut start = r.gpa;
             let end = r.gpa + r.size;
@@ -280,15 +281,27 @@ impl GuestRam {
                 let mut c = Collect(Vec::new(), |e: Entry| e.is_present());
                 self.core.table.walk_range(start, stop, &mut c);
                 if !c.0.is_empty() {
-                    let _g = r.lock.lock().unwrap_or_else(|e| e.into_inner());
-                    let claimed: Vec<u64> =
-                        c.0.into_iter()
-                            .filter(|gpa| lc.claim(gpa / PAGE_SIZE))
-                            .collect();
-                    lc.by_writer
-                        .fetch_add(claimed.len() as u64, Ordering::Relaxed);
-                    for (s, e) in runs(&claimed) {
-                        lc.copy_run(s / PAGE_SIZE, r.host_of(s), (e - s) / PAGE_SIZE);
+                    // Claim and read under the region lock (a write fault
+                    // on these pages waits, then finds them claimed); store
+                    // after it, so faults wait for a memcpy, not a pwrite.
+                    let claimed_runs = {
+                        let _g = r.lock.lock().unwrap_or_else(|e| e.into_inner());
+                        let claimed: Vec<u64> =
+                            c.0.into_iter()
+                                .filter(|gpa| lc.claim(gpa / PAGE_SIZE))
+                                .collect();
+                        lc.by_writer
+                            .fetch_add(claimed.len() as u64, Ordering::Relaxed);
+                        let claimed_runs = runs(&claimed);
+                        for &(s, e) in &claimed_runs {
+                            let at = (s - start) as usize..(e - start) as usize;
+                            crate::live_copy::read_run(r.host_of(s), &mut buf[at]);
+                        }
+                        claimed_runs
+                    };
+                    for (s, e) in claimed_runs {
+                        let at = (s - start) as usize..(e - start) as usize;
+                        lc.store(s / PAGE_SIZE, &buf[at]);
                     }
                 }
                 start = stop;

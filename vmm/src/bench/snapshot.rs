@@ -43,6 +43,12 @@ pub struct SnapshotBenchArgs {
     /// memcpy the snapshot is compared with).
     #[arg(long)]
     pub dir: Option<PathBuf>,
+    /// Rounds of (live snapshot, paused snapshot, memcpy); each is reported
+    /// by its median round. The first round of a run is often much slower
+    /// (the kernel reclaims memory for the new tmpfs pages), whichever mode
+    /// goes first.
+    #[arg(long, default_value_t = 3, value_parser = clap::value_parser!(u32).range(1..=50))]
+    pub runs: u32,
     /// Also write the results as JSON to this file.
     #[arg(long)]
     pub json: Option<PathBuf>,
@@ -68,6 +74,9 @@ pub struct SnapRow {
     pub snapshot: SnapshotReport,
     /// Size on disk (allocated blocks).
     pub disk_bytes: u64,
+    /// Total µs of every round of this mode, in run order (`snapshot` is
+    /// the median one).
+    pub round_totals_us: Vec<u64>,
 }
 
 /// The benchmark's result.
@@ -81,7 +90,8 @@ pub struct SnapshotBench {
     pub mem_bytes: u64,
     /// Bytes the host populated in that guest.
     pub populated_bytes: u64,
-    /// µs to memcpy the populated bytes into a fresh tmpfs file.
+    /// µs to memcpy the populated bytes into a fresh tmpfs file (median
+    /// over the rounds).
     pub memcpy_tmpfs_us: f64,
 }
 
@@ -212,6 +222,7 @@ fn snapshot_once(mem: u64, mode: SnapshotMode, dir: PathBuf) -> Result<(SnapRow,
         SnapRow {
             snapshot: r.0,
             disk_bytes: disk,
+            round_totals_us: Vec::new(),
         },
         r.1,
     ))
@@ -232,6 +243,17 @@ fn memcpy_tmpfs(bytes: u64) -> Result<f64, String> {
     let us = start.elapsed().as_secs_f64() * 1e6;
     let _ = std::fs::remove_file(path);
     Ok(us)
+}
+
+/// The round of one mode with the median total, carrying every round's
+/// total; `None` for no rounds.
+fn median_round(mut rows: Vec<SnapRow>) -> Option<SnapRow> {
+    let totals: Vec<u64> = rows.iter().map(|r| r.snapshot.total_us).collect();
+    rows.sort_by_key(|r| r.snapshot.total_us);
+    let mid = rows.len() / 2;
+    let mut row = rows.into_iter().nth(mid)?;
+    row.round_totals_us = totals;
+    Some(row)
 }
 
 /// Runs `vmm bench snapshot`; returns the exit code.
@@ -269,36 +291,44 @@ pub fn main(args: &SnapshotBenchArgs) -> i32 {
             std::env::temp_dir()
         }
     });
-    let mut snaps = Vec::new();
+    // The modes alternate round by round, so neither gets the slow first
+    // round every time; each is reported by its median round.
+    let modes = [SnapshotMode::Live, SnapshotMode::Paused];
+    let mut rounds: Vec<Vec<SnapRow>> = modes.iter().map(|_| Vec::new()).collect();
+    let mut memcpy_us = Vec::new();
     let mut populated = 0;
-    for mode in [SnapshotMode::Live, SnapshotMode::Paused] {
-        match snapshot_once(
-            args.mem,
-            mode,
-            dir.join(format!(
-                "vmm-bench-snap-{}-{}",
-                std::process::id(),
-                mode.name()
-            )),
-        ) {
-            Ok((row, p)) => {
-                let _ = std::fs::remove_dir_all(&row.snapshot.dir);
-                populated = p;
-                snaps.push(row);
+    for _ in 0..args.runs {
+        for (mode, rows) in modes.iter().zip(&mut rounds) {
+            match snapshot_once(
+                args.mem,
+                *mode,
+                dir.join(format!(
+                    "vmm-bench-snap-{}-{}",
+                    std::process::id(),
+                    mode.name()
+                )),
+            ) {
+                Ok((row, p)) => {
+                    let _ = std::fs::remove_dir_all(&row.snapshot.dir);
+                    populated = p;
+                    rows.push(row);
+                }
+                Err(e) => {
+                    eprintln!("vmm bench snapshot: {} snapshot: {e}", mode.name());
+                    return EXIT_ERROR;
+                }
             }
+        }
+        match memcpy_tmpfs(populated) {
+            Ok(us) => memcpy_us.push(us),
             Err(e) => {
-                eprintln!("vmm bench snapshot: {} snapshot: {e}", mode.name());
+                eprintln!("vmm bench snapshot: memcpy to tmpfs: {e}");
                 return EXIT_ERROR;
             }
         }
     }
-    let memcpy = match memcpy_tmpfs(populated) {
-        Ok(us) => us,
-        Err(e) => {
-            eprintln!("vmm bench snapshot: memcpy to tmpfs: {e}");
-            return EXIT_ERROR;
-        }
-    };
+    let snaps: Vec<SnapRow> = rounds.into_iter().filter_map(median_round).collect();
+    let memcpy = min_median(&memcpy_us).map_or(0.0, |m| m.1);
     let result = SnapshotBench {
         write_protect: wp,
         snapshots: snaps,
@@ -317,9 +347,10 @@ pub fn main(args: &SnapshotBenchArgs) -> i32 {
         );
     }
     println!(
-        "snapshots of a {} guest, {} populated by the host (labelled), the guest writing:",
+        "snapshots of a {} guest, {} populated by the host (labelled), the guest writing; median of {} rounds:",
         format_size(result.mem_bytes),
-        format_size(result.populated_bytes)
+        format_size(result.populated_bytes),
+        args.runs
     );
     for s in &result.snapshots {
         let r = &s.snapshot;
@@ -334,6 +365,12 @@ pub fn main(args: &SnapshotBenchArgs) -> i32 {
             100.0 * (r.bytes_written as f64 / (r.total_us as f64 / 1e6)) / (result.populated_bytes as f64 / (result.memcpy_tmpfs_us / 1e6)),
             format_size(s.disk_bytes / 4096 * 4096)
         );
+        let totals: Vec<String> = s
+            .round_totals_us
+            .iter()
+            .map(|us| format!("{:.1}", *us as f64 / 1000.0))
+            .collect();
+        println!("         every round's total (ms): {}", totals.join(", "));
     }
     println!(
         "  memcpy of the same bytes into a fresh tmpfs file: {:.1} ms",
