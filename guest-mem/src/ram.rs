@@ -281,6 +281,42 @@ impl GuestRam {
         self.core.prefill(start, end.min(self.size))
     }
 
+    /// Records the pages that the private file mapping of
+    /// [`GuestRam::from_file_private`] already backs (`pages`: guest page
+    /// numbers whose content is the file's). The table then shows them
+    /// populated, not exclusive (they are the page cache's until written),
+    /// so fault-around fills only the holes around a fault and never covers
+    /// file content with zeros (rule 4), and live and diff snapshots copy
+    /// them. Call before anything runs in the guest. Returns the pages
+    /// recorded (pages already populated are left as they are).
+    pub fn mark_file_backed(&self, pages: &[u64]) -> Result<u64, RamError> {
+        let regions = self.regions();
+        let mut recorded = 0;
+        for &page in pages {
+            let gpa = page * PAGE_SIZE;
+            self.check(gpa, PAGE_SIZE)?;
+            let region =
+                regions
+                    .iter()
+                    .find(|r| r.contains_gpa(gpa))
+                    .ok_or(RamError::OutOfRange {
+                        addr: gpa,
+                        len: PAGE_SIZE,
+                    })?;
+            let frame = crate::entry::Frame((gpa - region.gpa) / PAGE_SIZE);
+            let entry = Entry::page(frame, !region.flags.read_only);
+            let (old, _) = self
+                .core
+                .table
+                .update(gpa, |e| e.is_empty().then_some(entry))
+                .map_err(|e| RamError::Describe(format!("recording page {gpa:#x}: {e}")))?;
+            if old.is_empty() {
+                recorded += 1;
+            }
+        }
+        Ok(recorded)
+    }
+
     /// Rule 12: marks the unpopulated page at `gpa` poisoned (a memory
     /// error): the guest touching it gets a memory error, the VMM's own
     /// accesses are refused, never zeros. Needs the fault engine.

@@ -195,6 +195,10 @@ pub struct RunReport {
     pub host_verify_mismatches: Option<u64>,
     /// Microseconds from `KVM_CREATE_VM` to the guest's first I/O exit.
     pub boot_us: Option<u64>,
+    /// Microseconds from `KVM_CREATE_VM` to the first `KVM_RUN` (the rest
+    /// of `boot_us` is the guest's own time, emulated on hosts without
+    /// hardware virtualization).
+    pub first_run_us: Option<u64>,
     /// Microseconds from the first vCPU's boot event to the last vCPU's end.
     pub workload_us: Option<u64>,
     /// True when Ctrl-C or SIGTERM ended the run early.

@@ -499,6 +499,7 @@ pub fn supervise(
     let control = Arc::new(VcpuControl::new(vcpu_count));
     let capture = Arc::new(CaptureSlots::new(vcpu_count));
     let first_io = Arc::new(OnceLock::new());
+    let first_run = Arc::new(OnceLock::new());
     let exited: Arc<Vec<AtomicBool>> =
         Arc::new((0..vcpu_count).map(|_| AtomicBool::new(false)).collect());
     let mut threads = Vec::with_capacity(vcpu_count);
@@ -512,7 +513,8 @@ pub fn supervise(
             ram.clone(),
         )
         .with_ring_full_handler(ring_full.clone())
-        .with_capture(capture.clone(), cpuid.clone());
+        .with_capture(capture.clone(), cpuid.clone())
+        .with_first_run(first_run.clone());
         let exited = exited.clone();
         let t = std::thread::Builder::new()
             .name(format!("vcpu{i}"))
@@ -582,10 +584,12 @@ pub fn supervise(
     sup.stop_tracking();
     sup.run_exit_hooks();
 
-    let boot_us = first_io
-        .get()
-        .map(|t| t.duration_since(created).as_micros() as u64);
-    let report = sup.into_report(config, &ram, boot_us);
+    let since_created = |t: &OnceLock<Instant>| {
+        t.get()
+            .map(|t| t.duration_since(created).as_micros() as u64)
+    };
+    let mut report = sup.into_report(config, &ram, since_created(&first_io));
+    report.first_run_us = since_created(&first_run);
     drop(vm);
     Ok(report)
 }
@@ -1098,6 +1102,7 @@ impl Supervisor {
             verify_mismatches,
             host_verify_mismatches,
             boot_us,
+            first_run_us: None,
             workload_us,
             interrupted: self.interrupted,
             vcpu_reports,

@@ -68,7 +68,11 @@ pub struct RestoreReport {
     pub load_us: u64,
     /// Pages loaded (eager) or prefetched (uffd) before the vCPUs ran.
     pub pages_loaded: u64,
-    /// µs from the start of the restore to the guest's first I/O exit.
+    /// µs from the start of the restore to the first `KVM_RUN`: the VMM's
+    /// part of the restore.
+    pub first_run_us: Option<u64>,
+    /// µs from the start of the restore to the guest's first I/O exit
+    /// (includes the guest's time until it does I/O).
     pub first_io_us: Option<u64>,
     /// How guest memory is served (mmap mode: with or without the fault
     /// engine, depending on the file system).
@@ -287,9 +291,6 @@ pub fn restore(
             memory_note =
                 "memory.bin mapped private, on tmpfs: fault engine and live snapshots available"
                     .into();
-            // Only the faulting hole gets a zero page: its neighbours may be
-            // file pages not mapped yet, which fault-around would zero.
-            config.ram.fault_around_pages = 1;
             BackingKind::Memfd
         } else {
             memory_note = "memory.bin mapped private, not on tmpfs: kernel-managed, without the fault engine or \
@@ -297,11 +298,17 @@ pub fn restore(
                 .into();
             BackingKind::Plain
         };
-        Arc::new(GuestRam::from_file_private(
-            config.mem_bytes,
-            config.ram,
-            &file,
-        )?)
+        let ram = GuestRam::from_file_private(config.mem_bytes, config.ram, &file)?;
+        if config.ram.backing.uses_fault_engine() {
+            // The file's data pages are populated already: recorded, live
+            // and diff snapshots copy them and fault-around zeroes only
+            // the holes beside a fault, never a file page not mapped yet.
+            let data = memory
+                .data_pages_in(0, config.mem_bytes)
+                .map_err(SnapshotError::from)?;
+            ram.mark_file_backed(&data)?;
+        }
+        Arc::new(ram)
     } else {
         Arc::new(GuestRam::new(config.mem_bytes, config.ram)?)
     };
@@ -375,6 +382,7 @@ pub fn restore(
         snapshot_id: uuid::Uuid::from_bytes(state.id).to_string(),
         load_us: start.elapsed().as_micros() as u64,
         pages_loaded,
+        first_run_us: None,
         first_io_us: None,
         memory: memory_note,
     };
@@ -403,5 +411,6 @@ pub fn restore(
     }
     let mut restore_report = restore_report;
     restore_report.first_io_us = report.boot_us.map(|b| created_us + b);
+    restore_report.first_run_us = report.first_run_us.map(|b| created_us + b);
     Ok((report, restore_report))
 }

@@ -178,6 +178,7 @@ pub struct VcpuRunner {
     control: Arc<VcpuControl>,
     tx: MsgSender,
     first_io: Arc<OnceLock<Instant>>,
+    first_run: Option<Arc<OnceLock<Instant>>>,
     serial: LineAssembler,
     latch: ControlLatch,
     ram: Arc<GuestRam>,
@@ -202,12 +203,20 @@ impl VcpuRunner {
             control,
             tx,
             first_io,
+            first_run: None,
             serial: LineAssembler::default(),
             latch: ControlLatch::default(),
             ram,
             ring_full: None,
             capture: None,
         }
+    }
+
+    /// Records in `first_run` when the first vCPU enters `KVM_RUN` (the
+    /// end of the VMM's part of a start: what follows is guest time).
+    pub fn with_first_run(mut self, first_run: Arc<OnceLock<Instant>>) -> VcpuRunner {
+        self.first_run = Some(first_run);
+        self
     }
 
     /// Saves this vCPU's state into `slots` when a capture is requested
@@ -258,6 +267,9 @@ impl VcpuRunner {
             };
             if !control.checkpoint_with(&mut before_park) {
                 return VcpuOutcome::Stopped;
+            }
+            if let Some(t) = &self.first_run {
+                t.get_or_init(Instant::now);
             }
             let next = match self.fd.run() {
                 Ok(VcpuExit::IoOut(port, data)) => {
