@@ -187,7 +187,11 @@ pub struct MemoryFile {
 impl MemoryFile {
     /// Opens `path` for a guest of `mem_bytes`.
     pub fn open(path: &Path, mem_bytes: u64) -> Result<MemoryFile, MemoryFileError> {
-        let file = File::open(path)?;
+        MemoryFile::of(File::open(path)?, mem_bytes)
+    }
+
+    /// Wraps an opened memory file, refusing one shorter than the guest.
+    fn of(file: File, mem_bytes: u64) -> Result<MemoryFile, MemoryFileError> {
         let len = file.metadata()?.len();
         if len < mem_bytes {
             return Err(MemoryFileError::Truncated {
@@ -270,17 +274,7 @@ impl MemoryFile {
             .read(true)
             .write(true)
             .open(path)?;
-        let len = file.metadata()?.len();
-        if len < mem_bytes {
-            return Err(MemoryFileError::Truncated {
-                got: len,
-                want: mem_bytes,
-            });
-        }
-        Ok(MemoryFile {
-            file,
-            len: mem_bytes,
-        })
+        MemoryFile::of(file, mem_bytes)
     }
 
     /// Checks every chunk checksum against `expected`.
