@@ -187,19 +187,12 @@ fn foreign_kernel_that_halts_is_stopped_without_host_verify() {
 #[test]
 fn missing_kvm_is_a_clear_error() {
     // Hide /dev/kvm in a private mount namespace (needs root and unshare).
-    let ok = std::process::Command::new("unshare")
-        .args(["--mount", "true"])
-        .status()
-        .is_ok_and(|s| s.success());
-    if !ok {
+    if !can_unshare_mount() {
         eprintln!("skipped: cannot create a mount namespace here (needs root and unshare)");
         return;
     }
     let script = format!("mount -t tmpfs none /dev && exec {} run --json", vmm_bin());
-    let out = std::process::Command::new("unshare")
-        .args(["--mount", "sh", "-c", &script])
-        .output()
-        .expect("run unshare");
+    let out = in_mount_namespace(&script);
     assert_eq!(out.status.code(), Some(1));
     let j: serde_json::Value = serde_json::from_slice(&out.stdout).expect("one JSON object");
     assert_eq!(j["status"], "kvm_unavailable");

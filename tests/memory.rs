@@ -94,11 +94,7 @@ fn userfaultfd_not_permitted_is_a_clear_error_and_plain_still_works() {
     // a private /dev holding only a world-accessible kvm node, then drop root.
     let uffd_setting =
         std::fs::read_to_string("/proc/sys/vm/unprivileged_userfaultfd").unwrap_or_default();
-    let can = uffd_setting.trim() == "0"
-        && std::process::Command::new("unshare")
-            .args(["--mount", "true"])
-            .status()
-            .is_ok_and(|s| s.success());
+    let can = uffd_setting.trim() == "0" && can_unshare_mount();
     if !can {
         eprintln!("skipped: needs root, unshare and vm.unprivileged_userfaultfd=0");
         return;
@@ -109,10 +105,7 @@ fn userfaultfd_not_permitted_is_a_clear_error_and_plain_still_works() {
              exec setpriv --reuid=65534 --regid=65534 --clear-groups {} run --json --pages 64 --backing {backing}",
             vmm_bin()
         );
-        std::process::Command::new("unshare")
-            .args(["--mount", "sh", "-c", &script])
-            .output()
-            .expect("unshare")
+        in_mount_namespace(&script)
     };
     let out = run("memfd");
     assert_eq!(

@@ -32,10 +32,17 @@ fn take(dir: &Path, after: &str, args: &[&str]) -> serde_json::Value {
 }
 
 fn restore(dir: &Path) -> Output {
+    restore_in(dir, "eager")
+}
+
+/// `vmm restore DIR --mode MODE --verify --json`.
+fn restore_in(dir: &Path, mode: &str) -> Output {
     vmm(
         &[
             "restore",
             dir.to_str().expect("utf-8"),
+            "--mode",
+            mode,
             "--verify",
             "--json",
         ],
@@ -99,17 +106,7 @@ fn check_round_trip(mode: &str, workload: &str, vcpus: &str) {
         restores.push(("mmap", shm.clone()));
     }
     for (restore_mode, from) in restores {
-        let o = vmm(
-            &[
-                "restore",
-                from.to_str().expect("utf-8"),
-                "--mode",
-                restore_mode,
-                "--verify",
-                "--json",
-            ],
-            T,
-        );
+        let o = restore_in(&from, restore_mode);
         let what = format!(
             "{mode} snapshot, {restore_mode} restore from {}, {workload} x{vcpus}",
             from.display()
@@ -187,17 +184,7 @@ fn a_snapshot_of_an_mmap_restore_holds_the_file_pages() {
     let r = o.json();
     assert_eq!(r["snapshots"][0]["mode"], "live", "{r}");
     for mode in ["eager", "uffd"] {
-        let o = vmm(
-            &[
-                "restore",
-                second.to_str().expect("utf-8"),
-                "--mode",
-                mode,
-                "--verify",
-                "--json",
-            ],
-            T,
-        );
+        let o = restore_in(&second, mode);
         assert_eq!(o.code, 0, "{mode}: {}\n{}", o.stdout, o.stderr);
         let r = o.json();
         assert_eq!(r["status"], "ok", "{mode}: {r}");
@@ -340,17 +327,7 @@ fn bad_snapshots_are_refused_clearly() {
     expect_bad(&d, "checksum mismatch in chunk 2");
     // Lazily, the bad chunk is found when the guest first needs it: its
     // pages are poisoned, the vCPU stops with a memory error, exit 1.
-    let o = vmm(
-        &[
-            "restore",
-            d.to_str().expect("utf-8"),
-            "--mode",
-            "uffd",
-            "--verify",
-            "--json",
-        ],
-        T,
-    );
+    let o = restore_in(&d, "uffd");
     assert_eq!(o.code, 1, "{}", o.stderr);
     let j = o.json();
     assert_eq!(j["status"], "memory_error");
@@ -489,11 +466,7 @@ fn a_failed_snapshot_leaves_nothing_and_the_guest_runs_on() {
         .contains("exists already"));
 
     // A full disk: a tiny tmpfs in a private mount namespace (needs root).
-    let ok = std::process::Command::new("unshare")
-        .args(["--mount", "true"])
-        .status()
-        .is_ok_and(|s| s.success());
-    if !ok {
+    if !can_unshare_mount() {
         eprintln!("disk-full case skipped: cannot create a mount namespace here");
         return;
     }
@@ -505,10 +478,7 @@ fn a_failed_snapshot_leaves_nothing_and_the_guest_runs_on() {
         m = mnt.display(),
         bin = vmm_bin()
     );
-    let out = std::process::Command::new("unshare")
-        .args(["--mount", "sh", "-c", &script])
-        .output()
-        .expect("unshare");
+    let out = in_mount_namespace(&script);
     assert_eq!(
         out.status.code(),
         Some(1),

@@ -159,3 +159,21 @@ pub fn assert_usage_error(args: &[&str], needle: &str) {
         o.stderr
     );
 }
+
+/// Whether this process may create a private mount namespace (root and
+/// `unshare`), for tests that hide or shrink file systems.
+pub fn can_unshare_mount() -> bool {
+    std::process::Command::new("unshare")
+        .args(["--mount", "true"])
+        .status()
+        .is_ok_and(|s| s.success())
+}
+
+/// Runs the shell `script` in a private mount namespace: its mounts are
+/// gone when it exits.
+pub fn in_mount_namespace(script: &str) -> std::process::Output {
+    std::process::Command::new("unshare")
+        .args(["--mount", "sh", "-c", script])
+        .output()
+        .expect("run unshare")
+}
