@@ -6,7 +6,7 @@ use crate::dirty::TrackerKind;
 use crate::report::RunReport;
 use crate::report::{error_json, EXIT_ERROR, EXIT_USAGE};
 use crate::runner::{run, RunError, RunHooks, SerialSink, VmHandle};
-use crate::size::parse_size;
+use crate::size::size_arg;
 use crate::snapshot::restore::{restore, RestoreMode, RestoreOptions, RestoreReport};
 use crate::snapshot::writer::{check_live, take_snapshot, SnapshotMode};
 use clap::{Args, Parser, Subcommand};
@@ -198,10 +198,6 @@ pub enum BenchCommand {
     Restore(bench::snapshot::RestoreBenchArgs),
 }
 
-fn parse_mem(s: &str) -> Result<u64, String> {
-    parse_size(s).map_err(|e| e.to_string())
-}
-
 fn parse_backing(s: &str) -> Result<BackingKind, String> {
     BackingKind::from_name(s)
         .ok_or_else(|| format!("unknown backing {s:?}; one of: memfd, anon, plain"))
@@ -228,7 +224,7 @@ fn parse_workload(s: &str) -> Result<Workload, String> {
 #[derive(Args, Debug, Clone)]
 pub struct RunArgs {
     /// Guest RAM size (e.g. 64M, 1G); a multiple of 4 KiB.
-    #[arg(long, default_value = "256M", value_parser = parse_mem)]
+    #[arg(long, default_value = "256M", value_parser = size_arg)]
     pub mem: u64,
     /// Number of vCPUs (each runs the workload on its own pages).
     #[arg(long, default_value_t = 1)]

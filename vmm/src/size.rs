@@ -39,6 +39,16 @@ pub fn parse_size(s: &str) -> Result<u64, SizeError> {
         .ok_or_else(|| SizeError::Overflow(s.to_string()))
 }
 
+/// [`parse_size`] for a command-line flag (clap's `value_parser`).
+pub fn size_arg(s: &str) -> Result<u64, String> {
+    parse_size(s).map_err(|e| e.to_string())
+}
+
+/// A comma-separated list of sizes for a command-line flag.
+pub fn sizes_arg(s: &str) -> Result<Vec<u64>, String> {
+    s.split(',').map(size_arg).collect()
+}
+
 /// Formats a byte count for people (`256 MiB`).
 pub fn format_size(bytes: u64) -> String {
     const UNITS: [(u64, &str); 4] = [

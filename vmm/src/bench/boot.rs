@@ -5,7 +5,7 @@
 
 use super::min_median;
 use crate::report::EXIT_ERROR;
-use crate::size::{format_size, parse_size};
+use crate::size::{format_size, size_arg};
 use clap::Args;
 use serde::Serialize;
 use std::io::Read;
@@ -20,7 +20,7 @@ pub struct BootBenchArgs {
     #[arg(long, default_value_t = 20)]
     pub runs: u32,
     /// Guest RAM of each VM.
-    #[arg(long, default_value = "256M", value_parser = |s: &str| parse_size(s).map_err(|e| e.to_string()))]
+    #[arg(long, default_value = "256M", value_parser = size_arg)]
     pub mem: u64,
     /// Also write the results as JSON to this file.
     #[arg(long)]

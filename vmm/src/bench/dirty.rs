@@ -14,7 +14,7 @@ use crate::config::VmConfig;
 use crate::dirty::{check_combination, TrackerKind};
 use crate::report::{EXIT_ERROR, EXIT_OK, EXIT_USAGE};
 use crate::runner::{run, RunHooks, SerialSink};
-use crate::size::{format_size, parse_size};
+use crate::size::{format_size, size_arg};
 use clap::Args;
 use guest_mem::tracking::pagemap::Pagemap;
 use guest_mem::{BackingKind, GuestRam, RamConfig};
@@ -35,13 +35,13 @@ pub struct DirtyBenchArgs {
     #[arg(long, default_value_t = 3)]
     pub rounds: u64,
     /// Guest RAM of the host-driven part.
-    #[arg(long, default_value = "1G", value_parser = |s: &str| parse_size(s).map_err(|e| e.to_string()))]
+    #[arg(long, default_value = "1G", value_parser = size_arg)]
     pub host_mem: u64,
     /// Percent of the host-driven RAM written per round.
     #[arg(long, default_value_t = 10)]
     pub host_dirty_pct: u64,
     /// Guest RAM of the large-guest harvest measurement (0 skips it).
-    #[arg(long, default_value = "4G", value_parser = |s: &str| parse_size(s).map_err(|e| e.to_string()))]
+    #[arg(long, default_value = "4G", value_parser = size_arg)]
     pub big_mem: u64,
     /// Also write the results as JSON to this file.
     #[arg(long)]

@@ -15,7 +15,7 @@ use super::min_median;
 use crate::config::VmConfig;
 use crate::report::EXIT_ERROR;
 use crate::runner::{run, RunHooks, SerialSink};
-use crate::size::{format_size, parse_size};
+use crate::size::{format_size, size_arg};
 use clap::Args;
 use guest_mem::{BackingKind, Entry, Frame, GuestRam, RamConfig, Stage2Table, WalkAction, Walker};
 use serde::Serialize;
@@ -26,7 +26,7 @@ use std::time::Instant;
 #[derive(Args, Debug, Clone)]
 pub struct FaultBenchArgs {
     /// Guest RAM populated by the host-driven part.
-    #[arg(long, default_value = "1G", value_parser = |s: &str| parse_size(s).map_err(|e| e.to_string()))]
+    #[arg(long, default_value = "1G", value_parser = size_arg)]
     pub host_mem: u64,
     /// Pages the guest writes in the guest-driven part.
     #[arg(long, default_value_t = 1024)]

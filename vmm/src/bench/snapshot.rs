@@ -14,7 +14,7 @@ use super::min_median;
 use crate::config::VmConfig;
 use crate::report::{EXIT_ERROR, EXIT_OK};
 use crate::runner::{run, HookError, RunHooks, SerialSink, VmHandle};
-use crate::size::{format_size, parse_size};
+use crate::size::{format_size, size_arg, sizes_arg};
 use crate::snapshot::writer::{take_snapshot, SnapshotMode, SnapshotReport};
 use clap::Args;
 use guest_mem::uffd::sys::{UFFDIO_REGISTER_MODE_WP, UFFD_FEATURE_WP_UNPOPULATED};
@@ -24,20 +24,14 @@ use std::path::PathBuf;
 use std::sync::{Arc, Mutex};
 use std::time::Instant;
 
-fn parse_sizes(s: &str) -> Result<Vec<u64>, String> {
-    s.split(',')
-        .map(|p| parse_size(p).map_err(|e| e.to_string()))
-        .collect()
-}
-
 /// `vmm bench snapshot` flags.
 #[derive(Args, Debug, Clone)]
 pub struct SnapshotBenchArgs {
     /// Sizes for the write-protect comparison.
-    #[arg(long, default_value = "1G,4G", value_parser = parse_sizes)]
+    #[arg(long, default_value = "1G,4G", value_parser = sizes_arg)]
     pub wp_sizes: Vec<Vec<u64>>,
     /// Guest RAM of the snapshot measurement (populated by the host).
-    #[arg(long, default_value = "1G", value_parser = |s: &str| parse_size(s).map_err(|e| e.to_string()))]
+    #[arg(long, default_value = "1G", value_parser = size_arg)]
     pub mem: u64,
     /// Directory for the snapshots (default: /dev/shm, a tmpfs like the
     /// memcpy the snapshot is compared with).
@@ -383,7 +377,7 @@ pub fn main(args: &SnapshotBenchArgs) -> i32 {
 #[derive(Args, Debug, Clone)]
 pub struct RestoreBenchArgs {
     /// Guest sizes.
-    #[arg(long, default_value = "256M,2G", value_parser = parse_sizes)]
+    #[arg(long, default_value = "256M,2G", value_parser = sizes_arg)]
     pub sizes: Vec<Vec<u64>>,
     /// Restores per mode and size.
     #[arg(long, default_value_t = 5)]
