@@ -5,14 +5,13 @@ use crate::core::{MemoryCore, WpMode};
 use crate::entry::{Entry, Flag, Frame, Marker, PAGE_SIZE};
 use crate::fault::stats::FaultCounters;
 use crate::region::{BackingKind, Region};
+use crate::table::LEAF_TABLE_SPAN;
 use crate::uffd::sys::{
     UffdMsg, UFFDIO_COPY_MODE_DONTWAKE, UFFDIO_COPY_MODE_WP, UFFDIO_ZEROPAGE_MODE_DONTWAKE,
     UFFD_EVENT_PAGEFAULT, UFFD_PAGEFAULT_FLAG_WP, UFFD_PAGEFAULT_FLAG_WRITE,
 };
 use std::sync::Arc;
 use std::time::Instant;
-
-const LEAF_TABLE_SPAN: u64 = 2 << 20;
 
 impl MemoryCore {
     pub(crate) fn handle_message(&self, m: &UffdMsg) {

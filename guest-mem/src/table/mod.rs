@@ -39,6 +39,9 @@ pub const fn level_size(level: u8) -> u64 {
     PAGE_SIZE << (9 * level as u32)
 }
 
+/// Bytes one leaf table (512 4 KiB entries) covers: 2 MiB.
+pub const LEAF_TABLE_SPAN: u64 = level_size(1);
+
 fn index(level: u8, gpa: u64) -> usize {
     ((gpa >> (12 + 9 * level as u32)) & (ENTRIES as u64 - 1)) as usize
 }

@@ -10,7 +10,7 @@ pub mod soft_dirty;
 use crate::core::WpMode;
 use crate::entry::{Entry, Flag, PAGE_SIZE};
 use crate::ram::GuestRam;
-use crate::table::{WalkAction, Walker};
+use crate::table::{WalkAction, Walker, LEAF_TABLE_SPAN};
 use crate::uffd::UffdError;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Mutex;
@@ -272,12 +272,12 @@ impl GuestRam {
     /// snapshot not yet copied, a leaf table (512 pages) at a time under
     /// the region's lock, walking only populated tables.
     pub fn live_write_all(&self, lc: &crate::live_copy::LiveCopy) {
-        let mut buf = vec![0u8; 2 << 20];
+        let mut buf = vec![0u8; LEAF_TABLE_SPAN as usize];
         for r in self.regions() {
             let mut start = r.gpa;
             let end = r.gpa + r.size;
             while start < end {
-                let stop = (((start / (2 << 20)) + 1) * (2 << 20)).min(end);
+                let stop = ((start / LEAF_TABLE_SPAN + 1) * LEAF_TABLE_SPAN).min(end);
                 let mut c = Collect(Vec::new(), |e: Entry| e.is_present());
                 self.core.table.walk_range(start, stop, &mut c);
                 if !c.0.is_empty() {
