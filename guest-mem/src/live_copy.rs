@@ -20,8 +20,8 @@ use std::sync::Mutex;
 /// decides; the sum over a chunk's pages is order-independent).
 pub type PageSum = fn(u64, &[u8]) -> u32;
 
-/// Bytes covered by one checksum chunk.
-const CHUNK_BYTES: u64 = 2 << 20;
+/// Bytes covered by one checksum chunk (the snapshot format's chunk).
+pub const CHUNK_BYTES: u64 = 2 << 20;
 
 /// The copy-before-write state of one live snapshot.
 #[derive(Debug)]
@@ -188,7 +188,9 @@ pub(crate) fn read_run(host: u64, buf: &mut [u8]) {
     buf.copy_from_slice(src);
 }
 
-fn is_zero(page: &[u8]) -> bool {
+/// True when every byte of `page` is zero (such pages are holes in a
+/// snapshot file).
+pub fn is_zero(page: &[u8]) -> bool {
     page.iter().all(|b| *b == 0)
 }
 

@@ -8,6 +8,7 @@
 
 use super::state::CHUNK_BYTES;
 use crate::oracle::MemoryImage;
+use guest_mem::live_copy::is_zero;
 use guest_mem::{GuestRam, RamError};
 use std::fs::File;
 use std::io::Write;
@@ -46,10 +47,6 @@ pub enum MemoryFileError {
         /// End.
         end: u64,
     },
-}
-
-fn is_zero(page: &[u8]) -> bool {
-    page.iter().all(|b| *b == 0)
 }
 
 /// Per-chunk checksum accumulator.

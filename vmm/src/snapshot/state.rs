@@ -25,7 +25,7 @@ pub const STATE_VERSION: u32 = 1;
 /// Largest `state.bin` accepted.
 pub const MAX_STATE_BYTES: u64 = 64 << 20;
 /// Bytes covered by one memory checksum.
-pub const CHUNK_BYTES: u64 = 2 << 20;
+pub const CHUNK_BYTES: u64 = guest_mem::live_copy::CHUNK_BYTES;
 
 /// MSRs saved per vCPU (those a 64-bit kernel uses; EFER, the FS/GS bases
 /// and the APIC base travel in the special registers).

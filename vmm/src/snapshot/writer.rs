@@ -416,7 +416,7 @@ fn make_diff(
     for p in candidates {
         file.read_at(p * 4096, &mut mine).map_err(read_err)?;
         parent.read_at(p * 4096, &mut theirs).map_err(read_err)?;
-        let zero = mine.iter().all(|b| *b == 0);
+        let zero = guest_mem::live_copy::is_zero(&mine);
         if mine != theirs {
             pages.push(p);
             stored += u64::from(!zero);
