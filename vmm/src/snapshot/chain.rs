@@ -157,21 +157,6 @@ impl Chain {
         }
         Ok(())
     }
-
-    /// Pages that may be non-zero anywhere in the chain: the full
-    /// snapshot's stored pages and every diff's listed pages.
-    pub fn candidate_pages(&self) -> Result<Vec<u64>, MemoryFileError> {
-        let mut out = Vec::new();
-        for l in &self.links {
-            match &l.state.diff {
-                Some(d) => out.extend_from_slice(&d.pages),
-                None => out.extend(l.memory.stored_pages()?),
-            }
-        }
-        out.sort_unstable();
-        out.dedup();
-        Ok(out)
-    }
 }
 
 impl MemoryImage for Chain {

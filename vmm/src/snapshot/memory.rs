@@ -238,16 +238,6 @@ impl MemoryFile {
         Ok(out)
     }
 
-    /// Page numbers of the file's non-zero pages, in order.
-    pub fn stored_pages(&self) -> Result<Vec<u64>, MemoryFileError> {
-        let mut out = Vec::new();
-        self.for_each_page(|page, _| {
-            out.push(page);
-            Ok(())
-        })?;
-        Ok(out)
-    }
-
     /// Punches a hole over page `page` (its content becomes zero).
     pub fn punch(&self, page: u64) -> Result<(), MemoryFileError> {
         // SAFETY: fallocate on a file we own; no memory is touched.

@@ -220,18 +220,10 @@ fn prefetch(ram: &GuestRam, chain: &Chain) -> Result<u64, RunError> {
     pages.extend_from_slice(&state.working_set);
     pages.sort_unstable();
     pages.dedup();
+    let gpas: Vec<u64> = pages.iter().map(|p| p * 4096).collect();
     let mut n = 0;
-    let mut i = 0;
-    while i < pages.len() {
-        let first = pages[i];
-        let mut len = 1;
-        while i + (len as usize) < pages.len() && pages[i + len as usize] == first + len {
-            len += 1;
-        }
-        n += ram
-            .prefill(first * 4096, (first + len) * 4096)
-            .map_err(bad)?;
-        i += len as usize;
+    for (start, end) in guest_mem::tracking::runs(&gpas) {
+        n += ram.prefill(start, end).map_err(bad)?;
     }
     Ok(n)
 }

@@ -404,8 +404,9 @@ fn make_diff(
     let head = parent.head();
     let mem_bytes = head.state.machine.mem_bytes;
     let file = MemoryFile::open_rw(memory, mem_bytes)?;
-    let mut candidates = file.stored_pages()?;
-    candidates.extend(parent.candidate_pages()?);
+    // The pages holding data in either, found without reading them.
+    let mut candidates = file.data_pages_in(0, mem_bytes)?;
+    candidates.extend(parent.data_pages_in(0, mem_bytes)?);
     candidates.sort_unstable();
     candidates.dedup();
     let (mut mine, mut theirs) = (vec![0u8; 4096], vec![0u8; 4096]);
