@@ -193,13 +193,7 @@ fn missing_kvm_is_a_clear_error() {
     }
     let script = format!("mount -t tmpfs none /dev && exec {} run --json", vmm_bin());
     let out = in_mount_namespace(&script);
-    assert_eq!(out.status.code(), Some(1));
-    let j: serde_json::Value = serde_json::from_slice(&out.stdout).expect("one JSON object");
-    assert_eq!(j["status"], "kvm_unavailable");
-    assert!(j["error"]
-        .as_str()
-        .unwrap_or("")
-        .contains("/dev/kvm does not exist"));
+    assert_json_failure(&out, "kvm_unavailable", "/dev/kvm does not exist");
 }
 
 #[test]
@@ -229,11 +223,5 @@ fn kvm_permission_denied_is_a_clear_error() {
         ])
         .output()
         .expect("setpriv");
-    assert_eq!(out.status.code(), Some(1));
-    let j: serde_json::Value = serde_json::from_slice(&out.stdout).expect("one JSON object");
-    assert_eq!(j["status"], "kvm_unavailable");
-    assert!(j["error"]
-        .as_str()
-        .unwrap_or("")
-        .contains("permission denied"));
+    assert_json_failure(&out, "kvm_unavailable", "permission denied");
 }

@@ -177,3 +177,18 @@ pub fn in_mount_namespace(script: &str) -> std::process::Output {
         .output()
         .expect("run unshare")
 }
+
+/// Asserts that a `vmm ... --json` child process failed with exit 1 and a
+/// JSON report of `status` whose error contains `needle`.
+pub fn assert_json_failure(out: &std::process::Output, status: &str, needle: &str) {
+    assert_eq!(
+        out.status.code(),
+        Some(1),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let j: serde_json::Value = serde_json::from_slice(&out.stdout).expect("one JSON object");
+    assert_eq!(j["status"], status, "{j}");
+    let e = j["error"].as_str().unwrap_or("");
+    assert!(e.contains(needle), "error lacks {needle:?}: {e}");
+}
