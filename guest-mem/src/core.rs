@@ -69,6 +69,8 @@ pub(crate) struct MemoryCore {
     pub(crate) page_source: std::sync::OnceLock<Arc<dyn PageSource>>,
     /// Memory errors met while serving faults (poisoned ranges).
     pub(crate) memory_errors: Mutex<Vec<String>>,
+    /// The guest's first-touch order of pages.
+    pub(crate) access_order: crate::access_order::AccessOrder,
     vcpu_tids: RwLock<HashMap<u32, u32>>,
     next_id: AtomicU64,
 }
@@ -119,6 +121,7 @@ impl MemoryCore {
             live_window: Mutex::new(None),
             page_source: std::sync::OnceLock::new(),
             memory_errors: Mutex::new(Vec::new()),
+            access_order: Default::default(),
             vcpu_tids: RwLock::new(HashMap::new()),
             next_id: AtomicU64::new(0),
         })

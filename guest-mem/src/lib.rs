@@ -2,6 +2,7 @@
 //!
 //! This crate knows nothing of KVM.
 //!
+//! * [`access_order`]: the guest's first-touch order of pages (the working-set trace).
 //! * [`entry`]: one entry of the table (EPT-like bit layout, markers, rule 10's frame helper).
 //! * [`table`]: `Stage2Table`, the 4-level table of per-page state, and its range walk.
 //! * [`region`]: regions (the VMA analogue) and their host backings.
@@ -11,6 +12,7 @@
 //! * [`tracking`]: write-protect (sync and async) dirty tracking, soft-dirty detection, the VMM-write log.
 //! * [`ram`]: `GuestRam`, the front: regions, engine and a vm-memory view.
 
+pub mod access_order;
 mod core;
 pub mod entry;
 pub mod fault;

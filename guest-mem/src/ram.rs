@@ -433,6 +433,13 @@ impl GuestRam {
         c.0
     }
 
+    /// The guest page numbers the vCPUs' demand faults (and a restore's
+    /// prefetch) populated, in first-touch order, each once: the working
+    /// set a snapshot records for prefetch.
+    pub fn access_order(&self) -> Vec<u64> {
+        self.core.access_order.pages()
+    }
+
     /// Guest page numbers that may hold non-zero data, in order: present,
     /// non-zero-page table entries for the fault engine's backings,
     /// resident pages for `plain` memory.

@@ -195,7 +195,7 @@ pub enum BenchCommand {
     /// Write-protect methods, live and paused snapshots side by side.
     Snapshot(bench::snapshot::SnapshotBenchArgs),
     /// Restore in each mode: time to the first I/O exit and to a verified end.
-    Restore(bench::snapshot::RestoreBenchArgs),
+    Restore(bench::restore::RestoreBenchArgs),
 }
 
 fn parse_backing(s: &str) -> Result<BackingKind, String> {
@@ -415,6 +415,6 @@ pub fn main(args: impl IntoIterator<Item = OsString>) -> i32 {
         CliCommand::Bench(BenchCommand::Faults(args)) => bench::faults::main(&args),
         CliCommand::Bench(BenchCommand::Dirty(args)) => bench::dirty::main(&args),
         CliCommand::Bench(BenchCommand::Snapshot(args)) => bench::snapshot::main(&args),
-        CliCommand::Bench(BenchCommand::Restore(args)) => bench::snapshot::restore_main(&args),
+        CliCommand::Bench(BenchCommand::Restore(args)) => bench::restore::restore_main(&args),
     }
 }

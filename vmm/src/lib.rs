@@ -9,9 +9,11 @@
 //! * [`report`]: run results, JSON and exit codes.
 //! * [`bench`]: `vmm bench ...`.
 //! * [`cli`]: the command line.
+//! * [`clock`]: monotonic timestamps shared with the benchmarks.
 
 pub mod bench;
 pub mod cli;
+pub mod clock;
 pub mod config;
 pub mod devices;
 pub mod dirty;

@@ -100,6 +100,29 @@ pub fn pages_written_in_pass(image: &dyn MemoryImage, pass: u64) -> Result<Vec<u
     Ok(out)
 }
 
+/// The work-area guest pages vCPU `vcpu`'s schedule touches (writes and
+/// reads), in the order it first touches them, over its whole workload.
+pub fn first_touch_order(image: &dyn MemoryImage, vcpu: u64) -> Result<Vec<u64>, OracleError> {
+    let (params, area) = read_params(image)?;
+    let state: VcpuState = read_struct(image, state_gpa(vcpu))?;
+    let mut seen = std::collections::HashSet::new();
+    let mut out = Vec::new();
+    for pass in 0..params.passes {
+        let mut steps = PassSteps::new(params, vcpu, pass, state.seed_for_pass(pass));
+        for _ in 0..params.pages {
+            let gpa = match steps.step() {
+                Step::Write { page } => area.page_gpa(vcpu, page),
+                Step::Read { vcpu, page, .. } => area.page_gpa(vcpu, page),
+                Step::Nothing => continue,
+            };
+            if seen.insert(gpa) {
+                out.push(gpa / PAGE_SIZE);
+            }
+        }
+    }
+    Ok(out)
+}
+
 /// The guest page numbers of the work area.
 pub fn work_area_pages(image: &dyn MemoryImage) -> Result<std::ops::Range<u64>, OracleError> {
     let (params, area) = read_params(image)?;

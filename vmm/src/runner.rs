@@ -197,7 +197,8 @@ pub struct RunHooks {
 
 impl RunHooks {
     /// Runs `action` once the guest has made at least `pages` page stores in
-    /// total (seen at the vCPUs' progress reports, every 64 steps).
+    /// total (seen at the vCPUs' progress reports, every 64 steps; 0 means
+    /// at boot).
     pub fn after_pages(mut self, pages: u64, action: HookAction) -> Self {
         self.after_pages.push((pages, action));
         self.after_pages.sort_by_key(|(p, _)| *p);
@@ -864,6 +865,9 @@ impl Supervisor {
             Event::Boot => {
                 self.speaks_protocol |= arg == BOOT_INFO_VERSION as u64;
                 self.first_boot.get_or_insert_with(Instant::now);
+                // A threshold of 0 page stores is reached at boot (a
+                // snapshot of a guest that waits for requests).
+                self.run_page_hooks();
             }
             Event::Progress | Event::Done | Event::RoundEnd => {
                 if let Some(p) = self.progress.get_mut(v) {

@@ -66,13 +66,15 @@ impl MemoryCore {
                     log::error!("cannot record the fault at {gpa:#x}: {e}");
                 }
             }
-            if let Some(vcpu) = self.vcpu_of(ptid) {
+            let vcpu = self.vcpu_of(ptid);
+            if let Some(vcpu) = vcpu {
                 region.note_accessor(vcpu);
             }
             if flags & UFFD_PAGEFAULT_FLAG_WP != 0 {
                 self.resolve_wp(&region, addr, gpa);
             } else {
-                self.resolve_missing(&region, gpa, flags & UFFD_PAGEFAULT_FLAG_WRITE != 0);
+                let write = flags & UFFD_PAGEFAULT_FLAG_WRITE != 0;
+                self.resolve_missing(&region, gpa, write, vcpu.is_some());
             }
             return;
         }
@@ -120,7 +122,8 @@ impl MemoryCore {
     /// are updated first and one `UFFDIO_WAKE` over the run follows, so
     /// whoever resumes after the fault sees the table already in its new
     /// state.
-    fn resolve_missing(&self, region: &Region, gpa: u64, write: bool) {
+    /// `by_guest`: a vCPU faulted (recorded in the access order).
+    fn resolve_missing(&self, region: &Region, gpa: u64, write: bool, by_guest: bool) {
         let Some(uffd) = &self.uffd else { return };
         let c = &self.counters;
         FaultCounters::add(
@@ -218,6 +221,9 @@ impl MemoryCore {
         if !tracking {
             self.note_unprotected(start, cur.min(end));
         }
+        if by_guest {
+            self.access_order.record(gpa, start, cur.min(end));
+        }
         if let Err(e) = uffd.wake(region.host_of(start), end - start) {
             log::error!("waking the fault at {gpa:#x}: {e}");
         }
@@ -289,6 +295,8 @@ impl MemoryCore {
                 };
                 let done = done - done % PAGE_SIZE;
                 self.record_populated(region, gpa, done / PAGE_SIZE, u64::MAX, true, tracking);
+                // A prefetch replays an earlier trace: keep its order.
+                self.access_order.record(u64::MAX, gpa, gpa + done);
                 total += done / PAGE_SIZE;
                 // Skip a page the kernel had already (EEXIST) or go on after
                 // the run.

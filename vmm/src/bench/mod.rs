@@ -3,6 +3,7 @@
 pub mod boot;
 pub mod dirty;
 pub mod faults;
+pub mod restore;
 pub mod snapshot;
 
 use crate::report::{EXIT_ERROR, EXIT_OK};

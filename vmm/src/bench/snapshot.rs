@@ -1,4 +1,4 @@
-//! `vmm bench snapshot` and `vmm bench restore`.
+//! `vmm bench snapshot`.
 //!
 //! * write-protect cost (the table of the `UFFD_FEATURE_WP_UNPOPULATED`
 //!   commit): protecting a 25%-populated anonymous range by pre-reading
@@ -6,13 +6,11 @@
 //!   without THP, host-driven, side by side;
 //! * a live and a paused snapshot of a guest whose RAM the host populated
 //!   (labelled), with a memcpy of the same bytes into a fresh tmpfs file in
-//!   the same run;
-//! * restore: each mode, process spawn to the guest's first I/O exit and to
-//!   the end of the verify.
+//!   the same run.
 
 use super::min_median;
 use crate::config::VmConfig;
-use crate::report::{EXIT_ERROR, EXIT_OK};
+use crate::report::EXIT_ERROR;
 use crate::runner::{run, HookError, RunHooks, SerialSink, VmHandle};
 use crate::size::{format_size, size_arg, sizes_arg};
 use crate::snapshot::writer::{take_snapshot, SnapshotMode, SnapshotReport};
@@ -371,131 +369,4 @@ pub fn main(args: &SnapshotBenchArgs) -> i32 {
         result.memcpy_tmpfs_us / 1000.0
     );
     super::write_json("snapshot", args.json.as_deref(), &result)
-}
-
-/// `vmm bench restore` flags.
-#[derive(Args, Debug, Clone)]
-pub struct RestoreBenchArgs {
-    /// Guest sizes.
-    #[arg(long, default_value = "256M,2G", value_parser = sizes_arg)]
-    pub sizes: Vec<Vec<u64>>,
-    /// Restores per mode and size.
-    #[arg(long, default_value_t = 5)]
-    pub runs: u32,
-    /// Directory for the snapshots (default: a temporary directory).
-    #[arg(long)]
-    pub dir: Option<PathBuf>,
-    /// Also write the results as JSON to this file.
-    #[arg(long)]
-    pub json: Option<PathBuf>,
-}
-
-/// One mode at one size.
-#[derive(Debug, Serialize)]
-pub struct RestoreRow {
-    /// Guest RAM.
-    pub mem_bytes: u64,
-    /// `eager`, `mmap` or `uffd`.
-    pub mode: String,
-    /// Median µs from the restore's start to the first `KVM_RUN` (the
-    /// VMM's part).
-    pub first_run_median_us: f64,
-    /// Median µs from the restore's start to the guest's first I/O exit.
-    pub first_io_median_us: f64,
-    /// Median µs from process spawn to the process's exit after the verify.
-    pub spawn_to_verified_median_us: f64,
-}
-
-/// Runs `vmm bench restore`; returns the exit code.
-pub fn restore_main(args: &RestoreBenchArgs) -> i32 {
-    let exe = match std::env::current_exe() {
-        Ok(e) => e,
-        Err(e) => {
-            eprintln!("vmm bench restore: {e}");
-            return EXIT_ERROR;
-        }
-    };
-    let base = args.dir.clone().unwrap_or_else(std::env::temp_dir);
-    let mut rows = Vec::new();
-    for &mem in args.sizes.iter().flatten() {
-        let dir = base.join(format!("vmm-bench-restore-{}-{mem}", std::process::id()));
-        let _ = std::fs::remove_dir_all(&dir);
-        let take = std::process::Command::new(&exe)
-            .args([
-                "run",
-                "--json",
-                "--pages",
-                "1024",
-                "--passes",
-                "2",
-                "--snapshot-after-pages",
-                "1100",
-                "--mem",
-            ])
-            .arg(mem.to_string())
-            .arg("--snapshot")
-            .arg(&dir)
-            .output();
-        if !take.as_ref().is_ok_and(|o| o.status.success()) {
-            eprintln!(
-                "vmm bench restore: taking the {} snapshot failed",
-                format_size(mem)
-            );
-            return EXIT_ERROR;
-        }
-        for mode in ["eager", "mmap", "uffd"] {
-            let mut first = Vec::new();
-            let mut first_run = Vec::new();
-            let mut total = Vec::new();
-            for _ in 0..args.runs.max(1) {
-                let start = Instant::now();
-                let out = std::process::Command::new(&exe)
-                    .args(["restore", "--json", "--verify", "--mode", mode])
-                    .arg(&dir)
-                    .output();
-                let wall = start.elapsed().as_secs_f64() * 1e6;
-                let Ok(out) = out else {
-                    eprintln!("vmm bench restore: cannot spawn");
-                    return EXIT_ERROR;
-                };
-                let j: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap_or_default();
-                if j["status"] != "ok" {
-                    eprintln!("vmm bench restore: {mode} restore failed: {}", j["error"]);
-                    return EXIT_ERROR;
-                }
-                if let Some(us) = j["restore"]["first_io_us"].as_f64() {
-                    first.push(us);
-                }
-                if let Some(us) = j["restore"]["first_run_us"].as_f64() {
-                    first_run.push(us);
-                }
-                total.push(wall);
-            }
-            rows.push(RestoreRow {
-                mem_bytes: mem,
-                mode: mode.into(),
-                first_run_median_us: min_median(&first_run).map_or(0.0, |m| m.1),
-                first_io_median_us: min_median(&first).map_or(0.0, |m| m.1),
-                spawn_to_verified_median_us: min_median(&total).map_or(0.0, |m| m.1),
-            });
-        }
-        let _ = std::fs::remove_dir_all(&dir);
-    }
-    println!("restore (warm page cache), median of {} runs:", args.runs);
-    for r in &rows {
-        println!(
-            "  {:>8} {:<6} first KVM_RUN {:>6.2} ms, first I/O exit {:>6.2} ms after the restore started; spawn to verified exit {:>7.1} ms",
-            format_size(r.mem_bytes),
-            r.mode,
-            r.first_run_median_us / 1000.0,
-            r.first_io_median_us / 1000.0,
-            r.spawn_to_verified_median_us / 1000.0
-        );
-    }
-    println!("note: guest instructions are emulated on hosts without hardware virtualization");
-    let code = super::write_json("restore", args.json.as_deref(), &rows);
-    if code != EXIT_OK {
-        return code;
-    }
-    EXIT_OK
 }

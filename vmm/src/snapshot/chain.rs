@@ -150,6 +150,30 @@ impl Chain {
         Ok(out)
     }
 
+    /// The memory image the chain describes, written into a memfd: the
+    /// full snapshot's data, then each diff's listed pages from the oldest
+    /// on (so `mmap` restores of a diff map one file). Checksums are not
+    /// checked here (see [`Chain::verify`]).
+    pub fn materialize(&self) -> Result<MemoryFile, MemoryFileError> {
+        let head = &self.head().state;
+        let image = MemoryFile::new_memfd(head.machine.mem_bytes)?;
+        let mut page = vec![0u8; PAGE as usize];
+        for link in self.links.iter().rev() {
+            match &link.state.diff {
+                None => {
+                    link.memory.copy_data_into(&image)?;
+                }
+                Some(d) => {
+                    for &p in &d.pages {
+                        link.memory.read_at(p * PAGE, &mut page)?;
+                        image.put_page(p, &page)?;
+                    }
+                }
+            }
+        }
+        Ok(image)
+    }
+
     /// Checks every chunk checksum of every link.
     pub fn verify(&self) -> Result<(), MemoryFileError> {
         for l in &self.links {

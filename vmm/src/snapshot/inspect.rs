@@ -46,6 +46,7 @@ pub fn main(dir: &Path, json: bool) -> i32 {
             "chunks": state.memory.chunk_crc.len(),
             "checksums_ok": true,
             "markers": state.markers.len(),
+            "working_set": &state.working_set,
             "poisoned_pages": state.markers.iter().filter(|m| m.kind == 2).map(|m| format!("{:#x}", m.gpa)).collect::<Vec<_>>(),
             "diff_parent": state.diff.as_ref().map(|d| uuid::Uuid::from_bytes(d.parent_id).to_string()),
             "diff_pages": state.diff.as_ref().map(|d| d.pages.len()),
@@ -82,6 +83,22 @@ pub fn main(dir: &Path, json: bool) -> i32 {
             "  memory.bin: {} pages stored, {} chunks, every checksum verified",
             state.memory.pages_stored,
             state.memory.chunk_crc.len()
+        );
+        let head: Vec<String> = state
+            .working_set
+            .iter()
+            .take(8)
+            .map(|p| format!("{p:#x}"))
+            .collect();
+        println!(
+            "  working set: {} pages in prefetch order (pages {}{})",
+            state.working_set.len(),
+            head.join(", "),
+            if state.working_set.len() > 8 {
+                ", ..."
+            } else {
+                ""
+            }
         );
         for (i, v) in state.vcpus.iter().enumerate() {
             println!(

@@ -150,11 +150,11 @@ pub fn write_memory(ram: &GuestRam, path: &Path) -> Result<WrittenMemory, Memory
 }
 
 /// The data (non-hole) ranges of a file, via `SEEK_DATA`/`SEEK_HOLE`.
-fn data_ranges(file: &File, len: u64) -> Result<Vec<(u64, u64)>, MemoryFileError> {
+fn data_ranges(file: &File, start: u64, end: u64) -> Result<Vec<(u64, u64)>, MemoryFileError> {
     let fd = file.as_raw_fd();
     let mut out = Vec::new();
-    let mut pos: i64 = 0;
-    while (pos as u64) < len {
+    let mut pos = start as i64;
+    while (pos as u64) < end {
         // SAFETY: lseek on a file we own; no memory is touched.
         let data = unsafe { libc::lseek(fd, pos, libc::SEEK_DATA) };
         if data < 0 {
@@ -169,7 +169,10 @@ fn data_ranges(file: &File, len: u64) -> Result<Vec<(u64, u64)>, MemoryFileError
         if hole < 0 {
             return Err(std::io::Error::last_os_error().into());
         }
-        out.push((data as u64, (hole as u64).min(len)));
+        if data as u64 >= end {
+            break;
+        }
+        out.push((data as u64, (hole as u64).min(end)));
         pos = hole;
     }
     Ok(out)
@@ -202,17 +205,21 @@ impl MemoryFile {
         })
     }
 
-    /// Visits every non-zero page (page number, content) in address order.
-    fn for_each_page(
+    /// Visits every non-zero page (page number, content) of `[from, to)`
+    /// in address order.
+    fn for_each_page_in(
         &self,
+        from: u64,
+        to: u64,
         mut f: impl FnMut(u64, &[u8]) -> Result<(), MemoryFileError>,
     ) -> Result<(), MemoryFileError> {
-        let mut buf = vec![0u8; CHUNK_BYTES as usize];
-        for (start, end) in data_ranges(&self.file, self.len)? {
+        let mut buf = Vec::new();
+        for (start, end) in data_ranges(&self.file, from, to.min(self.len))? {
             let mut pos = start & !(PAGE - 1);
             while pos < end {
                 let n = (end - pos).min(CHUNK_BYTES).div_ceil(PAGE) * PAGE;
                 let n = n.min(self.len - pos);
+                buf.resize(n as usize, 0);
                 self.file.read_exact_at(&mut buf[..n as usize], pos)?;
                 for (i, page) in buf[..n as usize].chunks(PAGE as usize).enumerate() {
                     if !is_zero(page) {
@@ -229,7 +236,7 @@ impl MemoryFile {
     /// holes), without reading them.
     pub fn data_pages_in(&self, start: u64, end: u64) -> Result<Vec<u64>, MemoryFileError> {
         let mut out = Vec::new();
-        for (s, e) in data_ranges(&self.file, self.len)? {
+        for (s, e) in data_ranges(&self.file, start, end.min(self.len))? {
             let (lo, hi) = (s.max(start), e.min(end));
             if lo < hi {
                 out.extend(lo / PAGE..hi.div_ceil(PAGE));
@@ -255,6 +262,54 @@ impl MemoryFile {
         Ok(())
     }
 
+    /// A new, empty memory image in a memfd (tmpfs: userfaultfd works on a
+    /// private mapping of it) for a guest of `mem_bytes`.
+    pub fn new_memfd(mem_bytes: u64) -> Result<MemoryFile, MemoryFileError> {
+        use std::os::fd::FromRawFd;
+        // SAFETY: memfd_create takes a NUL-terminated name and flags.
+        let fd = unsafe { libc::memfd_create(c"vmm-materialized".as_ptr(), libc::MFD_CLOEXEC) };
+        if fd < 0 {
+            return Err(std::io::Error::last_os_error().into());
+        }
+        // SAFETY: fd is a new descriptor nothing else owns.
+        let file = unsafe { File::from_raw_fd(fd) };
+        file.set_len(mem_bytes)?;
+        MemoryFile::of(file, mem_bytes)
+    }
+
+    /// The open file (to map it).
+    pub fn file(&self) -> &File {
+        &self.file
+    }
+
+    /// Copies every data range of this file (never the holes) into `dst`
+    /// at the same offsets; returns the bytes copied.
+    pub fn copy_data_into(&self, dst: &MemoryFile) -> Result<u64, MemoryFileError> {
+        let mut buf = Vec::new();
+        let mut copied = 0;
+        for (start, end) in data_ranges(&self.file, 0, self.len.min(dst.len))? {
+            let mut pos = start;
+            while pos < end {
+                let n = (end - pos).min(CHUNK_BYTES);
+                buf.resize(n as usize, 0);
+                self.file.read_exact_at(&mut buf, pos)?;
+                dst.file.write_all_at(&buf, pos)?;
+                pos += n;
+                copied += n;
+            }
+        }
+        Ok(copied)
+    }
+
+    /// Stores `content` as guest page `page`: written, or a hole when zero.
+    pub fn put_page(&self, page: u64, content: &[u8]) -> Result<(), MemoryFileError> {
+        if is_zero(content) {
+            self.punch(page)
+        } else {
+            Ok(self.file.write_all_at(content, page * PAGE)?)
+        }
+    }
+
     /// Opens `path` for writing (to turn a full memory file into a diff).
     pub fn open_rw(path: &Path, mem_bytes: u64) -> Result<MemoryFile, MemoryFileError> {
         let file = std::fs::OpenOptions::new()
@@ -278,7 +333,7 @@ impl MemoryFile {
     ) -> Result<u64, MemoryFileError> {
         let mut sums = ChunkSums::new(self.len);
         let mut pages = 0;
-        self.for_each_page(|page, content| {
+        self.for_each_page_in(0, self.len, |page, content| {
             if let Some(ram) = ram {
                 ram.write(page * PAGE, content)?;
             }
@@ -302,7 +357,7 @@ impl MemoryFile {
     /// The checksums the file's content has now.
     pub fn checksums(&self) -> Result<Vec<u32>, MemoryFileError> {
         let mut sums = ChunkSums::new(self.len);
-        self.for_each_page(|page, content| {
+        self.for_each_page_in(0, self.len, |page, content| {
             sums.add(page, content);
             Ok(())
         })?;
@@ -312,17 +367,14 @@ impl MemoryFile {
 
 impl MemoryFile {
     /// The checksum chunk `chunk` has now.
+    /// Reads only the chunk's data ranges: holes add nothing to the sum.
     pub fn chunk_crc(&self, chunk: u64) -> Result<u32, MemoryFileError> {
         let start = chunk * CHUNK_BYTES;
-        let len = CHUNK_BYTES.min(self.len.saturating_sub(start));
-        let mut buf = vec![0u8; len as usize];
-        self.file.read_exact_at(&mut buf, start)?;
         let mut sum = 0u32;
-        for (i, page) in buf.chunks(PAGE as usize).enumerate() {
-            if !is_zero(page) {
-                sum = sum.wrapping_add(page_sum(start / PAGE + i as u64, page));
-            }
-        }
+        self.for_each_page_in(start, start + CHUNK_BYTES, |page, content| {
+            sum = sum.wrapping_add(page_sum(page, content));
+            Ok(())
+        })?;
         Ok(sum)
     }
 }

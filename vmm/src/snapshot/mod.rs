@@ -9,10 +9,12 @@
 //! * [`memory`]: `memory.bin`, its chunk checksums and loading.
 //! * [`writer`]: taking a snapshot of a running VM.
 //! * [`restore`]: booting a VM from a snapshot.
+//! * [`prefetch`]: a lazy restore's prefetch of the recorded working set.
 
 pub mod chain;
 pub mod inspect;
 pub mod memory;
+pub mod prefetch;
 pub mod restore;
 pub mod state;
 pub mod writer;

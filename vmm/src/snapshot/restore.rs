@@ -7,9 +7,10 @@
 //! workload where it was.
 
 use super::chain::{Chain, ChainSource};
-use super::memory::MemoryFile;
-use super::state::{execution_chunks, restore_vcpu, restore_vm, SnapshotState, CHUNK_BYTES};
+use super::prefetch::{prefetch_execution, BackgroundPrefetch};
+use super::state::{restore_vcpu, restore_vm, SnapshotState};
 use super::SnapshotError;
+use crate::clock::MonotonicAnchor;
 use crate::config::{KernelSource, VmConfig};
 use crate::oracle::MemoryImage;
 use crate::report::RunReport;
@@ -68,6 +69,9 @@ pub struct RestoreReport {
     pub load_us: u64,
     /// Pages loaded (eager) or prefetched (uffd) before the vCPUs ran.
     pub pages_loaded: u64,
+    /// `uffd`: pages of the recorded working set prefetched in the
+    /// background while the guest ran.
+    pub pages_prefetched_background: u64,
     /// µs from the start of the restore to the first `KVM_RUN`: the VMM's
     /// part of the restore.
     pub first_run_us: Option<u64>,
@@ -77,11 +81,54 @@ pub struct RestoreReport {
     /// How guest memory is served (mmap mode: with or without the fault
     /// engine, depending on the file system).
     pub memory: String,
+    /// µs from the start of the restore to the end of each of its phases.
+    pub phases_us: Vec<PhaseMark>,
+    /// The start of the restore in `CLOCK_MONOTONIC` ns, to compare with a
+    /// parent's spawn time.
+    pub started_at_ns: u64,
+    /// The first `KVM_RUN` in `CLOCK_MONOTONIC` ns.
+    pub first_run_at_ns: Option<u64>,
+    /// The guest's first I/O exit in `CLOCK_MONOTONIC` ns.
+    pub first_io_at_ns: Option<u64>,
 }
 
-/// Leaf-1 and leaf-7 feature bits the snapshot's CPUID has that this host's
-/// KVM does not offer.
-fn missing_cpu_features(kvm: &Kvm, state: &SnapshotState) -> Result<Vec<String>, SnapshotError> {
+/// The end of one restore phase.
+#[derive(Clone, Debug, Serialize)]
+pub struct PhaseMark {
+    /// The phase.
+    pub phase: &'static str,
+    /// µs from the start of the restore.
+    pub at_us: u64,
+}
+
+/// Records where a restore's time goes.
+struct Phases {
+    start: Instant,
+    marks: Vec<PhaseMark>,
+}
+
+impl Phases {
+    fn new(start: Instant) -> Self {
+        Phases {
+            start,
+            marks: Vec::new(),
+        }
+    }
+
+    fn mark(&mut self, phase: &'static str) {
+        self.marks.push(PhaseMark {
+            phase,
+            at_us: self.start.elapsed().as_micros() as u64,
+        });
+    }
+}
+
+/// Leaf-1 and leaf-7 feature bits the snapshot's CPUID (`saved`, vCPU 0's)
+/// has that this host's KVM does not offer.
+fn missing_cpu_features(
+    kvm: &Kvm,
+    saved: &[kvm_bindings::kvm_cpuid_entry2],
+) -> Result<Vec<String>, SnapshotError> {
     let host = kvm
         .get_supported_cpuid(KVM_MAX_CPUID_ENTRIES)
         .map_err(|source| SnapshotError::Kvm {
@@ -89,14 +136,8 @@ fn missing_cpu_features(kvm: &Kvm, state: &SnapshotState) -> Result<Vec<String>,
             source,
         })?;
     let mut missing = Vec::new();
-    let Some(saved) = state.vcpus.first() else {
-        return Ok(missing);
-    };
     for leaf in [1u32, 7] {
-        let want = saved
-            .cpuid
-            .iter()
-            .find(|e| e.function == leaf && e.index == 0);
+        let want = saved.iter().find(|e| e.function == leaf && e.index == 0);
         let have = host
             .as_slice()
             .iter()
@@ -195,37 +236,55 @@ fn on_tmpfs(path: &Path) -> bool {
     }
 }
 
-/// Lazy restore: copies the data pages of the vCPUs' execution chunks and
-/// the recorded working set straight from the snapshot (large
-/// `UFFDIO_COPY`s, no fault round trips) before the vCPUs run. Returns the
-/// pages prefetched.
-fn prefetch(ram: &GuestRam, chain: &Chain) -> Result<u64, RunError> {
-    let state = &chain.head().state;
-    let bad = |e: String| {
-        RunError::from(SnapshotError::Memory(super::memory::MemoryFileError::Io(
-            std::io::Error::other(format!("the snapshot's working set cannot be served: {e}")),
-        )))
-    };
-    // The pages of the execution chunks that hold data (holes demand-fault
-    // as zeros, data accesses can), plus the recorded working set, copied
-    // in runs of consecutive pages.
-    let mut pages = Vec::new();
-    for c in execution_chunks(&state.vcpus, state.machine.mem_bytes) {
-        pages.extend(
-            chain
-                .data_pages_in(c * CHUNK_BYTES, (c + 1) * CHUNK_BYTES)
-                .map_err(SnapshotError::from)?,
+/// `mmap`: maps the snapshot's memory private, a full snapshot's
+/// `memory.bin` as it is, a diff chain after materializing it into a
+/// memfd. userfaultfd registers on a private mapping of a tmpfs (or memfd)
+/// file but not of an ext4 one: the fault engine (and live snapshots) stay
+/// on tmpfs only; elsewhere the kernel serves the mapping alone. Returns
+/// the memory and a note saying which.
+fn map_image(
+    chain: &Chain,
+    dir: &Path,
+    config: &mut VmConfig,
+) -> Result<(GuestRam, String), RunError> {
+    let materialized;
+    let (image, on_tmp, what) = if chain.is_diff() {
+        let t = Instant::now();
+        materialized = chain.materialize().map_err(SnapshotError::from)?;
+        let what = format!(
+            "a chain of {} snapshots, materialized into a memfd in {:.1} ms,",
+            chain.links.len(),
+            t.elapsed().as_secs_f64() * 1e3
         );
+        (&materialized, true, what)
+    } else {
+        let on_tmp = on_tmpfs(&dir.join("memory.bin"));
+        (&chain.head().memory, on_tmp, "memory.bin".to_string())
+    };
+    config.ram.backing = if on_tmp {
+        BackingKind::Memfd
+    } else {
+        BackingKind::Plain
+    };
+    let note = if on_tmp {
+        format!("{what} mapped private, on tmpfs: fault engine and live snapshots available")
+    } else {
+        format!(
+            "{what} mapped private, not on tmpfs: kernel-managed, without the fault engine or \
+             live snapshots (put the snapshot on tmpfs to keep them)"
+        )
+    };
+    let ram = GuestRam::from_file_private(config.mem_bytes, config.ram, image.file())?;
+    if config.ram.backing.uses_fault_engine() {
+        // The file's data pages are populated already: recorded, live and
+        // diff snapshots copy them and fault-around zeroes only the holes
+        // beside a fault, never a file page not mapped yet.
+        let data = image
+            .data_pages_in(0, config.mem_bytes)
+            .map_err(SnapshotError::from)?;
+        ram.mark_file_backed(&data)?;
     }
-    pages.extend_from_slice(&state.working_set);
-    pages.sort_unstable();
-    pages.dedup();
-    let gpas: Vec<u64> = pages.iter().map(|p| p * 4096).collect();
-    let mut n = 0;
-    for (start, end) in guest_mem::tracking::runs(&gpas) {
-        n += ram.prefill(start, end).map_err(bad)?;
-    }
-    Ok(n)
+    Ok((ram, note))
 }
 
 /// Restores the snapshot in `dir` and runs the guest to the end of its
@@ -236,21 +295,18 @@ pub fn restore(
     hooks: RunHooks,
     sink: SerialSink,
 ) -> Result<(RunReport, RestoreReport), RunError> {
+    let anchor = MonotonicAnchor::now();
     let start = Instant::now();
+    let mut phases = Phases::new(start);
     let chain = Arc::new(Chain::open(dir)?);
+    phases.mark("state_read");
     let state = &chain.head().state;
     let config = config_of(state)?;
-    if chain.is_diff() && opts.mode == RestoreMode::Mmap {
-        return Err(SnapshotError::Incompatible(
-            "a diff snapshot cannot be mapped directly: restore its chain with --mode eager or uffd".into(),
-        )
-        .into());
-    }
-    let memory = MemoryFile::open(&dir.join("memory.bin"), state.machine.mem_bytes)
-        .map_err(SnapshotError::from)?;
     let signals = prepare_process()?;
     let kvm = open_kvm()?;
-    let missing = missing_cpu_features(&kvm, state)?;
+    phases.mark("kvm_opened");
+    let saved_cpuid = state.vcpus.first().map_or(&[][..], |v| &v.cpuid[..]);
+    let missing = missing_cpu_features(&kvm, saved_cpuid)?;
     if !missing.is_empty() {
         return Err(SnapshotError::Incompatible(format!(
             "the guest's CPU features are not available here: {}",
@@ -258,70 +314,57 @@ pub fn restore(
         ))
         .into());
     }
+    phases.mark("cpuid_checked");
     let mut config = config;
     let mut hooks = hooks;
-    let mut verifier: Option<Arc<std::sync::Mutex<Option<String>>>> = None;
+    // Where background checks (mmap's verification, uffd's prefetch)
+    // report a corrupt snapshot: the guest stops and the run fails.
+    let mut corrupt_slots: Vec<Arc<std::sync::Mutex<Option<String>>>> = Vec::new();
     let mut verifier_thread: Option<std::thread::JoinHandle<()>> = None;
+    let mut background_order: Vec<u64> = Vec::new();
     if opts.mode == RestoreMode::Uffd && !config.ram.backing.uses_fault_engine() {
         // Lazy restore needs the fault engine: plain memory becomes memfd.
         config.ram.backing = BackingKind::Memfd;
     }
-    let mem_path = dir.join("memory.bin");
-    let mut memory_note = format!(
-        "{} backing through the fault engine",
-        config.ram.backing.name()
-    );
-    let ram = if opts.mode == RestoreMode::Mmap {
-        let file = std::fs::File::open(&mem_path).map_err(|source| SnapshotError::Io {
-            path: mem_path.clone(),
-            source,
-        })?;
-        // userfaultfd registers on a private mapping of a tmpfs file but not
-        // of an ext4 one: keep the fault engine (and live snapshots) on
-        // tmpfs only; elsewhere the kernel serves the mapping alone.
-        config.ram.backing = if on_tmpfs(&mem_path) {
-            memory_note =
-                "memory.bin mapped private, on tmpfs: fault engine and live snapshots available"
-                    .into();
-            BackingKind::Memfd
-        } else {
-            memory_note = "memory.bin mapped private, not on tmpfs: kernel-managed, without the fault engine or \
-                           live snapshots (put the snapshot on tmpfs to keep them)"
-                .into();
-            BackingKind::Plain
-        };
-        let ram = GuestRam::from_file_private(config.mem_bytes, config.ram, &file)?;
-        if config.ram.backing.uses_fault_engine() {
-            // The file's data pages are populated already: recorded, live
-            // and diff snapshots copy them and fault-around zeroes only
-            // the holes beside a fault, never a file page not mapped yet.
-            let data = memory
-                .data_pages_in(0, config.mem_bytes)
-                .map_err(SnapshotError::from)?;
-            ram.mark_file_backed(&data)?;
-        }
-        Arc::new(ram)
+    let (ram, memory_note) = if opts.mode == RestoreMode::Mmap {
+        let (ram, note) = map_image(&chain, dir, &mut config)?;
+        (Arc::new(ram), note)
     } else {
-        Arc::new(GuestRam::new(config.mem_bytes, config.ram)?)
+        let note = format!(
+            "{} backing through the fault engine",
+            config.ram.backing.name()
+        );
+        (Arc::new(GuestRam::new(config.mem_bytes, config.ram)?), note)
     };
+    phases.mark("memory_mapped");
     let created = Instant::now();
     let vm = Arc::new(create_vm(&kvm, &ram, config.vcpus)?);
+    phases.mark("vm_created");
+
     let pages_loaded = match opts.mode {
         RestoreMode::Eager => load_chain(&ram, &chain)?,
         RestoreMode::Uffd => {
             ram.set_page_source(Arc::new(ChainSource::new(chain.clone())))?;
-            prefetch(&ram, &chain)?
+            let first = prefetch_execution(&ram, &chain)?;
+            background_order = state
+                .working_set
+                .iter()
+                .filter(|p| first.binary_search(p).is_err())
+                .copied()
+                .collect();
+            first.len() as u64
         }
         RestoreMode::Mmap => {
             // Verified in the background once the guest runs; a bad chunk
             // stops it (the run fails naming the chunk).
             let slot: Arc<std::sync::Mutex<Option<String>>> = Arc::default();
-            let (s2, crcs) = (slot.clone(), state.memory.chunk_crc.clone());
-            verifier = Some(slot.clone());
+            let (s2, chain2) = (slot.clone(), chain.clone());
+            corrupt_slots.push(slot.clone());
             verifier_thread = std::thread::Builder::new()
                 .name("verify".into())
                 .spawn(move || {
-                    if let Err(e) = memory.verify(&crcs) {
+                    super::prefetch::lower_priority();
+                    if let Err(e) = chain2.verify() {
                         if let Ok(mut s) = s2.lock() {
                             *s = Some(format!("snapshot {e}"));
                         }
@@ -333,6 +376,8 @@ pub fn restore(
             0
         }
     };
+    phases.mark("memory_loaded");
+
     // Rule 12: poisoned pages stay poisoned across a restore.
     for m in &state.markers {
         if m.kind == 2 {
@@ -364,6 +409,7 @@ pub fn restore(
         })?;
         fds.push(fd);
     }
+    phases.mark("vcpus_restored");
     let cpuid = state
         .vcpus
         .first()
@@ -374,9 +420,14 @@ pub fn restore(
         snapshot_id: uuid::Uuid::from_bytes(state.id).to_string(),
         load_us: start.elapsed().as_micros() as u64,
         pages_loaded,
+        pages_prefetched_background: 0,
         first_run_us: None,
         first_io_us: None,
         memory: memory_note,
+        phases_us: phases.marks,
+        started_at_ns: anchor.ns_at(start),
+        first_run_at_ns: None,
+        first_io_at_ns: None,
     };
     let machine = Machine {
         ram,
@@ -391,18 +442,39 @@ pub fn restore(
     };
     let initial = opts.verify.then_some(CommandOp::Verify);
     let created_us = created.duration_since(start).as_micros() as u64;
-    let mut report = supervise(&config, machine, hooks, sink, signals, initial)?;
+    let background = if background_order.is_empty() {
+        None
+    } else {
+        let slot: Arc<std::sync::Mutex<Option<String>>> = Arc::default();
+        hooks = hooks.fail_on(slot.clone());
+        corrupt_slots.push(slot.clone());
+        Some(BackgroundPrefetch::start(
+            machine.ram.clone(),
+            background_order,
+            slot,
+        )?)
+    };
+    let report = supervise(&config, machine, hooks, sink, signals, initial);
+    let prefetched = background.map_or(0, BackgroundPrefetch::finish);
+    let mut report = report?;
     // The background verification's verdict counts even when the guest
     // finished first.
     if let Some(t) = verifier_thread {
         let _ = t.join();
     }
-    if let Some(e) = verifier.and_then(|v| v.lock().ok().and_then(|s| s.clone())) {
+    if let Some(e) = corrupt_slots
+        .iter()
+        .find_map(|v| v.lock().ok().and_then(|s| s.clone()))
+    {
         report.status = crate::report::RunStatus::SnapshotCorrupt;
         report.error = Some(e);
     }
     let mut restore_report = restore_report;
+    restore_report.pages_prefetched_background = prefetched;
     restore_report.first_io_us = report.boot_us.map(|b| created_us + b);
     restore_report.first_run_us = report.first_run_us.map(|b| created_us + b);
+    let created_ns = anchor.ns_at(created);
+    restore_report.first_io_at_ns = report.boot_us.map(|b| created_ns + b * 1000);
+    restore_report.first_run_at_ns = report.first_run_us.map(|b| created_ns + b * 1000);
     Ok((report, restore_report))
 }

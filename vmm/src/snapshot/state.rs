@@ -176,7 +176,8 @@ pub struct SnapshotState {
     pub devices: DeviceState,
     /// Table markers.
     pub markers: Vec<MarkerDesc>,
-    /// Guest pages in the order to prefetch them (the recorded working set).
+    /// Guest pages in the order to prefetch them (the recorded working set:
+    /// execution chunks first, then the guest's first-touch order).
     pub working_set: Vec<u64>,
     /// The memory file.
     pub memory: MemoryDesc,
@@ -425,13 +426,24 @@ pub fn execution_chunks(vcpus: &[SavedVcpu], mem_bytes: u64) -> Vec<u64> {
     chunks
 }
 
-/// The working set to prefetch: the stored pages (`populated`, guest page
-/// numbers) inside the vCPUs' execution chunks.
-pub fn working_set(vcpus: &[SavedVcpu], mem_bytes: u64, populated: &[u64]) -> Vec<u64> {
+/// The working set to prefetch, in order: the stored pages (`populated`,
+/// sorted guest page numbers) inside the vCPUs' execution chunks (a lazy
+/// restore needs them before the vCPUs run), then the other stored pages
+/// the guest touched, in its first-touch order (`order`).
+pub fn working_set(
+    vcpus: &[SavedVcpu],
+    mem_bytes: u64,
+    populated: &[u64],
+    order: &[u64],
+) -> Vec<u64> {
     let chunks = execution_chunks(vcpus, mem_bytes);
-    populated
-        .iter()
-        .copied()
-        .filter(|p| chunks.binary_search(&(p * 4096 / CHUNK_BYTES)).is_ok())
-        .collect()
+    let in_chunks = |p: &u64| chunks.binary_search(&(p * 4096 / CHUNK_BYTES)).is_ok();
+    let mut set: Vec<u64> = populated.iter().copied().filter(in_chunks).collect();
+    set.extend(
+        order
+            .iter()
+            .copied()
+            .filter(|p| !in_chunks(p) && populated.binary_search(p).is_ok()),
+    );
+    set
 }

@@ -196,7 +196,8 @@ fn write_into(
         let mem_path = tmp.join("memory.bin");
         let populated = vm.ram().populated_pages();
         let written = write_memory(vm.ram(), &mem_path)?;
-        let working_set = working_set(&vcpus, vm.ram().size(), &populated);
+        let order = vm.ram().access_order();
+        let working_set = working_set(&vcpus, vm.ram().size(), &populated, &order);
         let parts = StateParts {
             parent,
             markers: markers_of(vm.ram()),
@@ -282,7 +283,8 @@ fn write_live(
     let pause_us = paused_at.elapsed().as_micros() as u64;
     // Outside the pause: pages populated since are a superset, which only
     // makes the prefetch a little larger.
-    let working_set = working_set(&vcpus, vm.ram().size(), &vm.ram().populated_pages());
+    let order = vm.ram().access_order();
+    let working_set = working_set(&vcpus, vm.ram().size(), &vm.ram().populated_pages(), &order);
     let (vm_state, lc) = match frozen {
         Ok(v) => v,
         Err(e) => return Err(abort(vm, e)),
