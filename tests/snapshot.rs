@@ -803,3 +803,65 @@ fn a_guest_waiting_for_requests_is_snapshotted_at_boot_and_answers_after_a_resto
     }
     let _ = std::fs::remove_dir_all(&dir);
 }
+
+#[test]
+fn a_live_snapshot_copies_in_the_background_and_refuses_a_second_one_meanwhile() {
+    use guest_protocol::Workload;
+    use vmm::config::VmConfig;
+    use vmm::runner::{run, HookError, RunHooks, SerialSink, VmHandle};
+    use vmm::snapshot::writer::{start_snapshot, SnapshotMode, SnapshotStarted};
+
+    let (dir, second) = (snap_dir("background"), snap_dir("background-2"));
+    let cfg = VmConfig {
+        mem_bytes: 128 << 20,
+        workload: Workload::SeqWrite,
+        pages: 256,
+        passes: 3,
+        ..VmConfig::default()
+    };
+    let (d, d2) = (dir.clone(), second.clone());
+    let hooks = RunHooks::default().after_pages(
+        300,
+        Box::new(move |vm: &mut VmHandle| -> Result<(), HookError> {
+            // 96 MiB of host-written pages: a copy of tens of milliseconds.
+            vm.pause()?;
+            let page = [0x5au8; 4096];
+            let mut gpa = 32u64 << 20;
+            while gpa < vm.ram().size() {
+                vm.ram().write(gpa, &page)?;
+                gpa += 4096;
+            }
+            vm.resume();
+            let desc = vm.machine().clone();
+            let started = start_snapshot(vm, &d, SnapshotMode::Live, desc.clone(), None)
+                .map_err(|e| HookError(e.to_string()))?;
+            let SnapshotStarted::Writing(pending) = started else {
+                return Err(HookError("a live snapshot returned complete".into()));
+            };
+            // While the first copy runs, a second live snapshot is refused
+            // and leaves nothing behind.
+            if !pending.is_finished() {
+                match start_snapshot(vm, &d2, SnapshotMode::Live, desc, None) {
+                    Err(e) if e.to_string().contains("still being written") => {}
+                    Err(e) => return Err(HookError(format!("wrong refusal: {e}"))),
+                    Ok(_) => return Err(HookError("a second live snapshot started".into())),
+                }
+            }
+            vm.pending_snapshots.push(pending);
+            Ok(())
+        }),
+    );
+    let report = run(&cfg, hooks, SerialSink::Capture).expect("run");
+    assert_eq!(
+        report.status,
+        vmm::report::RunStatus::Ok,
+        "{:?}",
+        report.error
+    );
+    assert_eq!(report.snapshots.len(), 1, "collected by the supervisor");
+    assert!(!second.exists());
+    let r = restore_in(&dir, "uffd");
+    assert_eq!(r.code, 0, "{}", r.stdout);
+    assert_eq!(r.json()["verify_mismatches"], 0);
+    let _ = std::fs::remove_dir_all(dir);
+}

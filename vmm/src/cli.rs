@@ -8,7 +8,7 @@ use crate::report::{error_json, EXIT_ERROR, EXIT_USAGE};
 use crate::runner::{run, RunError, RunHooks, SerialSink, VmHandle};
 use crate::size::size_arg;
 use crate::snapshot::restore::{restore, RestoreMode, RestoreOptions, RestoreReport};
-use crate::snapshot::writer::{check_live, take_snapshot, SnapshotMode};
+use crate::snapshot::writer::{check_live, start_snapshot, SnapshotMode, SnapshotStarted};
 use clap::{Args, Parser, Subcommand};
 use guest_mem::{BackingKind, RamConfig};
 use guest_protocol::Workload;
@@ -121,8 +121,10 @@ fn snapshot_hooks(
         after,
         Box::new(move |vm: &mut VmHandle| {
             let desc = vm.machine().clone();
-            match take_snapshot(vm, &dir, mode, desc, parent.as_deref()) {
-                Ok(r) => vm.snapshots.push(r),
+            match start_snapshot(vm, &dir, mode, desc, parent.as_deref()) {
+                Ok(SnapshotStarted::Done(r)) => vm.snapshots.push(r),
+                // A live snapshot's copy runs on; the supervisor collects it.
+                Ok(SnapshotStarted::Writing(p)) => vm.pending_snapshots.push(p),
                 // The guest runs on unaffected; the run reports the failure.
                 Err(e) => vm.snapshot_errors.push(e.to_string()),
             }

@@ -12,7 +12,7 @@ use crate::oracle::{pages_written_in_pass, work_area_pages};
 use crate::report::{RunReport, RunStatus, VcpuReport};
 use crate::signals::{install_kick_handler, kick_signal, TerminationSignals};
 use crate::snapshot::state::{fnv1a_hex, MachineDesc, RegionDesc};
-use crate::snapshot::writer::SnapshotReport;
+use crate::snapshot::writer::{PendingSnapshot, SnapshotReport};
 use crate::vstate::boot::{cpuid_for, setup_vcpu, write_boot_structures, BootError};
 use crate::vstate::capture::CaptureSlots;
 use crate::vstate::control::{PauseTimeout, VcpuControl};
@@ -240,12 +240,35 @@ pub struct VmHandle {
     pub snapshots: Vec<SnapshotReport>,
     /// Snapshots that failed (the guest ran on).
     pub snapshot_errors: Vec<String>,
+    /// Live snapshots whose memory is still being copied.
+    pub pending_snapshots: Vec<PendingSnapshot>,
 }
 
 impl VmHandle {
     /// Guest RAM.
     pub fn ram(&self) -> &GuestRam {
         &self.ram
+    }
+
+    /// Guest RAM, shared (for work that outlives the call, e.g. a live
+    /// snapshot's writer).
+    pub fn shared_ram(&self) -> Arc<GuestRam> {
+        self.ram.clone()
+    }
+
+    /// Moves the pending snapshots that are complete (all of them, waiting,
+    /// with `wait`) into `snapshots` or `snapshot_errors`.
+    pub fn collect_snapshots(&mut self, wait: bool) {
+        let (done, still): (Vec<_>, Vec<_>) = std::mem::take(&mut self.pending_snapshots)
+            .into_iter()
+            .partition(|p| wait || p.is_finished());
+        self.pending_snapshots = still;
+        for p in done {
+            match p.wait() {
+                Ok(r) => self.snapshots.push(r),
+                Err(e) => self.snapshot_errors.push(e.to_string()),
+            }
+        }
     }
 
     /// Number of vCPUs.
@@ -550,6 +573,7 @@ pub fn supervise(
         machine: desc,
         snapshots: Vec::new(),
         snapshot_errors: Vec::new(),
+        pending_snapshots: Vec::new(),
     };
     if let Some(op) = initial {
         if let Err(e) = handle.broadcast(op, 0) {
@@ -753,12 +777,15 @@ impl Supervisor {
         self.outcomes.iter().all(Option::is_some)
     }
 
+    /// Joins the vCPU threads, then waits for live snapshots still being
+    /// written (they need guest RAM, which outlives them).
     fn join_threads(&mut self) {
         for t in self.handle.threads.drain(..) {
             if t.join().is_err() {
                 log::error!("a vCPU thread panicked");
             }
         }
+        self.handle.collect_snapshots(true);
     }
 
     /// Asks every vCPU to stop at its next poll point; forces the stop if
@@ -783,8 +810,10 @@ impl Supervisor {
         self.force_at = None;
     }
 
-    /// Periodic work: deadlines and errors reported by other threads.
+    /// Periodic work: deadlines, errors reported by other threads, live
+    /// snapshots that completed.
     fn tick(&mut self) {
+        self.handle.collect_snapshots(false);
         if self.hook_error.is_none() {
             let failed = self
                 .fail_on

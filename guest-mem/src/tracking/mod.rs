@@ -44,6 +44,9 @@ pub enum TrackError {
     /// `/proc` access failed.
     #[error("soft-dirty: {0}")]
     Proc(std::io::Error),
+    /// A live snapshot is still being written.
+    #[error("a live snapshot is still being written; take the next one when it is done")]
+    LiveSnapshotBusy,
 }
 
 /// The guest pages the VMM itself wrote (device emulation, host-side
@@ -203,11 +206,17 @@ impl GuestRam {
                 needed: "without WP_ASYNC (synchronous write-protect)",
             });
         }
-        *self
-            .core
-            .live_window
-            .lock()
-            .unwrap_or_else(|e| e.into_inner()) = Some(Vec::new());
+        {
+            let mut window = self
+                .core
+                .live_window
+                .lock()
+                .unwrap_or_else(|e| e.into_inner());
+            if window.is_some() || self.core.live_copy.load().is_some() {
+                return Err(TrackError::LiveSnapshotBusy);
+            }
+            *window = Some(Vec::new());
+        }
         let r = self.protect_all();
         if r.is_err() {
             *self

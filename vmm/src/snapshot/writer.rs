@@ -116,7 +116,39 @@ fn fsync_dir(dir: &Path) -> Result<(), SnapshotError> {
         .map_err(io(dir))
 }
 
-/// Takes a snapshot of the VM behind `vm` into `dir` (which must not exist).
+/// A snapshot whose memory a background thread is still copying (live
+/// mode): the guest runs on meanwhile, and the supervisor's event loop
+/// stays free.
+pub struct PendingSnapshot {
+    thread: std::thread::JoinHandle<Result<SnapshotReport, SnapshotError>>,
+}
+
+impl PendingSnapshot {
+    /// True once the writer is done (`wait` will not block).
+    pub fn is_finished(&self) -> bool {
+        self.thread.is_finished()
+    }
+
+    /// Waits for the writer and returns its outcome.
+    pub fn wait(self) -> Result<SnapshotReport, SnapshotError> {
+        self.thread.join().unwrap_or_else(|_| {
+            Err(SnapshotError::Capture(
+                "the snapshot writer panicked".into(),
+            ))
+        })
+    }
+}
+
+/// What [`start_snapshot`] left behind.
+pub enum SnapshotStarted {
+    /// The snapshot is complete (paused mode).
+    Done(SnapshotReport),
+    /// The vCPUs run again; the memory is still being copied.
+    Writing(PendingSnapshot),
+}
+
+/// Takes a snapshot of the VM behind `vm` into `dir` (which must not exist)
+/// and waits until it is complete.
 pub fn take_snapshot(
     vm: &mut VmHandle,
     dir: &Path,
@@ -124,6 +156,22 @@ pub fn take_snapshot(
     machine: MachineDesc,
     parent: Option<&Path>,
 ) -> Result<SnapshotReport, SnapshotError> {
+    match start_snapshot(vm, dir, mode, machine, parent)? {
+        SnapshotStarted::Done(r) => Ok(r),
+        SnapshotStarted::Writing(p) => p.wait(),
+    }
+}
+
+/// Starts a snapshot of the VM behind `vm` into `dir` (which must not
+/// exist). A paused snapshot is complete on return; a live one returns
+/// once the vCPUs run again, its memory copied by a background thread.
+pub fn start_snapshot(
+    vm: &mut VmHandle,
+    dir: &Path,
+    mode: SnapshotMode,
+    machine: MachineDesc,
+    parent: Option<&Path>,
+) -> Result<SnapshotStarted, SnapshotError> {
     if dir.exists() {
         return Err(SnapshotError::Exists(dir.to_path_buf()));
     }
@@ -142,41 +190,90 @@ pub fn take_snapshot(
     let tmp = temp_dir_for(dir)?;
     let _ = std::fs::remove_dir_all(&tmp);
     std::fs::create_dir(&tmp).map_err(io(&tmp))?;
-    let result = write_into(vm, &tmp, mode, machine, parent);
-    match result {
-        Ok(mut report) => {
-            if let Err(e) = std::fs::rename(&tmp, dir).map_err(io(dir)) {
-                let _ = std::fs::remove_dir_all(&tmp);
-                return Err(e);
-            }
-            fsync_dir(
-                dir.parent()
-                    .filter(|p| !p.as_os_str().is_empty())
-                    .unwrap_or(Path::new(".")),
-            )?;
-            report.dir = dir.to_path_buf();
-            report.total_us = start.elapsed().as_micros() as u64;
-            report.throughput_bytes_per_s =
-                report.bytes_written as f64 / start.elapsed().as_secs_f64().max(1e-9);
-            Ok(report)
+    let target = Target {
+        tmp,
+        dir: dir.to_path_buf(),
+        start,
+    };
+    match mode {
+        SnapshotMode::Paused => {
+            let written = write_paused(vm, &target.tmp, machine, parent);
+            target.complete(written).map(SnapshotStarted::Done)
         }
-        Err(e) => {
-            let _ = std::fs::remove_dir_all(&tmp);
-            Err(e)
+        SnapshotMode::Live => {
+            let job = match begin_live(vm, &target.tmp, machine, parent) {
+                Ok(job) => job,
+                Err(e) => return target.complete(Err(e)).map(SnapshotStarted::Done),
+            };
+            let (ram, tmp) = (job.ram.clone(), target.tmp.clone());
+            let thread = std::thread::Builder::new()
+                .name("snapshot-writer".into())
+                .spawn(move || target.complete(job.run()));
+            match thread {
+                Ok(thread) => Ok(SnapshotStarted::Writing(PendingSnapshot { thread })),
+                Err(e) => {
+                    // The job went with the closure: undo what it held.
+                    if let Err(u) = ram.live_finish() {
+                        log::error!("removing the snapshot's write protection: {u}");
+                    }
+                    let _ = std::fs::remove_dir_all(&tmp);
+                    Err(SnapshotError::Capture(format!(
+                        "cannot start the snapshot writer: {e}"
+                    )))
+                }
+            }
         }
     }
 }
 
-fn write_into(
+/// Where a snapshot is written and where it goes once complete.
+struct Target {
+    tmp: PathBuf,
+    dir: PathBuf,
+    start: Instant,
+}
+
+impl Target {
+    /// Renames the finished temporary directory into place (and completes
+    /// the report), or removes it when `written` failed.
+    fn complete(
+        self,
+        written: Result<SnapshotReport, SnapshotError>,
+    ) -> Result<SnapshotReport, SnapshotError> {
+        let mut report = match written {
+            Ok(r) => r,
+            Err(e) => {
+                let _ = std::fs::remove_dir_all(&self.tmp);
+                return Err(e);
+            }
+        };
+        if let Err(e) = std::fs::rename(&self.tmp, &self.dir).map_err(io(&self.dir)) {
+            let _ = std::fs::remove_dir_all(&self.tmp);
+            return Err(e);
+        }
+        fsync_dir(
+            self.dir
+                .parent()
+                .filter(|p| !p.as_os_str().is_empty())
+                .unwrap_or(Path::new(".")),
+        )?;
+        let elapsed = self.start.elapsed();
+        report.dir = self.dir;
+        report.total_us = elapsed.as_micros() as u64;
+        report.throughput_bytes_per_s =
+            report.bytes_written as f64 / elapsed.as_secs_f64().max(1e-9);
+        Ok(report)
+    }
+}
+
+/// The paused (stop-the-world) snapshot.
+fn write_paused(
     vm: &mut VmHandle,
     tmp: &Path,
-    mode: SnapshotMode,
     machine: MachineDesc,
     parent: Option<ParentRef>,
 ) -> Result<SnapshotReport, SnapshotError> {
-    if mode == SnapshotMode::Live {
-        return write_live(vm, tmp, machine, parent);
-    }
+    let mode = SnapshotMode::Paused;
     let paused_at = Instant::now();
     let vcpus = vm.pause_and_capture().map_err(SnapshotError::Capture);
     let vcpus = match vcpus {
@@ -222,15 +319,15 @@ fn write_into(
     })
 }
 
-/// The live snapshot: protect (guest running), pause briefly to capture the
-/// vCPUs and re-protect what was written meanwhile, resume, copy in the
-/// background while write faults copy first.
-fn write_live(
+/// The live snapshot's first half, on the caller's thread: protect (guest
+/// running), pause briefly to capture the vCPUs and re-protect what was
+/// written meanwhile, resume. The copy is [`LiveJob::run`].
+fn begin_live(
     vm: &mut VmHandle,
     tmp: &Path,
     machine: MachineDesc,
     parent: Option<ParentRef>,
-) -> Result<SnapshotReport, SnapshotError> {
+) -> Result<LiveJob, SnapshotError> {
     let ram_fail = |e: guest_mem::tracking::TrackError| SnapshotError::Capture(e.to_string());
     vm.ram().live_protect().map_err(ram_fail)?;
     let abort = |vm: &mut VmHandle, e: SnapshotError| {
@@ -281,49 +378,81 @@ fn write_live(
     let command_seq = vm.command_seqs();
     vm.resume();
     let pause_us = paused_at.elapsed().as_micros() as u64;
-    // Outside the pause: pages populated since are a superset, which only
-    // makes the prefetch a little larger.
-    let order = vm.ram().access_order();
-    let working_set = working_set(&vcpus, vm.ram().size(), &vm.ram().populated_pages(), &order);
     let (vm_state, lc) = match frozen {
         Ok(v) => v,
         Err(e) => return Err(abort(vm, e)),
     };
-    // In the background of the running guest: copy what the faults did not.
-    vm.ram().live_write_all(&lc);
-    if let Err(e) = vm.ram().live_finish() {
-        return Err(SnapshotError::Capture(e.to_string()));
-    }
-    if let Some(e) = lc.error() {
-        return Err(SnapshotError::Io {
-            path: mem_path,
-            source: std::io::Error::other(e),
-        });
-    }
-    let finish = (|| {
-        file.sync_all().map_err(io(&mem_path))?;
+    Ok(LiveJob {
+        ram: vm.shared_ram(),
+        lc,
+        file,
+        mem_path,
+        tmp: tmp.to_path_buf(),
+        parent,
+        machine,
+        vcpus,
+        vm_state,
+        command_seq,
+        pause_us,
+    })
+}
+
+/// The live snapshot's second half, on a writer thread while the guest
+/// runs: copy what the write faults did not, lift the protection, write
+/// `state.bin`.
+struct LiveJob {
+    ram: std::sync::Arc<guest_mem::GuestRam>,
+    lc: std::sync::Arc<guest_mem::live_copy::LiveCopy>,
+    file: std::fs::File,
+    mem_path: PathBuf,
+    tmp: PathBuf,
+    parent: Option<ParentRef>,
+    machine: MachineDesc,
+    vcpus: Vec<super::state::SavedVcpu>,
+    vm_state: super::state::SavedVm,
+    command_seq: Vec<u32>,
+    pause_us: u64,
+}
+
+impl LiveJob {
+    fn run(self) -> Result<SnapshotReport, SnapshotError> {
+        let ram = &self.ram;
+        // Pages populated since the pause are a superset, which only makes
+        // the prefetch a little larger.
+        let order = ram.access_order();
+        let working_set = working_set(&self.vcpus, ram.size(), &ram.populated_pages(), &order);
+        ram.live_write_all(&self.lc);
+        if let Err(e) = ram.live_finish() {
+            return Err(SnapshotError::Capture(e.to_string()));
+        }
+        if let Some(e) = self.lc.error() {
+            return Err(SnapshotError::Io {
+                path: self.mem_path,
+                source: std::io::Error::other(e),
+            });
+        }
+        self.file.sync_all().map_err(io(&self.mem_path))?;
         // Summed as the pages were copied: no second pass over the file.
-        let chunk_crc = lc.chunk_sums();
-        let stats = lc.stats();
+        let chunk_crc = self.lc.chunk_sums();
+        let stats = self.lc.stats();
         let parts = StateParts {
-            parent,
-            markers: markers_of(vm.ram()),
+            parent: self.parent,
+            markers: markers_of(ram),
             mode: SnapshotMode::Live,
-            machine,
-            vcpus,
-            vm_state,
-            command_seq,
+            machine: self.machine,
+            vcpus: self.vcpus,
+            vm_state: self.vm_state,
+            command_seq: self.command_seq,
             working_set,
             chunk_crc,
             pages_stored: stats.stored,
         };
-        let mut report = write_state(tmp, parts)?;
-        report.pause_us = pause_us;
+        let mut report = write_state(&self.tmp, parts)?;
+        report.pause_us = self.pause_us;
         report.pages_by_faults = stats.by_faults;
         report.pages_by_writer = stats.by_writer;
         Ok(report)
-    })();
-    finish
+    }
 }
 
 /// What `state.bin` is made of, besides what `write_state` adds.
