@@ -517,12 +517,6 @@ fn snapshot_and_restore_benches_run() {
     assert!(o.stdout.contains("eager") && o.stdout.contains("uffd"));
 }
 
-fn run_ok(args: &[&str]) -> serde_json::Value {
-    let o = vmm(args, T);
-    assert_eq!(o.code, 0, "{args:?}: {}\n{}", o.stdout, o.stderr);
-    o.json()
-}
-
 #[test]
 fn diff_chains_of_three_restore_like_a_full_snapshot() {
     let (c0, c1, c2, full) = (

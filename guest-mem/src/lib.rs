@@ -10,6 +10,7 @@
 //! * [`fault`]: the fault engine (handler threads, fault-around, counters).
 //! * [`live_copy`]: copy-before-write for live snapshots.
 //! * [`tracking`]: write-protect (sync and async) dirty tracking, soft-dirty detection, the VMM-write log.
+//! * [`sharing`]: which pages a VM shares copy-on-write and which are its own.
 //! * [`ram`]: `GuestRam`, the front: regions, engine and a vm-memory view.
 
 pub mod access_order;
@@ -19,6 +20,7 @@ pub mod fault;
 pub mod live_copy;
 pub mod ram;
 pub mod region;
+pub mod sharing;
 pub mod table;
 pub mod tracking;
 pub mod uffd;

@@ -304,7 +304,10 @@ impl GuestRam {
                         len: PAGE_SIZE,
                     })?;
             let frame = crate::entry::Frame((gpa - region.gpa) / PAGE_SIZE);
-            let entry = Entry::page(frame, !region.flags.read_only);
+            // The image's page until the guest writes it (then the kernel
+            // copies it; `refresh_sharing` records that).
+            let entry =
+                Entry::page(frame, !region.flags.read_only).with(crate::entry::Flag::CowShared);
             let (old, _) = self
                 .core
                 .table

@@ -109,6 +109,9 @@ pub struct HostMapping {
     addr: *mut u8,
     len: u64,
     memfd: Option<File>,
+    /// A private mapping of an image file: its pages are shared with
+    /// every other mapping of the file until written.
+    private_image: bool,
 }
 
 // SAFETY: the mapping is plain memory owned by this struct; concurrent access
@@ -184,6 +187,7 @@ impl HostMapping {
             addr: addr as *mut u8,
             len,
             memfd,
+            private_image: false,
         })
     }
 
@@ -212,7 +216,15 @@ impl HostMapping {
             addr: addr as *mut u8,
             len,
             memfd: None,
+            private_image: true,
         })
+    }
+
+    /// True for a private mapping of an image file (see
+    /// [`HostMapping::from_file_private`]): pages the guest has not written
+    /// are shared with every other mapping of the file.
+    pub fn is_private_image(&self) -> bool {
+        self.private_image
     }
 
     /// Host address of the first byte.

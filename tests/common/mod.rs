@@ -76,6 +76,13 @@ pub fn vmm(args: &[&str], timeout: Duration) -> Output {
 /// The usual deadline for one small guest.
 pub const T: Duration = Duration::from_secs(60);
 
+/// Runs `vmm` with `args`, asserts exit 0 and returns its JSON.
+pub fn run_ok(args: &[&str]) -> serde_json::Value {
+    let o = vmm(args, T);
+    assert_eq!(o.code, 0, "{args:?}: {}\n{}", o.stdout, o.stderr);
+    o.json()
+}
+
 /// Builds a minimal static x86_64 ELF whose single segment, loaded at
 /// 0x200000, holds `code`; the entry is the first byte of `code`.
 pub fn tiny_elf(code: &[u8]) -> Vec<u8> {

@@ -35,6 +35,9 @@ pub enum CliCommand {
     /// Print a snapshot's metadata, verify its checksums and run the
     /// consistency oracle on its memory image.
     Inspect(InspectArgs),
+    /// Start several VMs from one snapshot, sharing its memory
+    /// copy-on-write, run each to the end of its workload and verify it.
+    Clone(CloneArgs),
     /// Benchmarks.
     #[command(subcommand)]
     Bench(BenchCommand),
@@ -170,6 +173,55 @@ pub struct RestoreArgs {
     /// Print exactly one JSON object on stdout; serial output goes to stderr.
     #[arg(long)]
     pub json: bool,
+}
+
+/// `vmm clone` flags.
+#[derive(Args, Debug, Clone)]
+pub struct CloneArgs {
+    /// The snapshot directory.
+    pub dir: PathBuf,
+    /// How many VMs (1 to 256).
+    #[arg(long, value_parser = clap::value_parser!(u32).range(1..=crate::snapshot::clone::MAX_CLONES as i64))]
+    pub count: u32,
+    /// Give clone i the seed S+i from its next pass (default: every clone
+    /// runs the snapshot's schedule).
+    #[arg(long)]
+    pub seed_base: Option<u64>,
+    /// Print exactly one JSON object on stdout.
+    #[arg(long)]
+    pub json: bool,
+}
+
+/// Runs `vmm clone` and returns the exit code.
+pub fn cmd_clone(args: &CloneArgs) -> i32 {
+    let opts = crate::snapshot::clone::CloneOptions {
+        count: args.count,
+        seed_base: args.seed_base,
+        fail_setup_at: None,
+    };
+    match crate::snapshot::clone::clone_vms(&args.dir, &opts) {
+        Ok(r) => {
+            if args.json {
+                match serde_json::to_string(&r) {
+                    Ok(j) => println!("{j}"),
+                    Err(e) => {
+                        eprintln!("vmm: cannot encode the report: {e}");
+                        return EXIT_ERROR;
+                    }
+                }
+            } else {
+                print!("{}", r.human_summary());
+            }
+            r.exit_code()
+        }
+        Err(e) => {
+            if args.json {
+                println!("{}", error_json(e.kind(), &e.to_string()));
+            }
+            eprintln!("vmm: error: {e}");
+            e.exit_code()
+        }
+    }
 }
 
 /// `vmm inspect` flags.
@@ -413,6 +465,7 @@ pub fn main(args: impl IntoIterator<Item = OsString>) -> i32 {
         CliCommand::Run(args) => cmd_run(&args),
         CliCommand::Restore(args) => cmd_restore(&args),
         CliCommand::Inspect(args) => crate::snapshot::inspect::main(&args.dir, args.json),
+        CliCommand::Clone(args) => cmd_clone(&args),
         CliCommand::Bench(BenchCommand::Boot(args)) => bench::boot::main(&args),
         CliCommand::Bench(BenchCommand::Faults(args)) => bench::faults::main(&args),
         CliCommand::Bench(BenchCommand::Dirty(args)) => bench::dirty::main(&args),

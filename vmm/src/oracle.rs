@@ -123,6 +123,17 @@ pub fn first_touch_order(image: &dyn MemoryImage, vcpu: u64) -> Result<Vec<u64>,
     Ok(out)
 }
 
+/// The seeds vCPU `vcpu` recorded in its state page: (first pass, seed),
+/// oldest first.
+pub fn seed_history(image: &dyn MemoryImage, vcpu: u64) -> Result<Vec<(u64, u64)>, OracleError> {
+    let state: VcpuState = read_struct(image, state_gpa(vcpu))?;
+    let n = (state.seed_count as usize).min(state.seeds.len());
+    Ok(state.seeds[..n]
+        .iter()
+        .map(|e| (e.from_pass, e.seed))
+        .collect())
+}
+
 /// The guest page numbers of the work area.
 pub fn work_area_pages(image: &dyn MemoryImage) -> Result<std::ops::Range<u64>, OracleError> {
     let (params, area) = read_params(image)?;

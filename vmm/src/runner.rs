@@ -490,7 +490,8 @@ pub fn run(config: &VmConfig, hooks: RunHooks, sink: SerialSink) -> Result<RunRe
 }
 
 /// Runs a prepared machine's vCPU threads under the supervisor's event loop
-/// until the guest ends, and reports. `initial` is a command sent to every
+/// until the guest ends, and reports. `initial` is a command (and its
+/// argument) sent to every
 /// vCPU once they run (e.g. `Verify` after a restore).
 pub fn supervise(
     config: &VmConfig,
@@ -498,7 +499,7 @@ pub fn supervise(
     hooks: RunHooks,
     sink: SerialSink,
     signals: TerminationSignals,
-    initial: Option<CommandOp>,
+    initial: Option<(CommandOp, u64)>,
 ) -> Result<RunReport, RunError> {
     let Machine {
         ram,
@@ -575,8 +576,8 @@ pub fn supervise(
         snapshot_errors: Vec::new(),
         pending_snapshots: Vec::new(),
     };
-    if let Some(op) = initial {
-        if let Err(e) = handle.broadcast(op, 0) {
+    if let Some((op, arg)) = initial {
+        if let Err(e) = handle.broadcast(op, arg) {
             log::warn!("cannot send {op:?} to the guest: {e}");
         }
     }

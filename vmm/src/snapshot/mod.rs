@@ -9,9 +9,11 @@
 //! * [`memory`]: `memory.bin`, its chunk checksums and loading.
 //! * [`writer`]: taking a snapshot of a running VM.
 //! * [`restore`]: booting a VM from a snapshot.
+//! * [`clone`]: many VMs from one snapshot, sharing its memory copy-on-write.
 //! * [`prefetch`]: a lazy restore's prefetch of the recorded working set.
 
 pub mod chain;
+pub mod clone;
 pub mod inspect;
 pub mod memory;
 pub mod prefetch;

@@ -7,6 +7,7 @@
 //! workload where it was.
 
 use super::chain::{Chain, ChainSource};
+use super::memory::MemoryFile;
 use super::prefetch::{prefetch_execution, BackgroundPrefetch};
 use super::state::{restore_vcpu, restore_vm, SnapshotState};
 use super::SnapshotError;
@@ -164,8 +165,23 @@ fn missing_cpu_features(
     Ok(missing)
 }
 
+/// Refuses a snapshot whose guest was given CPU features this host's KVM
+/// does not offer.
+pub(crate) fn check_host_cpu(kvm: &Kvm, state: &SnapshotState) -> Result<(), SnapshotError> {
+    let saved_cpuid = state.vcpus.first().map_or(&[][..], |v| &v.cpuid[..]);
+    let missing = missing_cpu_features(kvm, saved_cpuid)?;
+    if missing.is_empty() {
+        Ok(())
+    } else {
+        Err(SnapshotError::Incompatible(format!(
+            "the guest's CPU features are not available here: {}",
+            missing.join(", ")
+        )))
+    }
+}
+
 /// The configuration a snapshot's machine ran with.
-fn config_of(state: &SnapshotState) -> Result<VmConfig, SnapshotError> {
+pub(crate) fn config_of(state: &SnapshotState) -> Result<VmConfig, SnapshotError> {
     let m = &state.machine;
     let backing = BackingKind::from_name(&m.backing)
         .ok_or_else(|| SnapshotError::Incompatible(format!("unknown backing {:?}", m.backing)))?;
@@ -236,55 +252,129 @@ fn on_tmpfs(path: &Path) -> bool {
     }
 }
 
-/// `mmap`: maps the snapshot's memory private, a full snapshot's
-/// `memory.bin` as it is, a diff chain after materializing it into a
-/// memfd. userfaultfd registers on a private mapping of a tmpfs (or memfd)
-/// file but not of an ext4 one: the fault engine (and live snapshots) stay
-/// on tmpfs only; elsewhere the kernel serves the mapping alone. Returns
-/// the memory and a note saying which.
-fn map_image(
-    chain: &Chain,
-    dir: &Path,
-    config: &mut VmConfig,
-) -> Result<(GuestRam, String), RunError> {
-    let materialized;
-    let (image, on_tmp, what) = if chain.is_diff() {
-        let t = Instant::now();
-        materialized = chain.materialize().map_err(SnapshotError::from)?;
-        let what = format!(
-            "a chain of {} snapshots, materialized into a memfd in {:.1} ms,",
-            chain.links.len(),
-            t.elapsed().as_secs_f64() * 1e3
-        );
-        (&materialized, true, what)
-    } else {
-        let on_tmp = on_tmpfs(&dir.join("memory.bin"));
-        (&chain.head().memory, on_tmp, "memory.bin".to_string())
-    };
-    config.ram.backing = if on_tmp {
-        BackingKind::Memfd
-    } else {
-        BackingKind::Plain
-    };
-    let note = if on_tmp {
-        format!("{what} mapped private, on tmpfs: fault engine and live snapshots available")
-    } else {
-        format!(
-            "{what} mapped private, not on tmpfs: kernel-managed, without the fault engine or \
-             live snapshots (put the snapshot on tmpfs to keep them)"
-        )
-    };
-    let ram = GuestRam::from_file_private(config.mem_bytes, config.ram, image.file())?;
-    if config.ram.backing.uses_fault_engine() {
-        // The file's data pages are populated already: recorded, live and
-        // diff snapshots copy them and fault-around zeroes only the holes
-        // beside a fault, never a file page not mapped yet.
-        let data = image
-            .data_pages_in(0, config.mem_bytes)
-            .map_err(SnapshotError::from)?;
-        ram.mark_file_backed(&data)?;
+/// The machine `state` describes, on `ram` (its memory loaded or served
+/// already): rule 12's poisoned pages marked again, then the VM with its
+/// irqchip, then each vCPU.
+pub(crate) fn machine_from_state(
+    kvm: &Kvm,
+    state: &SnapshotState,
+    ram: Arc<GuestRam>,
+) -> Result<Machine, RunError> {
+    // Rule 12: poisoned pages stay poisoned across a restore or a clone.
+    for m in &state.markers {
+        if m.kind == 2 {
+            // A diff may have listed it as "now zero": drop that first.
+            if !ram.table().get(m.gpa).is_empty() {
+                ram.discard(m.gpa & !0xfff, 4096)?;
+            }
+            ram.poison_page(m.gpa, "poisoned in the snapshot")
+                .map_err(|e| {
+                    SnapshotError::Incompatible(format!(
+                        "cannot keep the poisoned page {:#x}: {e}",
+                        m.gpa
+                    ))
+                })?;
+        }
     }
-    Ok((ram, note))
+    let created = Instant::now();
+    let vm = Arc::new(create_vm(kvm, &ram, state.machine.vcpus)?);
+    restore_vm(&vm, &state.vm).map_err(|source| SnapshotError::Kvm {
+        what: "restoring the irqchip".into(),
+        source,
+    })?;
+    let mut fds = Vec::with_capacity(state.vcpus.len());
+    for (i, saved) in state.vcpus.iter().enumerate() {
+        let fd = vm
+            .create_vcpu(i as u64)
+            .map_err(|e| RunError::CreateVcpu(i as u32, e))?;
+        restore_vcpu(&fd, saved).map_err(|(what, source)| SnapshotError::Kvm {
+            what: format!("restoring vCPU {i}'s {what}"),
+            source,
+        })?;
+        fds.push(fd);
+    }
+    let cpuid = state
+        .vcpus
+        .first()
+        .map(|v| v.cpuid.clone())
+        .unwrap_or_default();
+    Ok(Machine {
+        ram,
+        vm,
+        vcpus: fds,
+        created,
+        tracking: None,
+        command_seq: state.devices.command_seq.clone(),
+        cpuid,
+        machine: state.machine.clone(),
+        restored: true,
+    })
+}
+
+/// What an `mmap` restore (or a clone) maps: a full snapshot's
+/// `memory.bin` as it is, or a diff chain materialized into a memfd.
+/// userfaultfd registers on a private mapping of a tmpfs (or memfd) file
+/// but not of an ext4 one: the fault engine (and live snapshots) stay on
+/// tmpfs only; elsewhere the kernel serves the mapping alone.
+pub(crate) struct MappableImage {
+    materialized: Option<MemoryFile>,
+    on_tmpfs: bool,
+    /// Says what is mapped and how (for the report).
+    pub note: String,
+}
+
+impl MappableImage {
+    /// The image of `chain` (whose head is in `dir`).
+    pub(crate) fn of(chain: &Chain, dir: &Path) -> Result<MappableImage, RunError> {
+        let (materialized, on_tmp, what) = if chain.is_diff() {
+            let t = Instant::now();
+            let image = chain.materialize().map_err(SnapshotError::from)?;
+            let what = format!(
+                "a chain of {} snapshots, materialized into a memfd in {:.1} ms,",
+                chain.links.len(),
+                t.elapsed().as_secs_f64() * 1e3
+            );
+            (Some(image), true, what)
+        } else {
+            let on_tmp = on_tmpfs(&dir.join("memory.bin"));
+            (None, on_tmp, "memory.bin".to_string())
+        };
+        let note = if on_tmp {
+            format!("{what} mapped private, on tmpfs: fault engine and live snapshots available")
+        } else {
+            format!(
+                "{what} mapped private, not on tmpfs: kernel-managed, without the fault engine or \
+                 live snapshots (put the snapshot on tmpfs to keep them)"
+            )
+        };
+        Ok(MappableImage {
+            materialized,
+            on_tmpfs: on_tmp,
+            note,
+        })
+    }
+
+    /// Maps the image privately as guest RAM for `config` (whose backing
+    /// it sets: `memfd` with the fault engine on tmpfs, `plain` elsewhere).
+    pub(crate) fn map(&self, chain: &Chain, config: &mut VmConfig) -> Result<GuestRam, RunError> {
+        let image = self.materialized.as_ref().unwrap_or(&chain.head().memory);
+        config.ram.backing = if self.on_tmpfs {
+            BackingKind::Memfd
+        } else {
+            BackingKind::Plain
+        };
+        let ram = GuestRam::from_file_private(config.mem_bytes, config.ram, image.file())?;
+        if config.ram.backing.uses_fault_engine() {
+            // The file's data pages are populated already: recorded, live
+            // and diff snapshots copy them and fault-around zeroes only the
+            // holes beside a fault, never a file page not mapped yet.
+            let data = image
+                .data_pages_in(0, config.mem_bytes)
+                .map_err(SnapshotError::from)?;
+            ram.mark_file_backed(&data)?;
+        }
+        Ok(ram)
+    }
 }
 
 /// Restores the snapshot in `dir` and runs the guest to the end of its
@@ -305,15 +395,7 @@ pub fn restore(
     let signals = prepare_process()?;
     let kvm = open_kvm()?;
     phases.mark("kvm_opened");
-    let saved_cpuid = state.vcpus.first().map_or(&[][..], |v| &v.cpuid[..]);
-    let missing = missing_cpu_features(&kvm, saved_cpuid)?;
-    if !missing.is_empty() {
-        return Err(SnapshotError::Incompatible(format!(
-            "the guest's CPU features are not available here: {}",
-            missing.join(", ")
-        ))
-        .into());
-    }
+    check_host_cpu(&kvm, state)?;
     phases.mark("cpuid_checked");
     let mut config = config;
     let mut hooks = hooks;
@@ -327,8 +409,8 @@ pub fn restore(
         config.ram.backing = BackingKind::Memfd;
     }
     let (ram, memory_note) = if opts.mode == RestoreMode::Mmap {
-        let (ram, note) = map_image(&chain, dir, &mut config)?;
-        (Arc::new(ram), note)
+        let image = MappableImage::of(&chain, dir)?;
+        (Arc::new(image.map(&chain, &mut config)?), image.note)
     } else {
         let note = format!(
             "{} backing through the fault engine",
@@ -337,9 +419,6 @@ pub fn restore(
         (Arc::new(GuestRam::new(config.mem_bytes, config.ram)?), note)
     };
     phases.mark("memory_mapped");
-    let created = Instant::now();
-    let vm = Arc::new(create_vm(&kvm, &ram, config.vcpus)?);
-    phases.mark("vm_created");
 
     let pages_loaded = match opts.mode {
         RestoreMode::Eager => load_chain(&ram, &chain)?,
@@ -378,43 +457,9 @@ pub fn restore(
     };
     phases.mark("memory_loaded");
 
-    // Rule 12: poisoned pages stay poisoned across a restore.
-    for m in &state.markers {
-        if m.kind == 2 {
-            // A diff may have listed it as "now zero": drop that first.
-            if !ram.table().get(m.gpa).is_empty() {
-                ram.discard(m.gpa & !0xfff, 4096)?;
-            }
-            ram.poison_page(m.gpa, "poisoned in the snapshot")
-                .map_err(|e| {
-                    SnapshotError::Incompatible(format!(
-                        "cannot keep the poisoned page {:#x}: {e}",
-                        m.gpa
-                    ))
-                })?;
-        }
-    }
-    restore_vm(&vm, &state.vm).map_err(|source| SnapshotError::Kvm {
-        what: "restoring the irqchip".into(),
-        source,
-    })?;
-    let mut fds = Vec::with_capacity(state.vcpus.len());
-    for (i, saved) in state.vcpus.iter().enumerate() {
-        let fd = vm
-            .create_vcpu(i as u64)
-            .map_err(|e| RunError::CreateVcpu(i as u32, e))?;
-        restore_vcpu(&fd, saved).map_err(|(what, source)| SnapshotError::Kvm {
-            what: format!("restoring vCPU {i}'s {what}"),
-            source,
-        })?;
-        fds.push(fd);
-    }
-    phases.mark("vcpus_restored");
-    let cpuid = state
-        .vcpus
-        .first()
-        .map(|v| v.cpuid.clone())
-        .unwrap_or_default();
+    let machine = machine_from_state(&kvm, state, ram)?;
+    phases.mark("machine_created");
+    let created = machine.created;
     let restore_report = RestoreReport {
         mode: opts.mode.name().into(),
         snapshot_id: uuid::Uuid::from_bytes(state.id).to_string(),
@@ -429,18 +474,7 @@ pub fn restore(
         first_run_at_ns: None,
         first_io_at_ns: None,
     };
-    let machine = Machine {
-        ram,
-        vm,
-        vcpus: fds,
-        created,
-        tracking: None,
-        command_seq: state.devices.command_seq.clone(),
-        cpuid,
-        machine: state.machine.clone(),
-        restored: true,
-    };
-    let initial = opts.verify.then_some(CommandOp::Verify);
+    let initial = opts.verify.then_some((CommandOp::Verify, 0));
     let created_us = created.duration_since(start).as_micros() as u64;
     let background = if background_order.is_empty() {
         None

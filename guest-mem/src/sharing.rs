@@ -1,0 +1,79 @@
+//! Which guest pages a VM shares with others and which are its own: the
+//! kernel knows (a private mapping of an image file keeps the page cache's
+//! page until the guest writes it, then the kernel gives this VM an
+//! anonymous copy), so the table learns it from `/proc/self/pagemap`
+//! instead of taking a fault on every first write.
+
+use crate::entry::{Flag, PAGE_SIZE};
+use crate::ram::{GuestRam, RamError};
+use std::os::unix::fs::FileExt;
+
+/// pagemap: the page is present in RAM.
+const PM_PRESENT: u64 = 1 << 63;
+/// pagemap: a file page or shared anonymous memory (not a private copy).
+const PM_FILE: u64 = 1 << 61;
+
+/// How a VM's mapped guest pages are shared.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct SharingStats {
+    /// Pages mapped from a shared source (the image's page cache, a
+    /// shared memfd): the guest has not written them.
+    pub shared_pages: u64,
+    /// Pages that are this VM's own (written, or populated privately).
+    pub exclusive_pages: u64,
+}
+
+impl GuestRam {
+    /// Reads the kernel's page map of guest RAM and records in the table,
+    /// for every page the host has mapped, whether it is shared
+    /// ([`Flag::CowShared`]) or this VM's own ([`Flag::Exclusive`]).
+    /// Pages the guest never touched are not mapped and count as neither.
+    pub fn refresh_sharing(&self) -> Result<SharingStats, RamError> {
+        let pagemap = std::fs::File::open("/proc/self/pagemap")
+            .map_err(|e| RamError::Describe(format!("/proc/self/pagemap: {e}")))?;
+        let mut stats = SharingStats::default();
+        let mut buf = Vec::new();
+        for region in self.regions() {
+            let image = region.mapping.is_private_image();
+            // One read per 2 MiB of guest memory (512 entries).
+            let mut gpa = region.gpa;
+            let end = region.gpa + region.size;
+            while gpa < end {
+                let n = ((end - gpa) / PAGE_SIZE).min(512);
+                buf.resize(n as usize * 8, 0);
+                let at = region.host_of(gpa) / PAGE_SIZE * 8;
+                pagemap
+                    .read_exact_at(&mut buf, at)
+                    .map_err(|e| RamError::Describe(format!("reading /proc/self/pagemap: {e}")))?;
+                for (i, word) in buf.chunks_exact(8).enumerate() {
+                    let mut w = [0u8; 8];
+                    w.copy_from_slice(word);
+                    let pm = u64::from_le_bytes(w);
+                    if pm & PM_PRESENT == 0 {
+                        continue;
+                    }
+                    let page_gpa = gpa + i as u64 * PAGE_SIZE;
+                    // A VM's own memfd is a file too, but nobody else
+                    // maps it: only an image's pages are shared.
+                    let shared = image && pm & PM_FILE != 0;
+                    if shared {
+                        stats.shared_pages += 1;
+                    } else {
+                        stats.exclusive_pages += 1;
+                    }
+                    let _ = self.core.table.update(page_gpa, |e| {
+                        e.is_present().then(|| {
+                            if shared {
+                                e.with(Flag::CowShared).without(Flag::Exclusive)
+                            } else {
+                                e.with(Flag::Exclusive).without(Flag::CowShared)
+                            }
+                        })
+                    });
+                }
+                gpa += n * PAGE_SIZE;
+            }
+        }
+        Ok(stats)
+    }
+}

@@ -1,0 +1,366 @@
+//! `vmm clone DIR --count N`: N VMs started from one snapshot, in this
+//! process, sharing the snapshot's memory copy-on-write.
+//!
+//! Every clone maps the same image privately (`memory.bin`, or a diff
+//! chain materialized once into a memfd): a page stays the page cache's,
+//! shared by all clones, until a clone writes it; then the kernel gives
+//! that clone its own copy. One process holds all clones (why: see
+//! `docs/snapshot-format.md`, "Clones").
+
+use super::chain::Chain;
+use super::restore::{check_host_cpu, config_of, machine_from_state, MappableImage};
+use crate::report::{RunReport, RunStatus, EXIT_MISMATCH, EXIT_OK};
+use crate::runner::{prepare_process, supervise, Machine, RunError, RunHooks, SerialSink};
+use crate::vstate::vm::open_kvm;
+use guest_mem::GuestRam;
+use guest_protocol::CommandOp;
+use serde::Serialize;
+use std::path::Path;
+use std::sync::{Arc, Mutex};
+use std::time::Instant;
+
+/// Most clones one command starts.
+pub const MAX_CLONES: u32 = 256;
+
+/// Clone options.
+#[derive(Clone, Debug, Default)]
+pub struct CloneOptions {
+    /// How many VMs.
+    pub count: u32,
+    /// Clone `i` runs with seed `seed_base + i` from its next pass.
+    pub seed_base: Option<u64>,
+    /// Tests: make the setup of this clone fail after its memory is mapped
+    /// (an injected mapping failure, rule 7).
+    pub fail_setup_at: Option<u32>,
+}
+
+/// One clone's outcome.
+#[derive(Clone, Debug, Serialize)]
+pub struct CloneVm {
+    /// Its index.
+    pub index: u32,
+    /// Its seed from its next pass, when given one.
+    pub seed: Option<u64>,
+    /// How its run ended (a run status, or the error kind of a run that
+    /// could not go on).
+    pub status: String,
+    /// Its exit code alone (0, 3 or 1).
+    pub exit_code: i32,
+    /// What went wrong, if anything.
+    pub error: Option<String>,
+    /// Page stores (all its vCPUs), counted from boot.
+    pub pages_written: u64,
+    /// The guest's verify.
+    pub verify_mismatches: Option<u64>,
+    /// The VMM's verify of its memory.
+    pub host_verify_mismatches: Option<u64>,
+    /// µs from its machine's creation to its first I/O exit.
+    pub first_io_us: Option<u64>,
+    /// µs to set it up (map memory, create the VM and vCPUs).
+    pub setup_us: u64,
+    /// Mapped guest pages still shared with the image (and the other clones).
+    pub shared_pages: u64,
+    /// Guest pages that are its own (written, or populated privately).
+    pub exclusive_pages: u64,
+    /// Its poisoned pages (rule 12: markers survive a clone).
+    pub poisoned_pages: Vec<u64>,
+    /// vCPU 0's seed history from its state page at the end: (first pass,
+    /// seed), showing the seed it was given took effect.
+    pub seed_history: Vec<(u64, u64)>,
+}
+
+/// The process's memory, as clones add to it.
+#[derive(Clone, Debug, Serialize)]
+pub struct CloneMemory {
+    /// Process PSS before any clone was set up.
+    pub pss_before_bytes: u64,
+    /// Process PSS with every clone set up, before any ran.
+    pub pss_ready_bytes: u64,
+    /// Process PSS after every clone ended (their memory still mapped).
+    pub pss_end_bytes: u64,
+    /// The fixed cost of one clone before it runs: (ready - before) / count
+    /// (its table, vCPU and VMM structures, KVM's shared run page).
+    pub per_vm_overhead_bytes: u64,
+    /// PSS growth while the clones ran.
+    pub growth_bytes: u64,
+    /// Σ the clones' exclusive pages, in bytes: what their writes cost.
+    pub exclusive_bytes: u64,
+    /// Σ the clones' shared pages, in bytes (each counted in every clone
+    /// that maps it; PSS counts it once).
+    pub shared_mapped_bytes: u64,
+}
+
+/// What `vmm clone` did.
+#[derive(Clone, Debug, Serialize)]
+pub struct CloneReport {
+    /// `ok`, or the worst clone's status.
+    pub status: String,
+    /// The snapshot id.
+    pub snapshot_id: String,
+    /// How the image is mapped.
+    pub memory: String,
+    /// Each clone.
+    pub clones: Vec<CloneVm>,
+    /// The process's memory.
+    pub accounting: CloneMemory,
+}
+
+impl CloneReport {
+    /// The exit code: 0 when every clone is ok, 3 when the worst is a
+    /// verify mismatch, 1 otherwise.
+    pub fn exit_code(&self) -> i32 {
+        self.clones
+            .iter()
+            .map(|c| c.exit_code)
+            .max_by_key(|c| severity(*c))
+            .unwrap_or(EXIT_OK)
+    }
+}
+
+impl CloneReport {
+    /// A few lines for people.
+    pub fn human_summary(&self) -> String {
+        use std::fmt::Write;
+        let mib = |b: u64| b as f64 / (1 << 20) as f64;
+        let mut out = String::new();
+        let _ = writeln!(
+            out,
+            "vmm: {} clones of snapshot {} ({}): {}",
+            self.clones.len(),
+            self.snapshot_id,
+            self.memory,
+            self.status
+        );
+        for c in &self.clones {
+            let _ = writeln!(
+                out,
+                "  clone {:>3}: {:<16} {} page stores, verify {} (host {}), {} shared + {} exclusive pages, set up in {:.2} ms{}",
+                c.index,
+                c.status,
+                c.pages_written,
+                c.verify_mismatches.map_or("-".into(), |v| v.to_string()),
+                c.host_verify_mismatches.map_or("-".into(), |v| v.to_string()),
+                c.shared_pages,
+                c.exclusive_pages,
+                c.setup_us as f64 / 1000.0,
+                c.error.as_ref().map_or(String::new(), |e| format!(": {e}"))
+            );
+        }
+        let a = &self.accounting;
+        let _ = writeln!(
+            out,
+            "  process PSS {:.1} MiB before, {:.1} MiB set up ({:.2} MiB per clone), {:.1} MiB at the end: \
+             grew {:.1} MiB while the clones wrote {:.1} MiB of their own pages",
+            mib(a.pss_before_bytes),
+            mib(a.pss_ready_bytes),
+            mib(a.per_vm_overhead_bytes),
+            mib(a.pss_end_bytes),
+            mib(a.growth_bytes),
+            mib(a.exclusive_bytes)
+        );
+        out
+    }
+}
+
+/// The process's proportional set size (`/proc/self/smaps_rollup`): shared
+/// pages count once in total, however many clones map them.
+pub fn process_pss_bytes() -> Result<u64, RunError> {
+    let text = std::fs::read_to_string("/proc/self/smaps_rollup")
+        .map_err(|e| RunError::Runtime(format!("/proc/self/smaps_rollup: {e}")))?;
+    text.lines()
+        .find_map(|l| l.strip_prefix("Pss:"))
+        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse::<u64>().ok())
+        .map(|kb| kb * 1024)
+        .ok_or_else(|| RunError::Runtime("/proc/self/smaps_rollup has no Pss line".into()))
+}
+
+/// A clone set up, not yet running.
+struct Prepared {
+    machine: Machine,
+    setup_us: u64,
+}
+
+/// Starts `opts.count` VMs from the snapshot in `dir`, runs each to the end
+/// of its workload, and reports. Setting up is all or nothing: a clone that
+/// fails drops every machine built so far (rule 7) before any runs.
+pub fn clone_vms(dir: &Path, opts: &CloneOptions) -> Result<CloneReport, RunError> {
+    if opts.count == 0 || opts.count > MAX_CLONES {
+        return Err(RunError::Runtime(format!(
+            "--count must be 1 to {MAX_CLONES}, not {}",
+            opts.count
+        )));
+    }
+    let chain = Arc::new(Chain::open(dir)?);
+    let state = &chain.head().state;
+    let mut config = config_of(state)?;
+    let kvm = open_kvm()?;
+    check_host_cpu(&kvm, state)?;
+    let image = MappableImage::of(&chain, dir)?;
+    let pss_before = process_pss_bytes()?;
+    let mut prepared = Vec::with_capacity(opts.count as usize);
+    for i in 0..opts.count {
+        let t = Instant::now();
+        let ram = image.map(&chain, &mut config)?;
+        if opts.fail_setup_at == Some(i) {
+            return Err(RunError::Runtime(format!(
+                "clone {i}: injected failure after mapping its memory"
+            )));
+        }
+        let machine = machine_from_state(&kvm, state, Arc::new(ram))?;
+        prepared.push(Prepared {
+            machine,
+            setup_us: t.elapsed().as_micros() as u64,
+        });
+    }
+    let pss_ready = process_pss_bytes()?;
+
+    // The image's checksums, once for all clones, in the background: a bad
+    // chunk stops every clone.
+    let corrupt: Arc<Mutex<Option<String>>> = Arc::default();
+    let verifier = {
+        let (slot, chain) = (corrupt.clone(), chain.clone());
+        std::thread::Builder::new()
+            .name("verify".into())
+            .spawn(move || {
+                super::prefetch::lower_priority();
+                if let Err(e) = chain.verify() {
+                    if let Ok(mut s) = slot.lock() {
+                        *s = Some(format!("snapshot {e}"));
+                    }
+                }
+            })
+            .map_err(|e| RunError::Runtime(format!("cannot start the verifier: {e}")))?
+    };
+
+    let mut runs = Vec::with_capacity(prepared.len());
+    for (i, p) in prepared.into_iter().enumerate() {
+        let seed = opts.seed_base.map(|b| b.wrapping_add(i as u64));
+        let ram = p.machine.ram.clone();
+        let (config, corrupt) = (config.clone(), corrupt.clone());
+        let signals = prepare_process()?;
+        let thread = std::thread::Builder::new()
+            .name(format!("clone{i}"))
+            .spawn(move || {
+                let hooks = RunHooks::default().fail_on(corrupt);
+                let initial = seed.map(|s| (CommandOp::SetSeed, s));
+                supervise(
+                    &config,
+                    p.machine,
+                    hooks,
+                    SerialSink::Capture,
+                    signals,
+                    initial,
+                )
+            })
+            .map_err(|e| RunError::Runtime(format!("cannot start clone {i}: {e}")))?;
+        runs.push((i as u32, seed, p.setup_us, ram, thread));
+    }
+    let mut clones = Vec::with_capacity(runs.len());
+    let mut rams: Vec<Arc<GuestRam>> = Vec::with_capacity(runs.len());
+    for (index, seed, setup_us, ram, thread) in runs {
+        let result = thread
+            .join()
+            .unwrap_or_else(|_| Err(RunError::Runtime(format!("clone {index} panicked"))));
+        let sharing = ram.refresh_sharing()?;
+        let mut vm = clone_result(index, seed, setup_us, result, sharing);
+        vm.poisoned_pages = ram.poisoned_pages();
+        vm.seed_history = crate::oracle::seed_history(ram.as_ref(), 0).unwrap_or_default();
+        clones.push(vm);
+        rams.push(ram);
+    }
+    let _ = verifier.join();
+    let corrupt = corrupt.lock().ok().and_then(|s| s.clone());
+    if let Some(e) = &corrupt {
+        for c in &mut clones {
+            c.status = status_name(RunStatus::SnapshotCorrupt);
+            c.exit_code = RunStatus::SnapshotCorrupt.exit_code();
+            c.error.get_or_insert_with(|| e.clone());
+        }
+    }
+    // Measured while every clone's memory is still mapped.
+    let pss_end = process_pss_bytes()?;
+    drop(rams);
+    let status = clones
+        .iter()
+        .max_by_key(|c| severity(c.exit_code))
+        .map_or_else(|| status_name(RunStatus::Ok), |c| c.status.clone());
+    let exclusive: u64 = clones.iter().map(|c| c.exclusive_pages).sum();
+    let shared: u64 = clones.iter().map(|c| c.shared_pages).sum();
+    Ok(CloneReport {
+        status,
+        snapshot_id: uuid::Uuid::from_bytes(state.id).to_string(),
+        memory: image.note.clone(),
+        clones,
+        accounting: CloneMemory {
+            pss_before_bytes: pss_before,
+            pss_ready_bytes: pss_ready,
+            pss_end_bytes: pss_end,
+            per_vm_overhead_bytes: pss_ready.saturating_sub(pss_before) / opts.count as u64,
+            growth_bytes: pss_end.saturating_sub(pss_ready),
+            exclusive_bytes: exclusive * 4096,
+            shared_mapped_bytes: shared * 4096,
+        },
+    })
+}
+
+fn clone_result(
+    index: u32,
+    seed: Option<u64>,
+    setup_us: u64,
+    result: Result<RunReport, RunError>,
+    sharing: guest_mem::sharing::SharingStats,
+) -> CloneVm {
+    let (status, exit_code, error, pages_written, verify, host_verify, first_io) = match result {
+        Ok(r) => (
+            status_name(r.status),
+            r.exit_code(),
+            r.error,
+            r.pages_written,
+            r.verify_mismatches,
+            r.host_verify_mismatches,
+            r.boot_us,
+        ),
+        Err(e) => (
+            e.kind().to_string(),
+            e.exit_code(),
+            Some(e.to_string()),
+            0,
+            None,
+            None,
+            None,
+        ),
+    };
+    CloneVm {
+        index,
+        seed,
+        status,
+        exit_code,
+        error,
+        pages_written,
+        verify_mismatches: verify,
+        host_verify_mismatches: host_verify,
+        first_io_us: first_io,
+        setup_us,
+        shared_pages: sharing.shared_pages,
+        exclusive_pages: sharing.exclusive_pages,
+        poisoned_pages: Vec::new(),
+        seed_history: Vec::new(),
+    }
+}
+
+/// A run status as the JSON spells it.
+fn status_name(s: RunStatus) -> String {
+    serde_json::to_value(s)
+        .ok()
+        .and_then(|v| v.as_str().map(str::to_string))
+        .unwrap_or_else(|| format!("{s:?}"))
+}
+
+/// Orders exit codes by how bad they are: ok < mismatch < error.
+fn severity(code: i32) -> u8 {
+    match code {
+        EXIT_OK => 0,
+        EXIT_MISMATCH => 1,
+        _ => 2,
+    }
+}
