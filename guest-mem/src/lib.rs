@@ -10,6 +10,7 @@
 //! * [`fault`]: the fault engine (handler threads, fault-around, counters).
 //! * [`live_copy`]: copy-before-write for live snapshots.
 //! * [`tracking`]: write-protect (sync and async) dirty tracking, soft-dirty detection, the VMM-write log.
+//! * [`fork`]: freezing guest RAM into an image a forked VM's children share.
 //! * [`sharing`]: which pages a VM shares copy-on-write and which are its own.
 //! * [`ram`]: `GuestRam`, the front: regions, engine and a vm-memory view.
 
@@ -17,6 +18,7 @@ pub mod access_order;
 mod core;
 pub mod entry;
 pub mod fault;
+pub mod fork;
 pub mod live_copy;
 pub mod ram;
 pub mod region;

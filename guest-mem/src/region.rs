@@ -110,8 +110,8 @@ pub struct HostMapping {
     len: u64,
     memfd: Option<File>,
     /// A private mapping of an image file: its pages are shared with
-    /// every other mapping of the file until written.
-    private_image: bool,
+    /// every other mapping of the file until written (set by a fork).
+    private_image: AtomicBool,
 }
 
 // SAFETY: the mapping is plain memory owned by this struct; concurrent access
@@ -187,7 +187,7 @@ impl HostMapping {
             addr: addr as *mut u8,
             len,
             memfd,
-            private_image: false,
+            private_image: AtomicBool::new(false),
         })
     }
 
@@ -216,7 +216,7 @@ impl HostMapping {
             addr: addr as *mut u8,
             len,
             memfd: None,
-            private_image: true,
+            private_image: AtomicBool::new(true),
         })
     }
 
@@ -224,7 +224,52 @@ impl HostMapping {
     /// [`HostMapping::from_file_private`]): pages the guest has not written
     /// are shared with every other mapping of the file.
     pub fn is_private_image(&self) -> bool {
-        self.private_image
+        self.private_image.load(Ordering::Acquire)
+    }
+
+    /// Fork: maps this memfd mapping's range again, privately, at the same
+    /// address (`MAP_FIXED`), so the memfd keeps the content it has now and
+    /// later writes through the mapping become private copies. Returns a
+    /// handle on the memfd for others to map. The caller must re-register
+    /// the range with userfaultfd (the old registration went with the old
+    /// mapping) and make sure nothing touches the range meanwhile.
+    pub fn remap_private(&self) -> Result<File, RegionError> {
+        let not_memfd = || RegionError::Map {
+            size: self.len,
+            source: std::io::Error::new(
+                std::io::ErrorKind::Unsupported,
+                "only a memfd mapping can be frozen for a fork",
+            ),
+        };
+        let memfd = self.memfd.as_ref().ok_or_else(not_memfd)?;
+        if self.is_private_image() {
+            return Err(not_memfd());
+        }
+        let handle = memfd.try_clone().map_err(|source| RegionError::Memfd {
+            size: self.len,
+            source,
+        })?;
+        // SAFETY: replaces our own mapping, at its own address and length,
+        // by a private mapping of the memfd that backs it: the bytes seen
+        // there do not change (the memfd holds them).
+        let addr = unsafe {
+            libc::mmap(
+                self.addr as *mut libc::c_void,
+                self.len as usize,
+                libc::PROT_READ | libc::PROT_WRITE,
+                libc::MAP_PRIVATE | libc::MAP_FIXED,
+                memfd.as_raw_fd(),
+                0,
+            )
+        };
+        if addr == libc::MAP_FAILED {
+            return Err(RegionError::Map {
+                size: self.len,
+                source: std::io::Error::last_os_error(),
+            });
+        }
+        self.private_image.store(true, Ordering::Release);
+        Ok(handle)
     }
 
     /// Host address of the first byte.

@@ -5,7 +5,7 @@ use crate::config::{KernelSource, VmConfig};
 use crate::dirty::TrackerKind;
 use crate::report::RunReport;
 use crate::report::{error_json, EXIT_ERROR, EXIT_USAGE};
-use crate::runner::{run, RunError, RunHooks, SerialSink, VmHandle};
+use crate::runner::{run, HookError, RunError, RunHooks, SerialSink, VmHandle};
 use crate::size::size_arg;
 use crate::snapshot::restore::{restore, RestoreMode, RestoreOptions, RestoreReport};
 use crate::snapshot::writer::{check_live, start_snapshot, SnapshotMode, SnapshotStarted};
@@ -131,6 +131,39 @@ fn snapshot_hooks(
                 // The guest runs on unaffected; the run reports the failure.
                 Err(e) => vm.snapshot_errors.push(e.to_string()),
             }
+            Ok(())
+        }),
+    ))
+}
+
+/// Adds the fork `--fork-after-pages N --forks K` asks for.
+fn fork_hooks(args: &RunArgs, hooks: RunHooks) -> Result<RunHooks, RunError> {
+    let (Some(after), Some(count)) = (args.fork_after_pages, args.forks) else {
+        return Ok(hooks);
+    };
+    if args.backing != BackingKind::Memfd {
+        return Err(RunError::Config(crate::config::ConfigError::Fork(
+            "a fork shares guest memory through its memfd: use --backing memfd".into(),
+        )));
+    }
+    if args.track.is_some_and(TrackerKind::needs_wp_async)
+        || args.track == Some(TrackerKind::UffdWp)
+    {
+        return Err(RunError::Config(crate::config::ConfigError::Fork(
+            "a fork cannot keep userfaultfd write-protect tracking across its new mappings: \
+             use --track kvm-bitmap or kvm-ring"
+                .into(),
+        )));
+    }
+    let opts = crate::fork::ForkOptions {
+        count,
+        seed_base: args.fork_seed_base,
+    };
+    Ok(hooks.after_pages(
+        after,
+        Box::new(move |vm: &mut VmHandle| {
+            let pending = crate::fork::fork_vm(vm, opts).map_err(|e| HookError(e.to_string()))?;
+            vm.pending_forks.push(pending);
             Ok(())
         }),
     ))
@@ -328,6 +361,17 @@ pub struct RunArgs {
     /// Snapshot flags.
     #[command(flatten)]
     pub snap: SnapshotArgs,
+    /// Fork the running VM once the guest has made this many page stores
+    /// (all vCPUs): children share its memory copy-on-write and run on.
+    #[arg(long, requires = "forks")]
+    pub fork_after_pages: Option<u64>,
+    /// How many children the fork makes (1 to 64); each uses its own seed
+    /// from its next pass.
+    #[arg(long, requires = "fork_after_pages", value_parser = clap::value_parser!(u32).range(1..=crate::fork::MAX_FORKS as i64))]
+    pub forks: Option<u32>,
+    /// Child i of the fork uses seed S+i from its next pass.
+    #[arg(long, default_value_t = 1000)]
+    pub fork_seed_base: u64,
     /// Print exactly one JSON object on stdout; serial output goes to stderr.
     #[arg(long)]
     pub json: bool,
@@ -370,12 +414,23 @@ pub fn cmd_run(args: &RunArgs) -> i32 {
     } else {
         SerialSink::Stdout
     };
-    let hooks = match snapshot_hooks(&args.snap, args.backing, args.track, None) {
+    let hooks = match snapshot_hooks(&args.snap, args.backing, args.track, None)
+        .and_then(|h| fork_hooks(args, h))
+    {
         Ok(h) => h,
         Err(e) => return finish(Err(e), args.json),
     };
     let result = run(&args.to_config(), hooks, sink).map(|mut r| {
         check_snapshot_taken(&args.snap, &mut r);
+        if let (Some(after), true) = (args.fork_after_pages, r.forks.is_empty()) {
+            if r.status == crate::report::RunStatus::Ok {
+                r.status = crate::report::RunStatus::HookFailed;
+                r.error = Some(format!(
+                    "no fork: the guest made {} page stores, fewer than --fork-after-pages {after}",
+                    r.pages_written
+                ));
+            }
+        }
         (r, None)
     });
     finish(result, args.json)

@@ -113,6 +113,9 @@ pub enum ConfigError {
     /// A diff snapshot's parent is not usable.
     #[error("{0}")]
     DiffParent(String),
+    /// A fork was asked for with flags it cannot run with.
+    #[error("{0}")]
+    Fork(String),
     /// `--pages` beyond what a word can encode.
     #[error("--pages {0} is too large: a page index must fit in 24 bits")]
     PagesTooLarge(u64),

@@ -213,6 +213,9 @@ pub struct RunReport {
     /// Snapshots taken during the run.
     #[serde(skip_serializing_if = "Vec::is_empty")]
     pub snapshots: Vec<crate::snapshot::writer::SnapshotReport>,
+    /// Forks made during the run, with their children's outcomes.
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub forks: Vec<crate::fork::ForkReport>,
     /// Serial lines, when the caller asked to capture them.
     #[serde(skip)]
     pub serial: Vec<String>,

@@ -242,6 +242,10 @@ pub struct VmHandle {
     pub snapshot_errors: Vec<String>,
     /// Live snapshots whose memory is still being copied.
     pub pending_snapshots: Vec<PendingSnapshot>,
+    /// Forks whose children still run.
+    pub pending_forks: Vec<crate::fork::PendingFork>,
+    /// Forks whose children all ended.
+    pub forks: Vec<crate::fork::ForkReport>,
 }
 
 impl VmHandle {
@@ -575,6 +579,8 @@ pub fn supervise(
         snapshots: Vec::new(),
         snapshot_errors: Vec::new(),
         pending_snapshots: Vec::new(),
+        pending_forks: Vec::new(),
+        forks: Vec::new(),
     };
     if let Some((op, arg)) = initial {
         if let Err(e) = handle.broadcast(op, arg) {
@@ -779,7 +785,8 @@ impl Supervisor {
     }
 
     /// Joins the vCPU threads, then waits for live snapshots still being
-    /// written (they need guest RAM, which outlives them).
+    /// written (they need guest RAM, which outlives them) and for forked
+    /// children still running.
     fn join_threads(&mut self) {
         for t in self.handle.threads.drain(..) {
             if t.join().is_err() {
@@ -787,6 +794,9 @@ impl Supervisor {
             }
         }
         self.handle.collect_snapshots(true);
+        for f in std::mem::take(&mut self.handle.pending_forks) {
+            self.handle.forks.push(f.wait());
+        }
     }
 
     /// Asks every vCPU to stop at its next poll point; forces the stop if
@@ -1109,6 +1119,12 @@ impl Supervisor {
                 host_verify_mismatches.map_or("n/a".into(), |v| v.to_string())
             ));
         }
+        if status == RunStatus::Ok {
+            if let Some((s, e)) = crate::fork::worst_child(&self.handle.forks) {
+                status = s;
+                error = Some(e);
+            }
+        }
         let tracking_report: Option<TrackingReport> =
             self.rounds.as_ref().map(|r| r.tracking.report());
         if let Some(t) = &tracking_report {
@@ -1143,6 +1159,7 @@ impl Supervisor {
             memory: (&ram.stats()).into(),
             tracking: tracking_report,
             snapshots: std::mem::take(&mut self.handle.snapshots),
+            forks: std::mem::take(&mut self.handle.forks),
             serial: self.serial,
         }
     }

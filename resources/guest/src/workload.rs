@@ -150,6 +150,15 @@ impl Ctx {
                         fail(self.vcpu, "seed history full");
                     }
                 }
+                Some(CommandOp::Forked) => {
+                    io::prefix(self.vcpu);
+                    io::print("forked: a child, seed ");
+                    io::print_u64(arg);
+                    io::print(" from the next pass\n");
+                    if !self.state().push_seed(arg, self.params.pages) {
+                        fail(self.vcpu, "seed history full");
+                    }
+                }
                 None => fail(self.vcpu, "unknown command op"),
             }
         }

@@ -83,6 +83,9 @@ pub enum CommandOp {
     EndRound = 3,
     /// Use seed `arg` from the next pass that has not started yet.
     SetSeed = 4,
+    /// This VM is a child of a fork: say so, and use seed `arg` from the
+    /// next pass that has not started yet.
+    Forked = 5,
 }
 
 impl CommandOp {
@@ -94,6 +97,7 @@ impl CommandOp {
             CommandOp::Stop,
             CommandOp::EndRound,
             CommandOp::SetSeed,
+            CommandOp::Forked,
         ]
         .into_iter()
         .find(|c| *c as u32 == v)

@@ -571,7 +571,7 @@ fn make_diff(
 
 /// Rule 12: the table's poisoned pages travel with the snapshot (their
 /// content is not saved: they are holes in `memory.bin`).
-fn markers_of(ram: &guest_mem::GuestRam) -> Vec<super::state::MarkerDesc> {
+pub(crate) fn markers_of(ram: &guest_mem::GuestRam) -> Vec<super::state::MarkerDesc> {
     ram.poisoned_pages()
         .into_iter()
         .map(|gpa| super::state::MarkerDesc {

@@ -1,0 +1,80 @@
+//! Freezing guest RAM for a fork: the content at this moment becomes an
+//! image this VM and its children all map privately (copy-on-write), so a
+//! write on any side stays invisible to the others.
+
+use crate::core::WpMode;
+use crate::entry::{Entry, Flag};
+use crate::ram::{GuestRam, RamError};
+use crate::region::BackingKind;
+use crate::table::{WalkAction, Walker};
+use crate::uffd::sys::{UFFDIO_REGISTER_MODE_MISSING, UFFDIO_REGISTER_MODE_WP};
+
+impl GuestRam {
+    /// Makes guest RAM's content at this moment the image of a fork: the
+    /// memfd behind it stops changing (this VM's mapping becomes a private
+    /// one of it, at the same address, so KVM's memory slot stays valid
+    /// and the VM sees the same bytes), and the table records every
+    /// populated page as shared copy-on-write. Returns the memfd, for the
+    /// children to map privately ([`GuestRam::from_file_private`]).
+    ///
+    /// Call with the vCPUs paused. Needs one `memfd` region not already
+    /// private, and no write-protect tracking or live snapshot running
+    /// (their protection would not survive the new mapping).
+    pub fn freeze_for_fork(&self) -> Result<std::fs::File, RamError> {
+        let refuse = |why: &str| RamError::Describe(format!("cannot fork: {why}"));
+        let regions = self.regions();
+        let [region] = regions.as_slice() else {
+            return Err(refuse("guest RAM has more than one region"));
+        };
+        if region.backing != BackingKind::Memfd {
+            return Err(refuse("guest RAM must be a memfd (--backing memfd)"));
+        }
+        if region.mapping.is_private_image() {
+            return Err(refuse(
+                "guest RAM is already a copy-on-write image (a restored or forked VM)",
+            ));
+        }
+        if self.core.wp_mode() != WpMode::Off || self.core.live_copy.load().is_some() {
+            return Err(refuse(
+                "write-protect tracking or a live snapshot is running",
+            ));
+        }
+        let uffd = self
+            .core
+            .uffd
+            .as_ref()
+            .ok_or_else(|| refuse("guest RAM has no fault engine"))?;
+        // No fault is served on the region while its mapping changes.
+        let _g = region.lock.lock().unwrap_or_else(|e| e.into_inner());
+        let file = region
+            .mapping
+            .remap_private()
+            .map_err(|e| refuse(&e.to_string()))?;
+        uffd.register(
+            region.mapping.addr(),
+            region.size,
+            UFFDIO_REGISTER_MODE_MISSING | UFFDIO_REGISTER_MODE_WP,
+        )
+        .map_err(|e| refuse(&format!("re-registering guest RAM with userfaultfd: {e}")))?;
+        struct Share(Vec<u64>);
+        impl Walker for Share {
+            fn leaf(&mut self, gpa: u64, e: Entry) -> WalkAction {
+                if e.is_present() {
+                    self.0.push(gpa);
+                }
+                WalkAction::Continue
+            }
+        }
+        let mut present = Share(Vec::new());
+        self.core
+            .table
+            .walk_range(region.gpa, region.gpa + region.size, &mut present);
+        for gpa in present.0 {
+            let _ = self.core.table.update(gpa, |e| {
+                e.is_present()
+                    .then(|| e.without(Flag::Exclusive).with(Flag::CowShared))
+            });
+        }
+        Ok(file)
+    }
+}

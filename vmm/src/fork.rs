@@ -1,0 +1,292 @@
+//! Forking a running VM (`vmm run ... --fork-after-pages N --forks K`):
+//! the VM pauses briefly, its memory becomes an image it and its children
+//! all map privately (copy-on-write both ways), and the children start from
+//! its vCPU and irqchip state while it runs on.
+//!
+//! A fork is a snapshot that never touches the disk: the children are built
+//! from an in-memory [`SnapshotState`] exactly as a restore builds a VM,
+//! and the shared memfd plays the part of `memory.bin`.
+
+use crate::report::{RunReport, RunStatus, EXIT_MISMATCH, EXIT_OK};
+use crate::runner::{prepare_process, supervise, RunError, RunHooks, SerialSink, VmHandle};
+use crate::snapshot::restore::{config_of, machine_from_state};
+use crate::snapshot::state::{save_vm, DeviceState, MemoryDesc, SnapshotState, CHUNK_BYTES};
+use crate::snapshot::writer::markers_of;
+use crate::vstate::vm::open_kvm;
+use guest_mem::GuestRam;
+use guest_protocol::CommandOp;
+use serde::Serialize;
+use std::sync::Arc;
+use std::thread::JoinHandle;
+use std::time::Instant;
+
+/// Most children one fork makes.
+pub const MAX_FORKS: u32 = 64;
+
+/// What one fork asks for.
+#[derive(Clone, Copy, Debug)]
+pub struct ForkOptions {
+    /// Children.
+    pub count: u32,
+    /// Child `i` uses seed `seed_base + i` from its next pass.
+    pub seed_base: u64,
+}
+
+/// One child of a fork.
+#[derive(Clone, Debug, Serialize)]
+pub struct ForkChild {
+    /// Its index.
+    pub index: u32,
+    /// The seed it uses from its next pass.
+    pub seed: u64,
+    /// How its run ended (a run status, or an error kind).
+    pub status: String,
+    /// Its exit code alone (0, 3 or 1).
+    pub exit_code: i32,
+    /// What went wrong, if anything.
+    pub error: Option<String>,
+    /// Page stores (all its vCPUs), counted from the parent's boot.
+    pub pages_written: u64,
+    /// The guest's verify.
+    pub verify_mismatches: Option<u64>,
+    /// The VMM's verify of its memory.
+    pub host_verify_mismatches: Option<u64>,
+    /// µs from the fork request to its machine being ready.
+    pub setup_us: u64,
+    /// µs from the fork request to its first I/O exit.
+    pub first_io_us: Option<u64>,
+    /// Mapped guest pages it still shares with the fork's image.
+    pub shared_pages: u64,
+    /// Guest pages that are its own.
+    pub exclusive_pages: u64,
+    /// Its poisoned pages (rule 12: markers survive a fork).
+    pub poisoned_pages: Vec<u64>,
+}
+
+/// One fork, as the parent's report shows it.
+#[derive(Clone, Debug, Serialize)]
+pub struct ForkReport {
+    /// µs the parent's vCPUs were paused.
+    pub pause_us: u64,
+    /// The children.
+    pub children: Vec<ForkChild>,
+}
+
+/// A child running on its own thread.
+struct RunningChild {
+    index: u32,
+    seed: u64,
+    setup_us: u64,
+    created_after_us: u64,
+    ram: Arc<GuestRam>,
+    /// Its thread, or why it could not start.
+    thread: Result<JoinHandle<Result<RunReport, RunError>>, String>,
+}
+
+/// A fork whose children still run.
+pub struct PendingFork {
+    pause_us: u64,
+    children: Vec<RunningChild>,
+}
+
+impl PendingFork {
+    /// Waits for every child and reports.
+    pub fn wait(self) -> ForkReport {
+        let children = self
+            .children
+            .into_iter()
+            .map(|c| {
+                let result = match c.thread {
+                    Ok(t) => t.join().unwrap_or_else(|_| {
+                        Err(RunError::Runtime(format!(
+                            "fork child {} panicked",
+                            c.index
+                        )))
+                    }),
+                    Err(e) => Err(RunError::Runtime(e)),
+                };
+                child_report(
+                    c.index,
+                    c.seed,
+                    c.setup_us,
+                    c.created_after_us,
+                    &c.ram,
+                    result,
+                )
+            })
+            .collect();
+        ForkReport {
+            pause_us: self.pause_us,
+            children,
+        }
+    }
+}
+
+fn child_report(
+    index: u32,
+    seed: u64,
+    setup_us: u64,
+    created_after_us: u64,
+    ram: &GuestRam,
+    result: Result<RunReport, RunError>,
+) -> ForkChild {
+    let sharing = ram.refresh_sharing().unwrap_or_default();
+    let mut child = ForkChild {
+        index,
+        seed,
+        status: "ok".into(),
+        exit_code: EXIT_OK,
+        error: None,
+        pages_written: 0,
+        verify_mismatches: None,
+        host_verify_mismatches: None,
+        setup_us,
+        first_io_us: None,
+        shared_pages: sharing.shared_pages,
+        exclusive_pages: sharing.exclusive_pages,
+        poisoned_pages: ram.poisoned_pages(),
+    };
+    match result {
+        Ok(r) => {
+            child.status = serde_json::to_value(r.status)
+                .ok()
+                .and_then(|v| v.as_str().map(str::to_string))
+                .unwrap_or_default();
+            child.exit_code = r.exit_code();
+            child.error = r.error;
+            child.pages_written = r.pages_written;
+            child.verify_mismatches = r.verify_mismatches;
+            child.host_verify_mismatches = r.host_verify_mismatches;
+            child.first_io_us = r.boot_us.map(|b| created_after_us + b);
+        }
+        Err(e) => {
+            child.status = e.kind().into();
+            child.exit_code = e.exit_code();
+            child.error = Some(e.to_string());
+        }
+    }
+    child
+}
+
+/// Forks the VM behind `vm` into `opts.count` children. The parent is
+/// paused only to capture its vCPUs and irqchip and to freeze its memory;
+/// the children are built after it resumed. On an error before the
+/// children exist the parent runs on unchanged (rule 7).
+pub fn fork_vm(vm: &mut VmHandle, opts: ForkOptions) -> Result<PendingFork, RunError> {
+    let fail = |e: String| RunError::Runtime(format!("fork: {e}"));
+    if opts.count == 0 || opts.count > MAX_FORKS {
+        return Err(fail(format!(
+            "the number of children must be 1 to {MAX_FORKS}, not {}",
+            opts.count
+        )));
+    }
+    let kvm = open_kvm()?;
+    let start = Instant::now();
+    let vcpus = match vm.pause_and_capture() {
+        Ok(v) => v,
+        Err(e) => {
+            vm.resume();
+            return Err(fail(e));
+        }
+    };
+    let frozen = save_vm(vm.vm_fd())
+        .map_err(|e| fail(format!("reading the irqchip: {e}")))
+        .and_then(|vm_state| {
+            let image = vm
+                .ram()
+                .freeze_for_fork()
+                .map_err(|e| fail(e.to_string()))?;
+            Ok((vm_state, image))
+        });
+    let command_seq = vm.command_seqs();
+    vm.resume();
+    let pause_us = start.elapsed().as_micros() as u64;
+    let (vm_state, image) = frozen?;
+    let state = SnapshotState {
+        id: *uuid::Uuid::new_v4().as_bytes(),
+        mode: "fork".into(),
+        machine: vm.machine().clone(),
+        vcpus,
+        vm: vm_state,
+        devices: DeviceState { command_seq },
+        markers: markers_of(vm.ram()),
+        working_set: Vec::new(),
+        memory: MemoryDesc {
+            chunk_bytes: CHUNK_BYTES,
+            chunk_crc: Vec::new(),
+            pages_stored: 0,
+        },
+        diff: None,
+    };
+    let config = config_of(&state).map_err(RunError::from)?;
+    // The pages the image holds (those the parent had populated).
+    let populated = vm.ram().populated_pages();
+    // Every child's machine first: a failure drops them all before any
+    // runs, and the parent runs on with its content unchanged (rule 7).
+    let mut machines = Vec::with_capacity(opts.count as usize);
+    for _ in 0..opts.count {
+        let ram = GuestRam::from_file_private(config.mem_bytes, config.ram, &image)?;
+        ram.mark_file_backed(&populated)?;
+        let machine = machine_from_state(&kvm, &state, Arc::new(ram))?;
+        machines.push((machine, start.elapsed().as_micros() as u64));
+    }
+    let mut children = Vec::with_capacity(machines.len());
+    for (i, (machine, setup_us)) in machines.into_iter().enumerate() {
+        let index = i as u32;
+        let created_after_us = machine.created.duration_since(start).as_micros() as u64;
+        let ram = machine.ram.clone();
+        let seed = opts.seed_base.wrapping_add(i as u64);
+        let config = config.clone();
+        let thread = prepare_process()
+            .map_err(|e| e.to_string())
+            .and_then(|signals| {
+                std::thread::Builder::new()
+                    .name(format!("fork{i}"))
+                    .spawn(move || {
+                        supervise(
+                            &config,
+                            machine,
+                            RunHooks::default(),
+                            SerialSink::Capture,
+                            signals,
+                            Some((CommandOp::Forked, seed)),
+                        )
+                    })
+                    .map_err(|e| format!("cannot start fork child {i}: {e}"))
+            });
+        children.push(RunningChild {
+            index,
+            seed,
+            setup_us,
+            created_after_us,
+            ram,
+            thread,
+        });
+    }
+    Ok(PendingFork { pause_us, children })
+}
+
+/// The worst outcome among a fork's children, as a run status for the
+/// parent's report: `None` when all are ok.
+pub fn worst_child(forks: &[ForkReport]) -> Option<(RunStatus, String)> {
+    let mut worst: Option<(RunStatus, String)> = None;
+    for c in forks.iter().flat_map(|f| &f.children) {
+        let status = match c.exit_code {
+            EXIT_OK => continue,
+            EXIT_MISMATCH => RunStatus::VerifyMismatch,
+            _ => RunStatus::HookFailed,
+        };
+        let msg = format!(
+            "fork child {}: {}",
+            c.index,
+            c.error.clone().unwrap_or_else(|| c.status.clone())
+        );
+        if worst
+            .as_ref()
+            .is_none_or(|(s, _)| *s == RunStatus::VerifyMismatch)
+        {
+            worst = Some((status, msg));
+        }
+    }
+    worst
+}
