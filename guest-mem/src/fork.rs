@@ -3,18 +3,15 @@
 //! write on any side stays invisible to the others.
 
 use crate::core::WpMode;
-use crate::entry::{Entry, Flag};
 use crate::ram::{GuestRam, RamError};
 use crate::region::BackingKind;
-use crate::table::{WalkAction, Walker};
 use crate::uffd::sys::{UFFDIO_REGISTER_MODE_MISSING, UFFDIO_REGISTER_MODE_WP};
 
 impl GuestRam {
     /// Makes guest RAM's content at this moment the image of a fork: the
     /// memfd behind it stops changing (this VM's mapping becomes a private
     /// one of it, at the same address, so KVM's memory slot stays valid
-    /// and the VM sees the same bytes), and the table records every
-    /// populated page as shared copy-on-write. Returns the memfd, for the
+    /// and the VM sees the same bytes). Returns the memfd, for the
     /// children to map privately ([`GuestRam::from_file_private`]).
     ///
     /// Call with the vCPUs paused. Needs one `memfd` region not already
@@ -56,25 +53,9 @@ impl GuestRam {
             UFFDIO_REGISTER_MODE_MISSING | UFFDIO_REGISTER_MODE_WP,
         )
         .map_err(|e| refuse(&format!("re-registering guest RAM with userfaultfd: {e}")))?;
-        struct Share(Vec<u64>);
-        impl Walker for Share {
-            fn leaf(&mut self, gpa: u64, e: Entry) -> WalkAction {
-                if e.is_present() {
-                    self.0.push(gpa);
-                }
-                WalkAction::Continue
-            }
-        }
-        let mut present = Share(Vec::new());
-        self.core
-            .table
-            .walk_range(region.gpa, region.gpa + region.size, &mut present);
-        for gpa in present.0 {
-            let _ = self.core.table.update(gpa, |e| {
-                e.is_present()
-                    .then(|| e.without(Flag::Exclusive).with(Flag::CowShared))
-            });
-        }
+        // The table's shared/exclusive bits are not rewritten here: that
+        // walk would grow the pause with memory size. The kernel knows which
+        // pages are shared; `refresh_sharing` records it when asked.
         Ok(file)
     }
 }

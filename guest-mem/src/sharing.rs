@@ -12,6 +12,37 @@ use std::os::unix::fs::FileExt;
 const PM_PRESENT: u64 = 1 << 63;
 /// pagemap: a file page or shared anonymous memory (not a private copy).
 const PM_FILE: u64 = 1 << 61;
+/// pagemap: the page frame number (visible with CAP_SYS_ADMIN, else 0).
+const PM_PFN: u64 = (1 << 55) - 1;
+
+/// The frame number of the kernel's shared zero page, found by reading a
+/// fresh private anonymous page and looking it up; `None` when page frame
+/// numbers are hidden (no CAP_SYS_ADMIN).
+fn zero_pfn(pagemap: &std::fs::File) -> Option<u64> {
+    // SAFETY: a new private anonymous page at an address the kernel picks,
+    // read once and unmapped below; nothing else refers to it.
+    unsafe {
+        let p = libc::mmap(
+            std::ptr::null_mut(),
+            PAGE_SIZE as usize,
+            libc::PROT_READ,
+            libc::MAP_PRIVATE | libc::MAP_ANONYMOUS,
+            -1,
+            0,
+        );
+        if p == libc::MAP_FAILED {
+            return None;
+        }
+        std::ptr::read_volatile(p as *const u8);
+        let mut w = [0u8; 8];
+        let ok = pagemap
+            .read_exact_at(&mut w, p as u64 / PAGE_SIZE * 8)
+            .is_ok();
+        libc::munmap(p, PAGE_SIZE as usize);
+        let pfn = u64::from_le_bytes(w) & PM_PFN;
+        (ok && pfn != 0).then_some(pfn)
+    }
+}
 
 /// How a VM's mapped guest pages are shared.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
@@ -21,17 +52,22 @@ pub struct SharingStats {
     pub shared_pages: u64,
     /// Pages that are this VM's own (written, or populated privately).
     pub exclusive_pages: u64,
+    /// Pages mapped to the host's shared zero page (read, never written):
+    /// they cost nothing.
+    pub zero_pages: u64,
 }
 
 impl GuestRam {
     /// Reads the kernel's page map of guest RAM and records in the table,
     /// for every page the host has mapped, whether it is shared
     /// ([`Flag::CowShared`]) or this VM's own ([`Flag::Exclusive`]).
-    /// Pages the guest never touched are not mapped and count as neither.
+    /// Pages the guest never touched are not mapped and count as neither;
+    /// pages mapped to the shared zero page are counted apart.
     pub fn refresh_sharing(&self) -> Result<SharingStats, RamError> {
         let pagemap = std::fs::File::open("/proc/self/pagemap")
             .map_err(|e| RamError::Describe(format!("/proc/self/pagemap: {e}")))?;
         let mut stats = SharingStats::default();
+        let zero = zero_pfn(&pagemap);
         let mut buf = Vec::new();
         for region in self.regions() {
             let image = region.mapping.is_private_image();
@@ -53,6 +89,10 @@ impl GuestRam {
                         continue;
                     }
                     let page_gpa = gpa + i as u64 * PAGE_SIZE;
+                    if zero.is_some_and(|z| pm & PM_PFN == z) {
+                        stats.zero_pages += 1;
+                        continue;
+                    }
                     // A VM's own memfd is a file too, but nobody else
                     // maps it: only an image's pages are shared.
                     let shared = image && pm & PM_FILE != 0;

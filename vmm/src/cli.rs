@@ -283,6 +283,9 @@ pub enum BenchCommand {
     Snapshot(bench::snapshot::SnapshotBenchArgs),
     /// Restore in each mode: time to the first I/O exit and to a verified end.
     Restore(bench::restore::RestoreBenchArgs),
+    /// Clones of one snapshot next to as many eager restores; forks of a
+    /// running VM.
+    Clone(bench::clone::CloneBenchArgs),
 }
 
 fn parse_backing(s: &str) -> Result<BackingKind, String> {
@@ -526,5 +529,6 @@ pub fn main(args: impl IntoIterator<Item = OsString>) -> i32 {
         CliCommand::Bench(BenchCommand::Dirty(args)) => bench::dirty::main(&args),
         CliCommand::Bench(BenchCommand::Snapshot(args)) => bench::snapshot::main(&args),
         CliCommand::Bench(BenchCommand::Restore(args)) => bench::restore::restore_main(&args),
+        CliCommand::Bench(BenchCommand::Clone(args)) => bench::clone::main(&args),
     }
 }

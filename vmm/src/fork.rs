@@ -59,6 +59,8 @@ pub struct ForkChild {
     pub shared_pages: u64,
     /// Guest pages that are its own.
     pub exclusive_pages: u64,
+    /// Pages mapped to the host's shared zero page (read, never written).
+    pub zero_pages: u64,
     /// Its poisoned pages (rule 12: markers survive a fork).
     pub poisoned_pages: Vec<u64>,
 }
@@ -144,6 +146,7 @@ fn child_report(
         first_io_us: None,
         shared_pages: sharing.shared_pages,
         exclusive_pages: sharing.exclusive_pages,
+        zero_pages: sharing.zero_pages,
         poisoned_pages: ram.poisoned_pages(),
     };
     match result {

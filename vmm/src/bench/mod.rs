@@ -1,6 +1,7 @@
 //! `vmm bench ...`: benchmarks that report side-by-side numbers.
 
 pub mod boot;
+pub mod clone;
 pub mod dirty;
 pub mod faults;
 pub mod restore;

@@ -54,7 +54,9 @@ pub struct CloneVm {
     pub verify_mismatches: Option<u64>,
     /// The VMM's verify of its memory.
     pub host_verify_mismatches: Option<u64>,
-    /// µs from its machine's creation to its first I/O exit.
+    /// µs from the start of the command to its first I/O exit (clones are
+    /// set up one after the other, so this includes the setup of those
+    /// before it).
     pub first_io_us: Option<u64>,
     /// µs to set it up (map memory, create the VM and vCPUs).
     pub setup_us: u64,
@@ -62,6 +64,8 @@ pub struct CloneVm {
     pub shared_pages: u64,
     /// Guest pages that are its own (written, or populated privately).
     pub exclusive_pages: u64,
+    /// Pages mapped to the host's shared zero page (read, never written).
+    pub zero_pages: u64,
     /// Its poisoned pages (rule 12: markers survive a clone).
     pub poisoned_pages: Vec<u64>,
     /// vCPU 0's seed history from its state page at the end: (first pass,
@@ -178,6 +182,8 @@ pub fn process_pss_bytes() -> Result<u64, RunError> {
 struct Prepared {
     machine: Machine,
     setup_us: u64,
+    /// µs from the start of the command to its machine's creation.
+    created_after_us: u64,
 }
 
 /// Starts `opts.count` VMs from the snapshot in `dir`, runs each to the end
@@ -190,6 +196,7 @@ pub fn clone_vms(dir: &Path, opts: &CloneOptions) -> Result<CloneReport, RunErro
             opts.count
         )));
     }
+    let begin = Instant::now();
     let chain = Arc::new(Chain::open(dir)?);
     let state = &chain.head().state;
     let mut config = config_of(state)?;
@@ -208,6 +215,7 @@ pub fn clone_vms(dir: &Path, opts: &CloneOptions) -> Result<CloneReport, RunErro
         }
         let machine = machine_from_state(&kvm, state, Arc::new(ram))?;
         prepared.push(Prepared {
+            created_after_us: machine.created.duration_since(begin).as_micros() as u64,
             machine,
             setup_us: t.elapsed().as_micros() as u64,
         });
@@ -253,16 +261,17 @@ pub fn clone_vms(dir: &Path, opts: &CloneOptions) -> Result<CloneReport, RunErro
                 )
             })
             .map_err(|e| RunError::Runtime(format!("cannot start clone {i}: {e}")))?;
-        runs.push((i as u32, seed, p.setup_us, ram, thread));
+        runs.push((i as u32, seed, p.setup_us, p.created_after_us, ram, thread));
     }
     let mut clones = Vec::with_capacity(runs.len());
     let mut rams: Vec<Arc<GuestRam>> = Vec::with_capacity(runs.len());
-    for (index, seed, setup_us, ram, thread) in runs {
+    for (index, seed, setup_us, created_after_us, ram, thread) in runs {
         let result = thread
             .join()
             .unwrap_or_else(|_| Err(RunError::Runtime(format!("clone {index} panicked"))));
         let sharing = ram.refresh_sharing()?;
         let mut vm = clone_result(index, seed, setup_us, result, sharing);
+        vm.first_io_us = vm.first_io_us.map(|b| created_after_us + b);
         vm.poisoned_pages = ram.poisoned_pages();
         vm.seed_history = crate::oracle::seed_history(ram.as_ref(), 0).unwrap_or_default();
         clones.push(vm);
@@ -343,6 +352,7 @@ fn clone_result(
         setup_us,
         shared_pages: sharing.shared_pages,
         exclusive_pages: sharing.exclusive_pages,
+        zero_pages: sharing.zero_pages,
         poisoned_pages: Vec::new(),
         seed_history: Vec::new(),
     }

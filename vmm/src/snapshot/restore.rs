@@ -91,6 +91,10 @@ pub struct RestoreReport {
     pub first_run_at_ns: Option<u64>,
     /// The guest's first I/O exit in `CLOCK_MONOTONIC` ns.
     pub first_io_at_ns: Option<u64>,
+    /// The process's PSS when the guest ended, its memory still mapped
+    /// (what this restored VM costs the host, shared pages counted in
+    /// proportion).
+    pub pss_end_bytes: Option<u64>,
 }
 
 /// The end of one restore phase.
@@ -473,6 +477,7 @@ pub fn restore(
         started_at_ns: anchor.ns_at(start),
         first_run_at_ns: None,
         first_io_at_ns: None,
+        pss_end_bytes: None,
     };
     let initial = opts.verify.then_some((CommandOp::Verify, 0));
     let created_us = created.duration_since(start).as_micros() as u64;
@@ -488,8 +493,11 @@ pub fn restore(
             slot,
         )?)
     };
+    let ram = machine.ram.clone();
     let report = supervise(&config, machine, hooks, sink, signals, initial);
     let prefetched = background.map_or(0, BackgroundPrefetch::finish);
+    let pss_end = super::clone::process_pss_bytes().ok();
+    drop(ram);
     let mut report = report?;
     // The background verification's verdict counts even when the guest
     // finished first.
@@ -505,6 +513,7 @@ pub fn restore(
     }
     let mut restore_report = restore_report;
     restore_report.pages_prefetched_background = prefetched;
+    restore_report.pss_end_bytes = pss_end;
     restore_report.first_io_us = report.boot_us.map(|b| created_us + b);
     restore_report.first_run_us = report.first_run_us.map(|b| created_us + b);
     let created_ns = anchor.ns_at(created);
