@@ -24,6 +24,9 @@ pub struct CloneBenchArgs {
     /// Fork child counts.
     #[arg(long, value_delimiter = ',', default_value = "1,8,32")]
     pub forks: Vec<u32>,
+    /// Forks per child count (each row reports medians).
+    #[arg(long, default_value_t = 3)]
+    pub fork_runs: u32,
     /// Guest RAM.
     #[arg(long, default_value = "256M", value_parser = size_arg)]
     pub mem: u64,
@@ -70,8 +73,10 @@ pub struct ForkRow {
     pub guest: &'static str,
     /// Children.
     pub children: u32,
-    /// µs the parent was paused.
-    pub pause_us: u64,
+    /// Median µs the parent was paused.
+    pub pause_us: f64,
+    /// Longest pause of the runs, µs.
+    pub pause_max_us: f64,
     /// Median µs from the fork request to a child's first I/O exit.
     pub first_io_median_us: f64,
     /// The last child's first I/O exit, µs from the fork request.
@@ -200,6 +205,7 @@ fn fork_row(
     run_args: &[&str],
     at: &str,
     children: u32,
+    runs: u32,
 ) -> Result<ForkRow, String> {
     let mut args = strings(&["run", "--json", "--mem", &mem.to_string()]);
     args.extend(strings(run_args));
@@ -209,18 +215,20 @@ fn fork_row(
         "--forks",
         &children.to_string(),
     ]));
-    let j = run_json(exe, &args)?;
-    let f = &j["forks"][0];
-    let kids = f["children"].as_array().cloned().unwrap_or_default();
-    let mut first: Vec<f64> = kids
-        .iter()
-        .filter_map(|c| c["first_io_us"].as_f64())
-        .collect();
-    let mut ready: Vec<f64> = kids.iter().filter_map(|c| c["setup_us"].as_f64()).collect();
+    let (mut pause, mut first, mut ready) = (Vec::new(), Vec::new(), Vec::new());
+    for _ in 0..runs.max(1) {
+        let j = run_json(exe, &args)?;
+        let f = &j["forks"][0];
+        pause.extend(f["pause_us"].as_f64());
+        let kids = f["children"].as_array().cloned().unwrap_or_default();
+        first.extend(kids.iter().filter_map(|c| c["first_io_us"].as_f64()));
+        ready.extend(kids.iter().filter_map(|c| c["setup_us"].as_f64()));
+    }
     Ok(ForkRow {
         guest,
         children,
-        pause_us: f["pause_us"].as_u64().unwrap_or(0),
+        pause_max_us: pause.iter().copied().fold(0.0, f64::max),
+        pause_us: median(&mut pause),
         first_io_max_us: first.iter().copied().fold(0.0, f64::max),
         first_io_median_us: median(&mut first),
         ready_median_us: median(&mut ready),
@@ -258,9 +266,15 @@ fn bench(args: &CloneBenchArgs) -> Result<CloneBench, String> {
         let _ = std::fs::remove_dir_all(&dir);
         result.clones.extend(rows?);
         for &k in &args.forks {
-            result
-                .forks
-                .push(fork_row(&exe, args.mem, guest, run_args, at, k)?);
+            result.forks.push(fork_row(
+                &exe,
+                args.mem,
+                guest,
+                run_args,
+                at,
+                k,
+                args.fork_runs,
+            )?);
         }
     }
     Ok(result)
@@ -301,13 +315,16 @@ fn print(r: &CloneBench) {
             mib(c.eager_pss_total_bytes)
         );
     }
-    println!("forks of a running VM (1st I/O: median (last) child, ms from the fork request):");
+    println!(
+        "forks of a running VM, medians of the runs (pause: longest; 1st I/O: last child), ms from the fork request:"
+    );
     for f in &r.forks {
         println!(
-            "  {:<8} {:>3} children: parent paused {:.3} ms, child ready {:.2} ms, first I/O {:.2} ({:.2}) ms",
+            "  {:<8} {:>3} children: parent paused {:.3} ({:.3}) ms, child ready {:.2} ms, first I/O {:.2} ({:.2}) ms",
             f.guest,
             f.children,
-            f.pause_us as f64 / 1000.0,
+            f.pause_us / 1000.0,
+            f.pause_max_us / 1000.0,
             f.ready_median_us / 1000.0,
             f.first_io_median_us / 1000.0,
             f.first_io_max_us / 1000.0
