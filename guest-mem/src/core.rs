@@ -71,6 +71,8 @@ pub(crate) struct MemoryCore {
     pub(crate) memory_errors: Mutex<Vec<String>>,
     /// The guest's first-touch order of pages.
     pub(crate) access_order: crate::access_order::AccessOrder,
+    /// Pin counts of the pages devices hold.
+    pub(crate) pins: crate::pin::PinCounts,
     vcpu_tids: RwLock<HashMap<u32, u32>>,
     next_id: AtomicU64,
 }
@@ -122,6 +124,7 @@ impl MemoryCore {
             page_source: std::sync::OnceLock::new(),
             memory_errors: Mutex::new(Vec::new()),
             access_order: Default::default(),
+            pins: Default::default(),
             vcpu_tids: RwLock::new(HashMap::new()),
             next_id: AtomicU64::new(0),
         })

@@ -3,6 +3,7 @@
 //! write on any side stays invisible to the others.
 
 use crate::core::WpMode;
+use crate::entry::{Flag, PAGE_SIZE};
 use crate::ram::{GuestRam, RamError};
 use crate::region::BackingKind;
 use crate::uffd::sys::{UFFDIO_REGISTER_MODE_MISSING, UFFDIO_REGISTER_MODE_WP};
@@ -17,7 +18,7 @@ impl GuestRam {
     /// Call with the vCPUs paused. Needs one `memfd` region not already
     /// private, and no write-protect tracking or live snapshot running
     /// (their protection would not survive the new mapping).
-    pub fn freeze_for_fork(&self) -> Result<std::fs::File, RamError> {
+    pub fn freeze_for_fork(&self) -> Result<ForkImage, RamError> {
         let refuse = |why: &str| RamError::Describe(format!("cannot fork: {why}"));
         let regions = self.regions();
         let [region] = regions.as_slice() else {
@@ -43,9 +44,23 @@ impl GuestRam {
             .ok_or_else(|| refuse("guest RAM has no fault engine"))?;
         // No fault is served on the region while its mapping changes.
         let _g = region.lock.lock().unwrap_or_else(|e| e.into_inner());
+        // Rule 13: pinned pages stay this VM's (shared with the device,
+        // never with a child): their mapping stays as it is, and the
+        // children get copies of their content now.
+        let pinned: Vec<u64> = self.pinned_pages();
+        let mut copies = Vec::with_capacity(pinned.len());
+        for &gpa in &pinned {
+            let mut page = vec![0u8; PAGE_SIZE as usize];
+            crate::live_copy::read_run(region.host_of(gpa), &mut page);
+            copies.push((gpa, page));
+        }
+        let keep: Vec<(u64, u64)> = crate::tracking::runs(&pinned)
+            .into_iter()
+            .map(|(s, e)| (s - region.gpa, e - region.gpa))
+            .collect();
         let file = region
             .mapping
-            .remap_private()
+            .remap_private(&keep)
             .map_err(|e| refuse(&e.to_string()))?;
         uffd.register(
             region.mapping.addr(),
@@ -56,6 +71,33 @@ impl GuestRam {
         // The table's shared/exclusive bits are not rewritten here: that
         // walk would grow the pause with memory size. The kernel knows which
         // pages are shared; `refresh_sharing` records it when asked.
-        Ok(file)
+        Ok(ForkImage {
+            file,
+            pinned_copies: copies,
+        })
     }
+
+    /// A fork child: takes `image`'s copies of the parent's pinned pages
+    /// as its own private pages (they were never shared through the memfd
+    /// the child maps). Call before the child runs.
+    pub fn adopt_pinned_copies(&self, image: &ForkImage) -> Result<(), RamError> {
+        for (gpa, content) in &image.pinned_copies {
+            self.write(*gpa, content)?;
+            let _ = self.core.table.update(*gpa, |e| {
+                e.is_present()
+                    .then(|| e.with(Flag::Exclusive).without(Flag::CowShared))
+            });
+        }
+        Ok(())
+    }
+}
+
+/// What a fork's children start from.
+pub struct ForkImage {
+    /// The memfd holding guest RAM at the fork (pinned pages aside), for
+    /// the children to map privately.
+    pub file: std::fs::File,
+    /// The parent's pinned pages at the fork: (guest-physical address,
+    /// content). They are not shared: each child gets its own copy.
+    pub pinned_copies: Vec<(u64, Vec<u8>)>,
 }

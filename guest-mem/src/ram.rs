@@ -49,6 +49,15 @@ pub enum RamError {
     /// Releasing pages failed.
     #[error("cannot discard guest pages: {0}")]
     Discard(std::io::Error),
+    /// A device write (or a read-write pin) aimed at a read-only region.
+    #[error("guest-physical page {0:#x} lies in a read-only region: the write is refused")]
+    ReadOnly(u64),
+    /// The range holds pinned pages (a device holds them).
+    #[error("guest-physical page {0:#x} is pinned by a device")]
+    Pinned(u64),
+    /// Making the range private and present for a pin failed.
+    #[error("cannot unshare guest pages for a pin: {0}")]
+    Pin(std::io::Error),
     /// An access fell outside guest RAM.
     #[error("guest-physical range {addr:#x}+{len:#x} is outside guest RAM (or not page-aligned)")]
     OutOfRange {

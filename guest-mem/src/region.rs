@@ -229,11 +229,14 @@ impl HostMapping {
 
     /// Fork: maps this memfd mapping's range again, privately, at the same
     /// address (`MAP_FIXED`), so the memfd keeps the content it has now and
-    /// later writes through the mapping become private copies. Returns a
-    /// handle on the memfd for others to map. The caller must re-register
-    /// the range with userfaultfd (the old registration went with the old
-    /// mapping) and make sure nothing touches the range meanwhile.
-    pub fn remap_private(&self) -> Result<File, RegionError> {
+    /// later writes through the mapping become private copies, except the
+    /// byte ranges `keep_shared` (offsets into the mapping, sorted, page
+    /// aligned: pinned pages a device holds, which must stay the frames the
+    /// device sees). Returns a handle on the memfd for others to map. The
+    /// caller must re-register the range with userfaultfd (the old
+    /// registration went with the old mapping) and make sure nothing
+    /// touches the range meanwhile.
+    pub fn remap_private(&self, keep_shared: &[(u64, u64)]) -> Result<File, RegionError> {
         let not_memfd = || RegionError::Map {
             size: self.len,
             source: std::io::Error::new(
@@ -249,24 +252,39 @@ impl HostMapping {
             size: self.len,
             source,
         })?;
-        // SAFETY: replaces our own mapping, at its own address and length,
-        // by a private mapping of the memfd that backs it: the bytes seen
-        // there do not change (the memfd holds them).
-        let addr = unsafe {
-            libc::mmap(
-                self.addr as *mut libc::c_void,
-                self.len as usize,
-                libc::PROT_READ | libc::PROT_WRITE,
-                libc::MAP_PRIVATE | libc::MAP_FIXED,
-                memfd.as_raw_fd(),
-                0,
-            )
-        };
-        if addr == libc::MAP_FAILED {
-            return Err(RegionError::Map {
-                size: self.len,
-                source: std::io::Error::last_os_error(),
-            });
+        // The complement of `keep_shared`: the runs to make private.
+        let mut runs = Vec::new();
+        let mut at = 0;
+        for &(s, e) in keep_shared {
+            if s > at {
+                runs.push((at, s));
+            }
+            at = at.max(e);
+        }
+        if at < self.len {
+            runs.push((at, self.len));
+        }
+        for (s, e) in runs {
+            // SAFETY: replaces part of our own mapping, at its own address,
+            // by a private mapping of the memfd that backs it at the same
+            // offset: the bytes seen there do not change (the memfd holds
+            // them).
+            let addr = unsafe {
+                libc::mmap(
+                    self.addr.add(s as usize) as *mut libc::c_void,
+                    (e - s) as usize,
+                    libc::PROT_READ | libc::PROT_WRITE,
+                    libc::MAP_PRIVATE | libc::MAP_FIXED,
+                    memfd.as_raw_fd(),
+                    s as libc::off_t,
+                )
+            };
+            if addr == libc::MAP_FAILED {
+                return Err(RegionError::Map {
+                    size: self.len,
+                    source: std::io::Error::last_os_error(),
+                });
+            }
         }
         self.private_image.store(true, Ordering::Release);
         Ok(handle)

@@ -94,8 +94,11 @@ impl GuestRam {
                         continue;
                     }
                     // A VM's own memfd is a file too, but nobody else
-                    // maps it: only an image's pages are shared.
-                    let shared = image && pm & PM_FILE != 0;
+                    // maps it: only an image's pages are shared, and a
+                    // pinned page is never shared (a fork copied it).
+                    let shared = image
+                        && pm & PM_FILE != 0
+                        && !self.core.pins.is_pinned(page_gpa / PAGE_SIZE);
                     if shared {
                         stats.shared_pages += 1;
                     } else {

@@ -228,8 +228,10 @@ pub fn fork_vm(vm: &mut VmHandle, opts: ForkOptions) -> Result<PendingFork, RunE
     // runs, and the parent runs on with its content unchanged (rule 7).
     let mut machines = Vec::with_capacity(opts.count as usize);
     for _ in 0..opts.count {
-        let ram = GuestRam::from_file_private(config.mem_bytes, config.ram, &image)?;
+        let ram = GuestRam::from_file_private(config.mem_bytes, config.ram, &image.file)?;
         ram.mark_file_backed(&populated)?;
+        // Rule 13: the parent's pinned pages are copied, never shared.
+        ram.adopt_pinned_copies(&image)?;
         let machine = machine_from_state(&kvm, &state, Arc::new(ram))?;
         machines.push((machine, start.elapsed().as_micros() as u64));
     }

@@ -448,6 +448,11 @@ impl GuestRam {
             .find(|r| r.contains_gpa(gpa) && end <= r.gpa + r.size)
             .ok_or(RamError::OutOfRange { addr: gpa, len })?;
         let _g = region.lock.lock().unwrap_or_else(|e| e.into_inner());
+        // A device holds pinned pages: dropping them would leave it
+        // writing to frames the guest no longer sees (rule 13).
+        if self.core.pins.any_in(gpa, end) {
+            return Err(RamError::Pinned(gpa));
+        }
         self.host_dirty.mark(gpa, len);
         let host = region.host_of(gpa);
         // SAFETY: the range lies inside the region's live mapping; dropping

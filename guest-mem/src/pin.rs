@@ -1,0 +1,406 @@
+//! Pinning guest memory for device access, with unshare-on-pin (rule 13).
+//!
+//! A device that holds a page (a DMA engine, an io_uring fixed buffer)
+//! holds the host frame that was mapped when it pinned. If that frame is
+//! shared copy-on-write (the zero page, a snapshot image's page-cache page,
+//! a page shared with a clone or a fork), the guest's next write gives the
+//! guest a new private frame and the device keeps the old one: writes get
+//! lost in either direction. So pinning first gives this VM an exclusive
+//! private copy of every page of the range, read-only pins included, and
+//! pinned pages are never shared again: a fork copies them eagerly
+//! (`GuestRam::freeze_for_fork`), and discarding them is refused.
+
+use crate::entry::{Flag, PAGE_SIZE};
+use crate::ram::{GuestRam, RamError};
+use crate::table::{WalkAction, Walker};
+use std::collections::HashMap;
+use std::sync::Mutex;
+
+/// What the device may do with a pinned range.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum PinAccess {
+    /// The device reads guest memory (e.g. a block write from the guest).
+    ReadOnly,
+    /// The device writes guest memory (e.g. a block read into the guest).
+    ReadWrite,
+}
+
+/// A pinned guest-physical range; give it back with [`GuestRam::unpin`].
+#[derive(Debug, PartialEq, Eq)]
+#[must_use = "a pin holds its pages until unpinned"]
+pub struct Pin {
+    /// First guest-physical byte (page-aligned).
+    pub gpa: u64,
+    /// Length in bytes (whole pages).
+    pub len: u64,
+    /// The access it was taken for.
+    pub access: PinAccess,
+}
+
+impl Pin {
+    /// Host address of the range's first byte, for the device.
+    pub fn host_addr(&self, ram: &GuestRam) -> Option<u64> {
+        ram.regions()
+            .into_iter()
+            .find(|r| r.contains_gpa(self.gpa))
+            .map(|r| r.host_of(self.gpa))
+    }
+}
+
+/// Pin counts per guest page.
+#[derive(Default)]
+pub(crate) struct PinCounts {
+    counts: Mutex<HashMap<u64, u32>>,
+}
+
+impl PinCounts {
+    /// True when `page` (a guest page number) is pinned.
+    pub(crate) fn is_pinned(&self, page: u64) -> bool {
+        self.counts
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .contains_key(&page)
+    }
+
+    /// True when any page of `[start, end)` (bytes) is pinned.
+    pub(crate) fn any_in(&self, start: u64, end: u64) -> bool {
+        let counts = self.counts.lock().unwrap_or_else(|e| e.into_inner());
+        counts
+            .keys()
+            .any(|p| (start..end).contains(&(p * PAGE_SIZE)))
+    }
+
+    /// The pinned guest page numbers, sorted.
+    pub(crate) fn pages(&self) -> Vec<u64> {
+        let mut v: Vec<u64> = self
+            .counts
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .keys()
+            .copied()
+            .collect();
+        v.sort_unstable();
+        v
+    }
+}
+
+impl GuestRam {
+    /// Pins `[gpa, gpa + len)` for a device. Every page of the range is
+    /// first made this VM's own private page (rule 13, read-only pins
+    /// included): populated if it was not, copied if it was shared. A
+    /// read-write pin of a read-only region is refused (rule 14); on a
+    /// shared (not copy-on-write) region the unshare does nothing.
+    pub fn pin(&self, gpa: u64, len: u64, access: PinAccess) -> Result<Pin, RamError> {
+        let bad = || RamError::OutOfRange { addr: gpa, len };
+        if len == 0 || !gpa.is_multiple_of(PAGE_SIZE) || !len.is_multiple_of(PAGE_SIZE) {
+            return Err(bad());
+        }
+        let end = gpa.checked_add(len).ok_or_else(bad)?;
+        let region = self
+            .regions()
+            .into_iter()
+            .find(|r| r.contains_gpa(gpa) && end <= r.gpa + r.size)
+            .ok_or_else(bad)?;
+        if region.flags.read_only && access == PinAccess::ReadWrite {
+            return Err(RamError::ReadOnly(gpa));
+        }
+        for page in gpa / PAGE_SIZE..end / PAGE_SIZE {
+            if self.core.table.get(page * PAGE_SIZE).marker_kind()
+                == Some(crate::entry::Marker::Poisoned)
+            {
+                return Err(RamError::Poisoned(page * PAGE_SIZE));
+            }
+        }
+        // Rule 13: a write fault on every page breaks any sharing without
+        // changing a byte (MADV_POPULATE_WRITE); missing pages fault into
+        // the fault engine, protected ones go through it (a live snapshot
+        // copies them first). Not under the region lock: the engine takes
+        // it to serve those faults. A read-only region has nothing to
+        // break: its pages are only made present.
+        let advice = if region.flags.read_only {
+            libc::MADV_POPULATE_READ
+        } else {
+            libc::MADV_POPULATE_WRITE
+        };
+        // SAFETY: the range lies inside the region's live mapping; the
+        // advice only faults pages in, it never changes their content.
+        let rc = unsafe {
+            libc::madvise(
+                region.host_of(gpa) as *mut libc::c_void,
+                len as usize,
+                advice,
+            )
+        };
+        if rc != 0 {
+            return Err(RamError::Pin(std::io::Error::last_os_error()));
+        }
+        let _g = region.lock.lock().unwrap_or_else(|e| e.into_inner());
+        let mut counts = self
+            .core
+            .pins
+            .counts
+            .lock()
+            .unwrap_or_else(|e| e.into_inner());
+        for page in gpa / PAGE_SIZE..end / PAGE_SIZE {
+            *counts.entry(page).or_insert(0) += 1;
+            let _ = self.core.table.update(page * PAGE_SIZE, |e| {
+                e.is_present().then(|| {
+                    e.with(Flag::Pinned)
+                        .with(Flag::Exclusive)
+                        .without(Flag::CowShared)
+                })
+            });
+        }
+        Ok(Pin { gpa, len, access })
+    }
+
+    /// Releases a pin; a page stays pinned while another pin holds it.
+    pub fn unpin(&self, pin: Pin) -> Result<(), RamError> {
+        let end = pin.gpa + pin.len;
+        let region = self
+            .regions()
+            .into_iter()
+            .find(|r| r.contains_gpa(pin.gpa))
+            .ok_or(RamError::OutOfRange {
+                addr: pin.gpa,
+                len: pin.len,
+            })?;
+        let _g = region.lock.lock().unwrap_or_else(|e| e.into_inner());
+        let mut counts = self
+            .core
+            .pins
+            .counts
+            .lock()
+            .unwrap_or_else(|e| e.into_inner());
+        for page in pin.gpa / PAGE_SIZE..end / PAGE_SIZE {
+            let last = match counts.get_mut(&page) {
+                Some(n) if *n > 1 => {
+                    *n -= 1;
+                    false
+                }
+                Some(_) => true,
+                None => false,
+            };
+            if last {
+                counts.remove(&page);
+                let _ = self.core.table.update(page * PAGE_SIZE, |e| {
+                    e.has(Flag::Pinned).then(|| e.without(Flag::Pinned))
+                });
+            }
+        }
+        Ok(())
+    }
+
+    /// The pinned guest pages (guest-physical addresses), in order.
+    pub fn pinned_pages(&self) -> Vec<u64> {
+        self.core
+            .pins
+            .pages()
+            .into_iter()
+            .map(|p| p * PAGE_SIZE)
+            .collect()
+    }
+
+    /// Pages whose table entry carries the pinned bit, in order (the table's
+    /// view, which tests compare with the pin counts).
+    pub fn table_pinned_pages(&self) -> Vec<u64> {
+        struct Pinned(Vec<u64>);
+        impl Walker for Pinned {
+            fn leaf(&mut self, gpa: u64, e: crate::entry::Entry) -> WalkAction {
+                if e.has(Flag::Pinned) {
+                    self.0.push(gpa);
+                }
+                WalkAction::Continue
+            }
+        }
+        let mut p = Pinned(Vec::new());
+        self.core.table.walk_range(0, self.size(), &mut p);
+        p.0
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    //! Real userfaultfd, real page frames: a pinned page must keep its
+    //! frame when the guest writes it (else the device and the guest part
+    //! ways), which `/proc/self/pagemap` shows (frame numbers need root;
+    //! those checks are skipped without them).
+
+    use super::*;
+    use crate::ram::RamConfig;
+    use crate::region::{BackingKind, RegionFlags};
+    use std::os::unix::fs::FileExt;
+
+    const MIB: u64 = 1 << 20;
+
+    fn frame(host: u64) -> Option<u64> {
+        let f = std::fs::File::open("/proc/self/pagemap").ok()?;
+        let mut w = [0u8; 8];
+        f.read_exact_at(&mut w, host / PAGE_SIZE * 8).ok()?;
+        let pm = u64::from_le_bytes(w);
+        let pfn = pm & ((1 << 55) - 1);
+        (pm >> 63 == 1 && pfn != 0).then_some(pfn)
+    }
+
+    fn store(ram: &GuestRam, gpa: u64, v: u64) {
+        // SAFETY: inside the live mapping of `ram`.
+        unsafe { ((ram.host_addr() + gpa) as *mut u64).write_volatile(v) };
+    }
+
+    fn load(ram: &GuestRam, gpa: u64) -> u64 {
+        // SAFETY: as above.
+        unsafe { ((ram.host_addr() + gpa) as *const u64).read_volatile() }
+    }
+
+    /// A memfd holding an image whose first two pages are not zero.
+    fn image() -> std::fs::File {
+        let fd = {
+            // SAFETY: memfd_create takes a NUL-terminated name and flags.
+            let fd = unsafe { libc::memfd_create(c"pin-test".as_ptr(), libc::MFD_CLOEXEC) };
+            assert!(fd >= 0);
+            // SAFETY: a new descriptor nothing else owns.
+            unsafe { <std::fs::File as std::os::fd::FromRawFd>::from_raw_fd(fd) }
+        };
+        fd.set_len(4 * MIB).expect("size");
+        fd.write_all_at(&[0xaa; 8192], 0).expect("write");
+        fd
+    }
+
+    #[test]
+    fn pinning_an_image_page_gives_the_vm_its_own_frame_first() {
+        let file = image();
+        let cfg = RamConfig {
+            backing: BackingKind::Memfd,
+            ..RamConfig::default()
+        };
+        let ram = GuestRam::from_file_private(4 * MIB, cfg, &file).expect("ram");
+        ram.mark_file_backed(&[0, 1]).expect("mark");
+        assert_eq!(load(&ram, 0) & 0xff, 0xaa); // mapped from the image
+        assert_eq!(ram.refresh_sharing().expect("pagemap").shared_pages, 1);
+        // A read-only pin unshares too (rule 13).
+        let pin = ram.pin(0, 2 * PAGE_SIZE, PinAccess::ReadOnly).expect("pin");
+        let s = ram.refresh_sharing().expect("pagemap");
+        assert_eq!((s.shared_pages, s.exclusive_pages), (0, 2));
+        assert_eq!(load(&ram, 0) & 0xff, 0xaa, "the unshare kept the content");
+        let before = frame(ram.host_addr());
+        store(&ram, 0, 7); // the guest writes the page the device reads
+        assert_eq!(
+            frame(ram.host_addr()),
+            before,
+            "the device and the guest share one frame"
+        );
+        let mut b = [0u8; 1];
+        file.read_exact_at(&mut b, 0).expect("read");
+        assert_eq!(b[0], 0xaa, "the image is untouched");
+        assert_eq!(ram.pinned_pages(), vec![0, PAGE_SIZE]);
+        assert_eq!(ram.table_pinned_pages(), vec![0, PAGE_SIZE]);
+        ram.unpin(pin).expect("unpin");
+        assert!(ram.pinned_pages().is_empty() && ram.table_pinned_pages().is_empty());
+    }
+
+    #[test]
+    fn pinning_a_zero_page_allocates_a_frame_and_pins_count() {
+        let ram = GuestRam::new(
+            4 * MIB,
+            RamConfig {
+                backing: BackingKind::Anon,
+                ..RamConfig::default()
+            },
+        )
+        .expect("ram");
+        assert_eq!(load(&ram, 0), 0); // a read: the shared zero page
+        let zero_before = ram.refresh_sharing().expect("pagemap").zero_pages;
+        let a = ram.pin(0, PAGE_SIZE, PinAccess::ReadWrite).expect("pin");
+        let b = ram.pin(0, PAGE_SIZE, PinAccess::ReadOnly).expect("pin");
+        let before = frame(ram.host_addr());
+        store(&ram, 0, 9);
+        assert_eq!(frame(ram.host_addr()), before);
+        // Page 0 left the zero page (its neighbours, faulted in around
+        // it, are still there).
+        let zero_after = ram.refresh_sharing().expect("pagemap").zero_pages;
+        if frame(ram.host_addr()).is_some() {
+            assert_eq!(zero_after + 1, zero_before);
+        }
+        // Pinned pages cannot be discarded; a page stays pinned while any
+        // pin holds it.
+        assert!(matches!(
+            ram.discard(0, PAGE_SIZE),
+            Err(RamError::Pinned(0))
+        ));
+        ram.unpin(a).expect("unpin");
+        assert!(matches!(
+            ram.discard(0, PAGE_SIZE),
+            Err(RamError::Pinned(0))
+        ));
+        ram.unpin(b).expect("unpin");
+        ram.discard(0, PAGE_SIZE).expect("discard");
+        assert_eq!(load(&ram, 0), 0);
+    }
+
+    #[test]
+    fn read_only_and_shared_regions_follow_rule_14() {
+        let ram = GuestRam::new(4 * MIB, RamConfig::default()).expect("ram");
+        let rom = RegionFlags {
+            read_only: true,
+            ..RegionFlags::default()
+        };
+        ram.add_region(64 * MIB, MIB, rom).expect("rom");
+        assert!(matches!(
+            ram.pin(64 * MIB, PAGE_SIZE, PinAccess::ReadWrite),
+            Err(RamError::ReadOnly(g)) if g == 64 * MIB
+        ));
+        let p = ram
+            .pin(64 * MIB, PAGE_SIZE, PinAccess::ReadOnly)
+            .expect("a read-only pin of a ROM");
+        ram.unpin(p).expect("unpin");
+        // A shared (memfd, not copy-on-write) region: the unshare keeps
+        // the very frame that is there.
+        let shared = RegionFlags {
+            shared: true,
+            ..RegionFlags::default()
+        };
+        let r = ram.add_region(80 * MIB, MIB, shared).expect("shared");
+        // SAFETY: inside the region's live mapping.
+        unsafe { (r.host_of(80 * MIB) as *mut u64).write_volatile(5) };
+        let before = frame(r.host_of(80 * MIB));
+        let p = ram
+            .pin(80 * MIB, PAGE_SIZE, PinAccess::ReadWrite)
+            .expect("pin");
+        assert_eq!(frame(r.host_of(80 * MIB)), before);
+        ram.unpin(p).expect("unpin");
+        // Out of range and unaligned pins are refused.
+        assert!(ram.pin(3, PAGE_SIZE, PinAccess::ReadOnly).is_err());
+        assert!(ram.pin(0, 0, PinAccess::ReadOnly).is_err());
+        assert!(ram.pin(200 * MIB, PAGE_SIZE, PinAccess::ReadOnly).is_err());
+    }
+
+    #[test]
+    fn a_fork_copies_pinned_pages_and_shares_the_rest_copy_on_write() {
+        let ram = GuestRam::new(4 * MIB, RamConfig::default()).expect("ram");
+        store(&ram, 0, 1); // shared with the child
+        store(&ram, PAGE_SIZE, 2); // pinned: copied for the child
+        let pin = ram
+            .pin(PAGE_SIZE, PAGE_SIZE, PinAccess::ReadWrite)
+            .expect("pin");
+        let pinned_frame = frame(ram.host_addr() + PAGE_SIZE);
+        let image = ram.freeze_for_fork().expect("freeze");
+        assert_eq!(image.pinned_copies.len(), 1);
+        let child =
+            GuestRam::from_file_private(4 * MIB, RamConfig::default(), &image.file).expect("child");
+        child.mark_file_backed(&[0, 1]).expect("mark");
+        child.adopt_pinned_copies(&image).expect("adopt");
+        // The parent writes both pages after the fork; the device writes
+        // the pinned one too (through the parent's mapping: the same frame).
+        store(&ram, 0, 10);
+        store(&ram, PAGE_SIZE, 20);
+        assert_eq!(frame(ram.host_addr() + PAGE_SIZE), pinned_frame);
+        assert_eq!((load(&child, 0), load(&child, PAGE_SIZE)), (1, 2));
+        // And the child's writes stay its own.
+        store(&child, 0, 100);
+        store(&child, PAGE_SIZE, 200);
+        assert_eq!((load(&ram, 0), load(&ram, PAGE_SIZE)), (10, 20));
+        let s = child.refresh_sharing().expect("pagemap");
+        assert_eq!(s.exclusive_pages, 2);
+        ram.unpin(pin).expect("unpin");
+    }
+}
