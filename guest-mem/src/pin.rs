@@ -191,6 +191,52 @@ impl GuestRam {
         Ok(())
     }
 
+    /// A device is about to write `[gpa, gpa + len)` through its pin,
+    /// behind the page tables' back (no write fault, no write-protect, no
+    /// KVM dirty log): a live snapshot in progress copies those pages
+    /// first, exactly as a write fault would have made it.
+    pub fn before_device_write(&self, gpa: u64, len: u64) -> Result<(), RamError> {
+        let end = gpa
+            .checked_add(len)
+            .ok_or(RamError::OutOfRange { addr: gpa, len })?;
+        let Some(lc) = self.core.live_copy.load_full() else {
+            return Ok(());
+        };
+        for region in self.regions() {
+            let lo = gpa.max(region.gpa) & !(PAGE_SIZE - 1);
+            let hi = end.min(region.gpa + region.size);
+            if lo >= hi {
+                continue;
+            }
+            let _g = region.lock.lock().unwrap_or_else(|e| e.into_inner());
+            let mut page = lo;
+            while page < hi {
+                if self.core.table.get(page).is_present() && lc.claim(page / PAGE_SIZE) {
+                    lc.copy(page / PAGE_SIZE, region.host_of(page));
+                    lc.by_faults
+                        .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                }
+                page += PAGE_SIZE;
+            }
+        }
+        Ok(())
+    }
+
+    /// A device wrote `[gpa, gpa + len)`: the pages are dirty in the table
+    /// and in the log of writes the VMM makes itself, which every dirty
+    /// tracker merges into its rounds.
+    pub fn after_device_write(&self, gpa: u64, len: u64) {
+        self.host_dirty.mark(gpa, len);
+        let mut page = gpa & !(PAGE_SIZE - 1);
+        while page < gpa.saturating_add(len) {
+            let _ = self
+                .core
+                .table
+                .update(page, |e| e.is_present().then(|| e.with(Flag::Dirty)));
+            page += PAGE_SIZE;
+        }
+    }
+
     /// The pinned guest pages (guest-physical addresses), in order.
     pub fn pinned_pages(&self) -> Vec<u64> {
         self.core

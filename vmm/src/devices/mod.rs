@@ -1,5 +1,6 @@
-//! Port-I/O devices each vCPU thread decodes: the COM1 serial line and the
-//! structured control port.
+//! Port-I/O devices each vCPU thread decodes: the COM1 serial line, the
+//! structured control port, and the io_uring block device.
 
+pub mod block;
 pub mod control_port;
 pub mod serial;

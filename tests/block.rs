@@ -1,0 +1,144 @@
+//! The io_uring block device and the classic lost-write scenario: guest
+//! memory shared copy-on-write with clones, a device pin on one page, the
+//! guest and the device writing it in turn. Whoever wrote last must be
+//! what the other sees; the clones and the image never change.
+
+use guest_mem::pin::PinAccess;
+use guest_mem::{BackingKind, GuestRam, RamConfig, RegionFlags};
+use std::os::unix::fs::FileExt;
+use std::sync::Arc;
+use vmm::devices::block::{BlockDevice, BLOCK_BYTES};
+
+const MIB: u64 = 1 << 20;
+const P: u64 = 0x10000;
+const Q: u64 = 0x20000;
+
+fn memfd(name: &std::ffi::CStr, len: u64) -> std::fs::File {
+    // SAFETY: memfd_create takes a NUL-terminated name and flags.
+    let fd = unsafe { libc::memfd_create(name.as_ptr(), libc::MFD_CLOEXEC) };
+    assert!(fd >= 0, "memfd_create");
+    // SAFETY: a new descriptor nothing else owns.
+    let f = unsafe { <std::fs::File as std::os::fd::FromRawFd>::from_raw_fd(fd) };
+    f.set_len(len).expect("size");
+    f
+}
+
+/// An image with pages P and Q filled, and two clones of it alive.
+fn clones() -> (std::fs::File, Arc<GuestRam>, Arc<GuestRam>) {
+    let image = memfd(c"image", 4 * MIB);
+    image.write_all_at(&[b'A'; 4096], P).expect("P");
+    image.write_all_at(&[b'a'; 4096], Q).expect("Q");
+    let cfg = RamConfig {
+        backing: BackingKind::Memfd,
+        ..RamConfig::default()
+    };
+    let clone = || {
+        let r = GuestRam::from_file_private(4 * MIB, cfg, &image).expect("clone");
+        r.mark_file_backed(&[P / 4096, Q / 4096]).expect("mark");
+        Arc::new(r)
+    };
+    let (a, b) = (clone(), clone());
+    (image, a, b)
+}
+
+fn byte(ram: &GuestRam, gpa: u64) -> u8 {
+    let mut b = [0u8; 1];
+    ram.read(gpa, &mut b).expect("read");
+    b[0]
+}
+
+fn guest_write(ram: &GuestRam, gpa: u64, v: u8) {
+    // The guest's store: through the mapping, as KVM's would be.
+    // SAFETY: inside the live mapping of `ram`.
+    unsafe { std::ptr::write_bytes((ram.host_addr() + gpa) as *mut u8, v, 4096) };
+}
+
+fn block(file: &std::fs::File, b: u64) -> u8 {
+    let mut x = [0u8; 1];
+    file.read_exact_at(&mut x, b * BLOCK_BYTES).expect("block");
+    x[0]
+}
+
+#[test]
+fn a_pinned_page_the_guest_writes_reaches_the_file_with_the_guests_data() {
+    let (image, vm, sibling) = clones();
+    let disk = memfd(c"disk", 16 * BLOCK_BYTES);
+    let dev = BlockDevice::new(vm.clone(), disk.try_clone().expect("dup"), 16, 1).expect("device");
+    // The device pins P read-only while it is still the image's page...
+    dev.map(40, P, PinAccess::ReadOnly).expect("map");
+    // ... the guest writes it, the device writes it out.
+    guest_write(&vm, P, b'B');
+    dev.write_slot(40, 3).expect("write");
+    assert_eq!(
+        block(&disk, 3),
+        b'B',
+        "the file holds the guest's latest data"
+    );
+    guest_write(&vm, P, b'C');
+    dev.write_slot(40, 4).expect("write");
+    assert_eq!(block(&disk, 4), b'C');
+    dev.unmap(40).expect("unmap");
+    // Nobody else saw any of it.
+    assert_eq!(byte(&sibling, P), b'A');
+    let mut x = [0u8; 1];
+    image.read_exact_at(&mut x, P).expect("image");
+    assert_eq!(x[0], b'A');
+    assert_eq!(dev.stats().errors, 0);
+}
+
+#[test]
+fn a_device_write_into_a_pinned_page_is_what_the_guest_reads() {
+    let (image, vm, sibling) = clones();
+    let disk = memfd(c"disk", 16 * BLOCK_BYTES);
+    disk.write_all_at(&[b'D'; 4096], 5 * BLOCK_BYTES)
+        .expect("block 5");
+    let dev = BlockDevice::new(vm.clone(), disk.try_clone().expect("dup"), 16, 1).expect("device");
+    vm.host_dirty().set_enabled(true); // as a dirty tracker would
+    dev.map(41, Q, PinAccess::ReadWrite).expect("map");
+    dev.read_slot(41, 5).expect("read");
+    // The device's write is recorded for the dirty trackers and the table.
+    assert!(vm.host_dirty().take().contains(&(Q / 4096)));
+    assert!(vm.table().get(Q).has(guest_mem::Flag::Dirty));
+    assert_eq!(byte(&vm, Q), b'D', "the guest sees the device's data");
+    // The guest writes on; the device reads the page back out.
+    guest_write(&vm, Q, b'E');
+    dev.write_slot(41, 6).expect("write");
+    assert_eq!(block(&disk, 6), b'E');
+    dev.unmap(41).expect("unmap");
+    assert_eq!(byte(&sibling, Q), b'a');
+    let mut x = [0u8; 1];
+    image.read_exact_at(&mut x, Q).expect("image");
+    assert_eq!(x[0], b'a');
+}
+
+#[test]
+fn bad_device_requests_are_refused() {
+    let ram = Arc::new(GuestRam::new(4 * MIB, RamConfig::default()).expect("ram"));
+    let rom = RegionFlags {
+        read_only: true,
+        ..RegionFlags::default()
+    };
+    ram.add_region(64 * MIB, MIB, rom).expect("rom");
+    let disk = memfd(c"disk", 0);
+    let dev = BlockDevice::new(ram.clone(), disk, 4, 1).expect("device");
+    // Rule 14: the device may not write a read-only region.
+    let e = dev
+        .map(1, 64 * MIB, PinAccess::ReadWrite)
+        .expect_err("read-only");
+    assert!(e.to_string().contains("read-only"), "{e}");
+    dev.map(1, 64 * MIB, PinAccess::ReadOnly)
+        .expect("read-only pin");
+    assert!(
+        dev.read_slot(1, 0).is_err(),
+        "a read-only slot is never written"
+    );
+    dev.unmap(1).expect("unmap");
+    dev.map(2, 0, PinAccess::ReadWrite).expect("map");
+    assert!(dev.write_slot(2, 4).is_err(), "block 4 of 4");
+    assert!(
+        dev.map(2, 4096, PinAccess::ReadOnly).is_err(),
+        "slot in use"
+    );
+    assert!(dev.unmap(3).is_err(), "not mapped");
+    dev.unmap(2).expect("unmap");
+}
