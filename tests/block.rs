@@ -3,6 +3,8 @@
 //! guest and the device writing it in turn. Whoever wrote last must be
 //! what the other sees; the clones and the image never change.
 
+mod common;
+
 use guest_mem::pin::PinAccess;
 use guest_mem::{BackingKind, GuestRam, RamConfig, RegionFlags};
 use std::os::unix::fs::FileExt;
@@ -141,4 +143,115 @@ fn bad_device_requests_are_refused() {
     );
     assert!(dev.unmap(3).is_err(), "not mapped");
     dev.unmap(2).expect("unmap");
+}
+
+mod cli {
+    //! The `io` workload through the CLI: the guest drives the device.
+
+    use super::common::*;
+
+    fn snap_dir(name: &str) -> std::path::PathBuf {
+        let base = if std::path::Path::new("/dev/shm").is_dir() {
+            std::path::PathBuf::from("/dev/shm")
+        } else {
+            std::env::temp_dir()
+        };
+        let d = base.join(format!("vmm-block-{}-{name}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&d);
+        d
+    }
+
+    #[test]
+    fn the_io_workload_drives_the_device_and_verifies() {
+        let j = run_ok(&[
+            "run",
+            "--json",
+            "--workload",
+            "io",
+            "--vcpus",
+            "2",
+            "--pages",
+            "64",
+            "--passes",
+            "2",
+        ]);
+        assert_eq!(j["verify_mismatches"], 0, "{j}");
+        assert_eq!(j["block"]["blocks_written"], 2 * 64 * 2);
+        assert_eq!(j["block"]["blocks_read"], 2 * 64 * 2 / 8);
+        assert_eq!(j["block"]["errors"], 0);
+    }
+
+    #[test]
+    fn a_live_snapshot_taken_while_the_device_writes_restores_with_zero_mismatches() {
+        let dir = snap_dir("live");
+        let d = dir.to_str().expect("utf-8");
+        let j = run_ok(&[
+            "run",
+            "--json",
+            "--workload",
+            "io",
+            "--vcpus",
+            "2",
+            "--pages",
+            "128",
+            "--passes",
+            "3",
+            "--snapshot",
+            d,
+            "--snapshot-after-pages",
+            "300",
+        ]);
+        assert_eq!(j["snapshots"][0]["mode"], "live", "{j}");
+        assert!(
+            dir.join("disk.bin").exists(),
+            "the disk travels with the snapshot"
+        );
+        for mode in ["eager", "uffd", "mmap"] {
+            let r = run_ok(&["restore", d, "--mode", mode, "--verify", "--json"]);
+            assert_eq!(r["verify_mismatches"], 0, "{mode}: {r}");
+            assert_eq!(r["host_verify_mismatches"], 0, "{mode}: {r}");
+            assert_eq!(r["block"]["errors"], 0, "{mode}: {r}");
+        }
+        // A clone and a fork child each get their own copy of the disk.
+        let c = run_ok(&["clone", d, "--count", "2", "--json"]);
+        assert_eq!(c["status"], "ok", "{c}");
+        // A corrupt disk image is refused, naming it.
+        let mut disk = std::fs::read(dir.join("disk.bin")).expect("disk");
+        disk[4096] ^= 1;
+        std::fs::write(dir.join("disk.bin"), disk).expect("write");
+        let o = vmm(&["restore", d, "--json"], T);
+        assert_eq!(o.code, 1, "{}", o.stdout);
+        assert!(
+            o.json()["error"]
+                .as_str()
+                .unwrap_or("")
+                .contains("disk image is corrupt"),
+            "{}",
+            o.stdout
+        );
+        let _ = std::fs::remove_dir_all(&dir);
+    }
+
+    #[test]
+    fn fork_children_get_their_own_disk() {
+        let j = run_ok(&[
+            "run",
+            "--json",
+            "--workload",
+            "io",
+            "--pages",
+            "128",
+            "--passes",
+            "3",
+            "--fork-after-pages",
+            "200",
+            "--forks",
+            "2",
+        ]);
+        assert_eq!(j["status"], "ok", "{j}");
+        for c in j["forks"][0]["children"].as_array().expect("children") {
+            assert_eq!(c["status"], "ok", "{c}");
+            assert_eq!(c["verify_mismatches"], 0, "{c}");
+        }
+    }
 }

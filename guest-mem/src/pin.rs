@@ -275,6 +275,7 @@ mod tests {
     use super::*;
     use crate::ram::RamConfig;
     use crate::region::{BackingKind, RegionFlags};
+    use std::os::fd::AsRawFd;
     use std::os::unix::fs::FileExt;
 
     const MIB: u64 = 1 << 20;
@@ -418,6 +419,51 @@ mod tests {
         assert!(ram.pin(3, PAGE_SIZE, PinAccess::ReadOnly).is_err());
         assert!(ram.pin(0, 0, PinAccess::ReadOnly).is_err());
         assert!(ram.pin(200 * MIB, PAGE_SIZE, PinAccess::ReadOnly).is_err());
+    }
+
+    #[test]
+    fn a_device_write_during_a_live_snapshot_leaves_the_snapshot_the_old_page() {
+        let ram = GuestRam::new(4 * MIB, RamConfig::default()).expect("ram");
+        store(&ram, 0, 1);
+        let pin = ram.pin(0, PAGE_SIZE, PinAccess::ReadWrite).expect("pin");
+        ram.live_protect().expect("protect");
+        let out = image();
+        out.set_len(4 * MIB).expect("size");
+        let lc = ram
+            .live_freeze(out.try_clone().expect("dup"), |_, _| 0)
+            .expect("freeze");
+        // The device writes the pinned page behind the page tables' back:
+        // through a second mapping of the memfd, which the write-protect
+        // of the guest's mapping does not cover (as a DMA write would not).
+        let memfd = ram.regions()[0].mapping.memfd().expect("memfd").as_raw_fd();
+        // SAFETY: a new shared mapping of the memfd's first page, unmapped
+        // below; the write lands in the page the guest maps.
+        unsafe {
+            let dma = libc::mmap(
+                std::ptr::null_mut(),
+                PAGE_SIZE as usize,
+                libc::PROT_READ | libc::PROT_WRITE,
+                libc::MAP_SHARED,
+                memfd,
+                0,
+            );
+            assert_ne!(dma, libc::MAP_FAILED);
+            ram.before_device_write(0, PAGE_SIZE).expect("copy first");
+            (dma as *mut u64).write_volatile(2);
+            ram.after_device_write(0, PAGE_SIZE);
+            libc::munmap(dma, PAGE_SIZE as usize);
+        }
+        ram.live_write_all(&lc);
+        ram.live_finish().expect("finish");
+        let mut w = [0u8; 8];
+        out.read_exact_at(&mut w, 0).expect("read");
+        assert_eq!(
+            u64::from_le_bytes(w),
+            1,
+            "the snapshot holds the page as it was"
+        );
+        assert_eq!(load(&ram, 0), 2);
+        ram.unpin(pin).expect("unpin");
     }
 
     #[test]

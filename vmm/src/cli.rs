@@ -364,6 +364,11 @@ pub struct RunArgs {
     /// Snapshot flags.
     #[command(flatten)]
     pub snap: SnapshotArgs,
+    /// The block device's backing file for the io workload (created if
+    /// missing, sized to one 4 KiB block per page of every vCPU; default:
+    /// an unnamed temporary file).
+    #[arg(long)]
+    pub block_file: Option<PathBuf>,
     /// Fork the running VM once the guest has made this many page stores
     /// (all vCPUs): children share its memory copy-on-write and run on.
     #[arg(long, requires = "forks")]
@@ -406,6 +411,10 @@ impl RunArgs {
             },
             round_per_pass: self.track.is_some(),
             track: self.track,
+            disk: self
+                .block_file
+                .clone()
+                .map_or_else(Default::default, crate::devices::block::DiskSource::File),
         }
     }
 }

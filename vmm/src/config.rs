@@ -44,6 +44,8 @@ pub struct VmConfig {
     pub round_per_pass: bool,
     /// Dirty-page tracking backend, if any.
     pub track: Option<crate::dirty::TrackerKind>,
+    /// Where the block device's disk comes from (`io` workload).
+    pub disk: crate::devices::block::DiskSource,
 }
 
 impl Default for VmConfig {
@@ -62,6 +64,7 @@ impl Default for VmConfig {
             ram: RamConfig::default(),
             round_per_pass: false,
             track: None,
+            disk: Default::default(),
         }
     }
 }

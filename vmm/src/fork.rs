@@ -202,16 +202,31 @@ pub fn fork_vm(vm: &mut VmHandle, opts: ForkOptions) -> Result<PendingFork, RunE
             Ok((vm_state, image))
         });
     let command_seq = vm.command_seqs();
+    // The block device's disk as it is now: each child starts from a copy.
+    let disk = vm
+        .block()
+        .map(|b| b.save_disk().map(|(f, crc)| (f, crc, b.blocks())))
+        .transpose()
+        .map_err(|e| fail(e.to_string()));
     vm.resume();
     let pause_us = start.elapsed().as_micros() as u64;
     let (vm_state, image) = frozen?;
+    let disk = disk?;
     let state = SnapshotState {
         id: *uuid::Uuid::new_v4().as_bytes(),
         mode: "fork".into(),
         machine: vm.machine().clone(),
         vcpus,
         vm: vm_state,
-        devices: DeviceState { command_seq },
+        devices: DeviceState {
+            command_seq,
+            disk: disk
+                .as_ref()
+                .map(|(_, crc, blocks)| crate::snapshot::state::DiskDesc {
+                    blocks: *blocks,
+                    crc: *crc,
+                }),
+        },
         markers: markers_of(vm.ram()),
         working_set: Vec::new(),
         memory: MemoryDesc {
@@ -221,7 +236,14 @@ pub fn fork_vm(vm: &mut VmHandle, opts: ForkOptions) -> Result<PendingFork, RunE
         },
         diff: None,
     };
-    let config = config_of(&state).map_err(RunError::from)?;
+    let mut config = config_of(&state).map_err(RunError::from)?;
+    if let Some((file, crc, blocks)) = disk {
+        config.disk = crate::devices::block::DiskSource::CopyOf {
+            image: Arc::new(file),
+            blocks,
+            crc,
+        };
+    }
     // The pages the image holds (those the parent had populated).
     let populated = vm.ram().populated_pages();
     // Every child's machine first: a failure drops them all before any

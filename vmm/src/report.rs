@@ -213,6 +213,9 @@ pub struct RunReport {
     /// Snapshots taken during the run.
     #[serde(skip_serializing_if = "Vec::is_empty")]
     pub snapshots: Vec<crate::snapshot::writer::SnapshotReport>,
+    /// The block device's work (`io` workload).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub block: Option<crate::devices::block::BlockStats>,
     /// Forks made during the run, with their children's outcomes.
     #[serde(skip_serializing_if = "Vec::is_empty")]
     pub forks: Vec<crate::fork::ForkReport>,

@@ -244,6 +244,8 @@ pub struct VmHandle {
     pub pending_snapshots: Vec<PendingSnapshot>,
     /// Forks whose children still run.
     pub pending_forks: Vec<crate::fork::PendingFork>,
+    /// The block device (`io` workload).
+    block: Option<Arc<crate::devices::block::BlockDevice>>,
     /// Forks whose children all ended.
     pub forks: Vec<crate::fork::ForkReport>,
 }
@@ -252,6 +254,11 @@ impl VmHandle {
     /// Guest RAM.
     pub fn ram(&self) -> &GuestRam {
         &self.ram
+    }
+
+    /// The block device, if the VM has one.
+    pub fn block(&self) -> Option<&Arc<crate::devices::block::BlockDevice>> {
+        self.block.as_ref()
     }
 
     /// Guest RAM, shared (for work that outlives the call, e.g. a live
@@ -531,6 +538,19 @@ pub fn supervise(
     let first_run = Arc::new(OnceLock::new());
     let exited: Arc<Vec<AtomicBool>> =
         Arc::new((0..vcpu_count).map(|_| AtomicBool::new(false)).collect());
+    // The io workload's block device, on the vCPU threads' ports.
+    let block = if config.workload == guest_protocol::Workload::Io {
+        let blocks = config.vcpus as u64 * config.pages;
+        let dev = crate::devices::block::BlockDevice::from_source(
+            ram.clone(),
+            &config.disk,
+            blocks,
+            config.vcpus,
+        );
+        Some(Arc::new(dev.map_err(|e| RunError::Runtime(e.to_string()))?))
+    } else {
+        None
+    };
     let mut threads = Vec::with_capacity(vcpu_count);
     for (i, fd) in fds.into_iter().enumerate() {
         let runner = VcpuRunner::new(
@@ -543,7 +563,8 @@ pub fn supervise(
         )
         .with_ring_full_handler(ring_full.clone())
         .with_capture(capture.clone(), cpuid.clone())
-        .with_first_run(first_run.clone());
+        .with_first_run(first_run.clone())
+        .with_block(block.clone());
         let exited = exited.clone();
         let t = std::thread::Builder::new()
             .name(format!("vcpu{i}"))
@@ -581,6 +602,7 @@ pub fn supervise(
         pending_snapshots: Vec::new(),
         pending_forks: Vec::new(),
         forks: Vec::new(),
+        block: block.clone(),
     };
     if let Some((op, arg)) = initial {
         if let Err(e) = handle.broadcast(op, arg) {
@@ -622,6 +644,7 @@ pub fn supervise(
     };
     let mut report = sup.into_report(config, &ram, since_created(&first_io));
     report.first_run_us = since_created(&first_run);
+    report.block = block.map(|b| b.stats());
     drop(vm);
     Ok(report)
 }
@@ -1160,6 +1183,7 @@ impl Supervisor {
             tracking: tracking_report,
             snapshots: std::mem::take(&mut self.handle.snapshots),
             forks: std::mem::take(&mut self.handle.forks),
+            block: None,
             serial: self.serial,
         }
     }

@@ -1,13 +1,41 @@
 //! Port I/O: the serial line and the structured control port.
 
 use core::arch::asm;
-use guest_protocol::control::{Event, ARG_HI_PORT, ARG_LO_PORT, CONTROL_PORT, SERIAL_PORT};
+use guest_protocol::control::{
+    Event, ARG_HI_PORT, ARG_LO_PORT, BLOCK_BLOCK_PORT, BLOCK_CMD_PORT, BLOCK_PAGE_PORT,
+    CONTROL_PORT, SERIAL_PORT,
+};
 
 fn outl(port: u16, value: u32) {
     // SAFETY: port I/O has no memory effects in this guest; the VMM owns every port.
     unsafe {
         asm!("out dx, eax", in("dx") port, in("eax") value, options(nomem, nostack, preserves_flags))
     };
+}
+
+fn outb(port: u16, value: u8) {
+    // SAFETY: as for `outl`.
+    unsafe {
+        asm!("out dx, al", in("dx") port, in("al") value, options(nomem, nostack, preserves_flags))
+    };
+}
+
+fn inb(port: u16) -> u8 {
+    let v: u8;
+    // SAFETY: as for `outl`.
+    unsafe {
+        asm!("in al, dx", in("dx") port, out("al") v, options(nomem, nostack, preserves_flags))
+    };
+    v
+}
+
+/// Asks the block device to run `cmd` on guest page number `page` and
+/// block `block`; returns its status (0: done).
+pub fn block(cmd: u8, page: u64, block: u64) -> u8 {
+    outl(BLOCK_PAGE_PORT, page as u32);
+    outl(BLOCK_BLOCK_PORT, block as u32);
+    outb(BLOCK_CMD_PORT, cmd);
+    inb(BLOCK_CMD_PORT)
 }
 
 /// Reports `event` with `arg` on the control port.

@@ -6,7 +6,7 @@ use core::ptr::{read_volatile, write_volatile};
 use guest_protocol::boot_info::{
     BootInfo, Command, CommandOp, VcpuState, Workload, FLAG_ROUND_PER_PASS, POLL_INTERVAL,
 };
-use guest_protocol::control::Event;
+use guest_protocol::control::{Event, BLOCK_CMD_READ, BLOCK_CMD_WRITE};
 use guest_protocol::layout::{WorkArea, PAGE_SIZE};
 use guest_protocol::oracle;
 use guest_protocol::schedule::{word, PassSteps, ScheduleParams, Step};
@@ -31,6 +31,26 @@ struct Ctx {
 impl Ctx {
     fn page_ptr(&self, vcpu: u64, page: u64) -> *mut u64 {
         self.area.page_gpa(vcpu, page) as *mut u64
+    }
+
+    /// The `io` workload after a page store: the block device copies the
+    /// page out to this vCPU's block for it; every 8th page the block comes
+    /// back into the vCPU's scratch page and must hold the word just
+    /// stored. A failed request or a wrong word counts as a read mismatch.
+    fn copy_out(&self, page: u64, seed: u64, pass: u64) {
+        let gpa = self.area.page_gpa(self.vcpu, page);
+        let block = self.vcpu * self.params.pages + page;
+        let mut bad = io::block(BLOCK_CMD_WRITE, gpa / PAGE_SIZE, block) != 0;
+        if page % 8 == 7 {
+            let scratch = self.area.vcpu_scratch_gpa(self.vcpu);
+            bad |= io::block(BLOCK_CMD_READ, scratch / PAGE_SIZE, block) != 0;
+            // SAFETY: the vCPU's own scratch page, identity-mapped.
+            let got = unsafe { read_volatile(scratch as *const u64) };
+            bad |= got != word(seed, self.vcpu, pass, page);
+        }
+        if bad {
+            self.state().read_mismatches += 1;
+        }
     }
 
     fn cursor(&self) -> u64 {
@@ -254,6 +274,9 @@ fn run_steps(ctx: &Ctx) {
                     )
                 };
                 ctx.add_pages_written();
+                if params.workload == Workload::Io {
+                    ctx.copy_out(page, seed, pass);
+                }
             }
             Step::Read {
                 vcpu,

@@ -34,16 +34,21 @@ pub enum Workload {
     Mixed = 4,
     /// Poll the command word until told to stop.
     Idle = 5,
+    /// `seq-write`, and after each page store the block device copies the
+    /// page out to the vCPU's block for it; every 8th page the guest reads
+    /// the block back into its scratch page and checks it.
+    Io = 6,
 }
 
 impl Workload {
     /// All workloads, in CLI order.
-    pub const ALL: [Workload; 5] = [
+    pub const ALL: [Workload; 6] = [
         Workload::SeqWrite,
         Workload::RandWrite,
         Workload::Read,
         Workload::Mixed,
         Workload::Idle,
+        Workload::Io,
     ];
 
     /// Decodes `BootInfo::workload`.
@@ -59,6 +64,7 @@ impl Workload {
             Workload::Read => "read",
             Workload::Mixed => "mixed",
             Workload::Idle => "idle",
+            Workload::Io => "io",
         }
     }
 

@@ -19,6 +19,18 @@ pub const ARG_LO_PORT: u16 = 0x504;
 /// High half of the next event's argument.
 pub const ARG_HI_PORT: u16 = 0x508;
 
+/// Block device: argument A, a guest page number (32-bit out).
+pub const BLOCK_PAGE_PORT: u16 = 0x520;
+/// Block device: argument B, a block number (32-bit out).
+pub const BLOCK_BLOCK_PORT: u16 = 0x524;
+/// Block device: the command (8-bit out) and this vCPU's last status
+/// (8-bit in: 0 ok).
+pub const BLOCK_CMD_PORT: u16 = 0x528;
+/// Block command: write guest page A to block B.
+pub const BLOCK_CMD_WRITE: u8 = 1;
+/// Block command: read block B into guest page A.
+pub const BLOCK_CMD_READ: u8 = 2;
+
 /// Events a vCPU reports on [`CONTROL_PORT`].
 #[repr(u32)]
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]

@@ -139,7 +139,7 @@ impl PassSteps {
         let i = self.index;
         self.index += 1;
         match p.workload {
-            Workload::SeqWrite => Step::Write { page: i },
+            Workload::SeqWrite | Workload::Io => Step::Write { page: i },
             Workload::RandWrite => Step::Write {
                 page: self.rng.next() % p.pages,
             },

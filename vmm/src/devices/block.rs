@@ -32,24 +32,15 @@ use std::fs::File;
 use std::os::fd::AsRawFd;
 use std::sync::{Arc, Mutex};
 
-/// First port of the device.
-pub const BLOCK_PORT_BASE: u16 = 0x520;
-/// Argument A (a guest page number).
-pub const BLOCK_PORT_PAGE: u16 = BLOCK_PORT_BASE;
-/// Argument B (a block number).
-pub const BLOCK_PORT_BLOCK: u16 = BLOCK_PORT_BASE + 4;
-/// Command (out) and status (in).
-pub const BLOCK_PORT_CMD: u16 = BLOCK_PORT_BASE + 8;
+pub use guest_protocol::control::{
+    BLOCK_BLOCK_PORT as BLOCK_PORT_BLOCK, BLOCK_CMD_PORT as BLOCK_PORT_CMD,
+    BLOCK_CMD_READ as CMD_READ, BLOCK_CMD_WRITE as CMD_WRITE, BLOCK_PAGE_PORT as BLOCK_PORT_PAGE,
+};
 /// Bytes per block: one guest page.
 pub const BLOCK_BYTES: u64 = 4096;
 /// Registered-buffer slots of the ring (one per vCPU for the port
 /// commands, the rest for long-lived mappings).
 pub const SLOTS: u32 = 64;
-
-/// Commands.
-pub const CMD_WRITE: u8 = 1;
-/// Read a block into a page.
-pub const CMD_READ: u8 = 2;
 
 /// A command's outcome, as the guest reads it.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -114,6 +105,27 @@ impl BlockError {
     }
 }
 
+/// Where the device's disk comes from.
+#[derive(Clone, Debug, Default)]
+pub enum DiskSource {
+    /// An unnamed temporary file, empty.
+    #[default]
+    Temporary,
+    /// This file, used (and changed) in place.
+    File(std::path::PathBuf),
+    /// An unnamed temporary file starting as a copy of this image (a
+    /// snapshot's `disk.bin`, a fork parent's disk), checked against its
+    /// size and CRC first; the image is never changed.
+    CopyOf {
+        /// The image.
+        image: Arc<File>,
+        /// Its blocks.
+        blocks: u64,
+        /// Its CRC32.
+        crc: u32,
+    },
+}
+
 /// What the device did.
 #[derive(Clone, Copy, Debug, Default, serde::Serialize)]
 pub struct BlockStats {
@@ -140,6 +152,30 @@ pub struct BlockDevice {
     /// Per vCPU: arguments A and B, and the last status.
     regs: Mutex<Vec<(u32, u32, u8)>>,
     stats: Mutex<BlockStats>,
+}
+
+/// Copies `len` bytes of `from` into `to` (sized to `len`) and returns
+/// their CRC32; holes are read as zeros.
+fn copy_file(from: &File, to: &File, len: u64) -> Result<u32, BlockError> {
+    use std::os::unix::fs::FileExt;
+    let io = |source| BlockError::File {
+        path: "(disk copy)".into(),
+        source,
+    };
+    to.set_len(len).map_err(io)?;
+    let mut crc = crc32fast::Hasher::new();
+    let mut buf = vec![0u8; (1 << 20).min(len as usize)];
+    let mut at = 0;
+    while at < len {
+        let n = ((len - at) as usize).min(buf.len());
+        from.read_exact_at(&mut buf[..n], at).map_err(io)?;
+        crc.update(&buf[..n]);
+        if buf[..n].iter().any(|b| *b != 0) {
+            to.write_all_at(&buf[..n], at).map_err(io)?;
+        }
+        at += n as u64;
+    }
+    Ok(crc.finalize())
 }
 
 /// Raises the soft `RLIMIT_MEMLOCK` to the hard one: fixed buffers count
@@ -212,6 +248,104 @@ impl BlockDevice {
                 source,
             })?;
         BlockDevice::new(ram, file, blocks, vcpus)
+    }
+
+    /// A device over an unnamed temporary file (`O_TMPFILE` in the
+    /// temporary directory: gone when the device is).
+    pub fn anonymous(
+        ram: Arc<GuestRam>,
+        blocks: u64,
+        vcpus: u32,
+    ) -> Result<BlockDevice, BlockError> {
+        use std::os::unix::fs::OpenOptionsExt;
+        let dir = std::env::temp_dir();
+        let file = std::fs::OpenOptions::new()
+            .read(true)
+            .write(true)
+            .custom_flags(libc::O_TMPFILE)
+            .mode(0o600)
+            .open(&dir)
+            .map_err(|source| BlockError::File {
+                path: format!("an unnamed file in {}", dir.display()),
+                source,
+            })?;
+        BlockDevice::new(ram, file, blocks, vcpus)
+    }
+
+    /// A device whose disk comes from `source`.
+    pub fn from_source(
+        ram: Arc<GuestRam>,
+        source: &DiskSource,
+        blocks: u64,
+        vcpus: u32,
+    ) -> Result<BlockDevice, BlockError> {
+        match source {
+            DiskSource::Temporary => BlockDevice::anonymous(ram, blocks, vcpus),
+            DiskSource::File(p) => BlockDevice::open(ram, p, blocks, vcpus),
+            DiskSource::CopyOf {
+                image,
+                blocks: b,
+                crc,
+            } => {
+                if *b != blocks {
+                    return Err(BlockError::BadRequest(format!(
+                        "the disk image has {b} blocks, the guest needs {blocks}"
+                    )));
+                }
+                let dev = BlockDevice::anonymous(ram, blocks, vcpus)?;
+                let got = copy_file(image, &dev.file, blocks * BLOCK_BYTES)?;
+                if got != *crc {
+                    return Err(BlockError::BadRequest(format!(
+                        "the disk image is corrupt (CRC {got:#010x}, expected {crc:#010x})"
+                    )));
+                }
+                Ok(dev)
+            }
+        }
+    }
+
+    /// Copies the disk as it is now into a new unnamed temporary file and
+    /// returns it with its CRC32 (for a fork's children, or to save in a
+    /// snapshot). Call while no request runs (the vCPUs paused).
+    pub fn save_disk(&self) -> Result<(File, u32), BlockError> {
+        use std::os::unix::fs::OpenOptionsExt;
+        let dir = std::env::temp_dir();
+        let copy = std::fs::OpenOptions::new()
+            .read(true)
+            .write(true)
+            .custom_flags(libc::O_TMPFILE)
+            .mode(0o600)
+            .open(&dir)
+            .map_err(|source| BlockError::File {
+                path: format!("an unnamed file in {}", dir.display()),
+                source,
+            })?;
+        let crc = copy_file(&self.file, &copy, self.blocks * BLOCK_BYTES)?;
+        Ok((copy, crc))
+    }
+
+    /// Writes the disk as it is now to `path` (a new file, mode 0600,
+    /// fsynced) and returns its CRC32. Call while no request runs.
+    pub fn save_disk_to(&self, path: &std::path::Path) -> Result<u32, BlockError> {
+        use std::os::unix::fs::OpenOptionsExt;
+        let err = |source| BlockError::File {
+            path: path.display().to_string(),
+            source,
+        };
+        let out = std::fs::OpenOptions::new()
+            .write(true)
+            .create_new(true)
+            .mode(0o600)
+            .open(path)
+            .map_err(err)?;
+        let crc = copy_file(&self.file, &out, self.blocks * BLOCK_BYTES)?;
+        out.sync_all().map_err(err)?;
+        Ok(crc)
+    }
+
+    /// Blocks of the disk.
+    pub fn blocks(&self) -> u64 {
+        self.blocks
     }
 
     /// What the device did so far.
@@ -389,7 +523,7 @@ impl BlockDevice {
 
     /// True for the device's ports.
     pub fn claims(port: u16) -> bool {
-        (BLOCK_PORT_BASE..BLOCK_PORT_BASE + 12).contains(&port)
+        port == BLOCK_PORT_PAGE || port == BLOCK_PORT_BLOCK || port == BLOCK_PORT_CMD
     }
 
     /// A port write from vCPU `vcpu`.

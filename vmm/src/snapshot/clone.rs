@@ -200,6 +200,7 @@ pub fn clone_vms(dir: &Path, opts: &CloneOptions) -> Result<CloneReport, RunErro
     let chain = Arc::new(Chain::open(dir)?);
     let state = &chain.head().state;
     let mut config = config_of(state)?;
+    config.disk = super::restore::disk_of(state, dir)?;
     let kvm = open_kvm()?;
     check_host_cpu(&kvm, state)?;
     let image = MappableImage::of(&chain, dir)?;

@@ -13,6 +13,7 @@ use super::state::{restore_vcpu, restore_vm, SnapshotState};
 use super::SnapshotError;
 use crate::clock::MonotonicAnchor;
 use crate::config::{KernelSource, VmConfig};
+use crate::devices::block::DiskSource;
 use crate::oracle::MemoryImage;
 use crate::report::RunReport;
 use crate::runner::{prepare_process, supervise, Machine, RunError, RunHooks, SerialSink};
@@ -185,6 +186,24 @@ pub(crate) fn check_host_cpu(kvm: &Kvm, state: &SnapshotState) -> Result<(), Sna
 }
 
 /// The configuration a snapshot's machine ran with.
+/// The disk a restored (or cloned) VM starts from: the snapshot's
+/// `disk.bin` in `dir`, copied for it (the snapshot stays as it is).
+pub(crate) fn disk_of(state: &SnapshotState, dir: &Path) -> Result<DiskSource, SnapshotError> {
+    let Some(d) = state.devices.disk else {
+        return Ok(DiskSource::Temporary);
+    };
+    let path = dir.join("disk.bin");
+    let file = std::fs::File::open(&path).map_err(|source| SnapshotError::Io {
+        path: path.clone(),
+        source,
+    })?;
+    Ok(DiskSource::CopyOf {
+        image: Arc::new(file),
+        blocks: d.blocks,
+        crc: d.crc,
+    })
+}
+
 pub(crate) fn config_of(state: &SnapshotState) -> Result<VmConfig, SnapshotError> {
     let m = &state.machine;
     let backing = BackingKind::from_name(&m.backing)
@@ -209,6 +228,7 @@ pub(crate) fn config_of(state: &SnapshotState) -> Result<VmConfig, SnapshotError
         },
         round_per_pass: m.round_per_pass,
         track: None,
+        disk: Default::default(),
     })
 }
 
@@ -395,13 +415,13 @@ pub fn restore(
     let chain = Arc::new(Chain::open(dir)?);
     phases.mark("state_read");
     let state = &chain.head().state;
-    let config = config_of(state)?;
+    let mut config = config_of(state)?;
+    config.disk = disk_of(state, dir)?;
     let signals = prepare_process()?;
     let kvm = open_kvm()?;
     phases.mark("kvm_opened");
     check_host_cpu(&kvm, state)?;
     phases.mark("cpuid_checked");
-    let mut config = config;
     let mut hooks = hooks;
     // Where background checks (mmap's verification, uffd's prefetch)
     // report a corrupt snapshot: the guest stops and the run fails.

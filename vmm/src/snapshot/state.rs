@@ -21,7 +21,7 @@ use serde::{Deserialize, Serialize};
 /// File magic.
 pub const STATE_MAGIC: &[u8; 8] = b"VMMSNAP1";
 /// Format version this VMM writes and reads.
-pub const STATE_VERSION: u32 = 1;
+pub const STATE_VERSION: u32 = 2;
 /// Largest `state.bin` accepted.
 pub const MAX_STATE_BYTES: u64 = 64 << 20;
 /// Bytes covered by one memory checksum.
@@ -120,6 +120,18 @@ pub struct MachineDesc {
 pub struct DeviceState {
     /// The command sequence number each vCPU's slot reached.
     pub command_seq: Vec<u32>,
+    /// The block device's disk (`io` workload), saved as `disk.bin`.
+    pub disk: Option<DiskDesc>,
+}
+
+/// The block device's disk at the snapshot: `disk.bin`, `blocks` blocks of
+/// 4 KiB, with its CRC32.
+#[derive(Clone, Copy, Debug, Serialize, Deserialize, PartialEq, Eq)]
+pub struct DiskDesc {
+    /// Blocks.
+    pub blocks: u64,
+    /// CRC32 of the whole file.
+    pub crc: u32,
 }
 
 /// A table marker (e.g. a poisoned page).
@@ -294,6 +306,12 @@ fn validate(s: &SnapshotState) -> Result<(), StateError> {
     }
     if s.devices.command_seq.len() != m.vcpus as usize {
         return bad("device state does not match the vCPU count".into());
+    }
+    if s.devices
+        .disk
+        .is_some_and(|d| d.blocks > guest_protocol::layout::MAX_MEM_BYTES / 4096)
+    {
+        return bad("the block device's disk is absurdly large".into());
     }
     Ok(())
 }

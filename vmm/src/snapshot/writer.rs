@@ -306,6 +306,7 @@ fn write_paused(
             working_set,
             chunk_crc: written.chunk_crc,
             pages_stored: written.pages_stored,
+            disk: save_disk(vm, tmp)?,
         };
         let mut report = write_state(tmp, parts)?;
         report.pages_by_writer = written.pages_stored;
@@ -376,8 +377,13 @@ fn begin_live(
             Ok((vm_state, lc))
         });
     let command_seq = vm.command_seqs();
+    let disk = save_disk(vm, tmp);
     vm.resume();
     let pause_us = paused_at.elapsed().as_micros() as u64;
+    let disk = match disk {
+        Ok(d) => d,
+        Err(e) => return Err(abort(vm, e)),
+    };
     let (vm_state, lc) = match frozen {
         Ok(v) => v,
         Err(e) => return Err(abort(vm, e)),
@@ -394,6 +400,7 @@ fn begin_live(
         vm_state,
         command_seq,
         pause_us,
+        disk,
     })
 }
 
@@ -412,6 +419,7 @@ struct LiveJob {
     vm_state: super::state::SavedVm,
     command_seq: Vec<u32>,
     pause_us: u64,
+    disk: Option<super::state::DiskDesc>,
 }
 
 impl LiveJob {
@@ -446,6 +454,7 @@ impl LiveJob {
             working_set,
             chunk_crc,
             pages_stored: stats.stored,
+            disk: self.disk,
         };
         let mut report = write_state(&self.tmp, parts)?;
         report.pause_us = self.pause_us;
@@ -467,6 +476,22 @@ struct StateParts {
     working_set: Vec<u64>,
     chunk_crc: Vec<u32>,
     pages_stored: u64,
+    disk: Option<super::state::DiskDesc>,
+}
+
+/// The block device's disk into `tmp/disk.bin`, with the vCPUs paused (no
+/// request runs then: each completes within the exit that issued it).
+fn save_disk(vm: &VmHandle, tmp: &Path) -> Result<Option<super::state::DiskDesc>, SnapshotError> {
+    let Some(b) = vm.block() else {
+        return Ok(None);
+    };
+    let crc = b
+        .save_disk_to(&tmp.join("disk.bin"))
+        .map_err(|e| SnapshotError::Capture(e.to_string()))?;
+    Ok(Some(super::state::DiskDesc {
+        blocks: b.blocks(),
+        crc,
+    }))
 }
 
 /// Writes `state.bin` (a new id) into `tmp`, fsyncs the directory, and
@@ -489,6 +514,7 @@ fn write_state(tmp: &Path, mut p: StateParts) -> Result<SnapshotReport, Snapshot
         vm: p.vm_state,
         devices: DeviceState {
             command_seq: p.command_seq,
+            disk: p.disk,
         },
         markers: p.markers,
         working_set: p.working_set,

@@ -184,6 +184,7 @@ pub struct VcpuRunner {
     ram: Arc<GuestRam>,
     ring_full: Option<Arc<dyn RingFullHandler>>,
     capture: Option<(Arc<CaptureSlots>, Vec<kvm_cpuid_entry2>)>,
+    block: Option<Arc<crate::devices::block::BlockDevice>>,
 }
 
 impl VcpuRunner {
@@ -209,7 +210,14 @@ impl VcpuRunner {
             ram,
             ring_full: None,
             capture: None,
+            block: None,
         }
+    }
+
+    /// Serves the block device's ports on this vCPU.
+    pub fn with_block(mut self, block: Option<Arc<crate::devices::block::BlockDevice>>) -> Self {
+        self.block = block;
+        self
     }
 
     /// Records in `first_run` when the first vCPU enters `KVM_RUN` (the
@@ -279,7 +287,13 @@ impl VcpuRunner {
                 }
                 Ok(VcpuExit::IoIn(port, data)) => {
                     self.first_io.get_or_init(Instant::now);
-                    let fill = if port == SERIAL_LSR_PORT {
+                    let block = self
+                        .block
+                        .as_ref()
+                        .filter(|_| crate::devices::block::BlockDevice::claims(port));
+                    let fill = if let Some(b) = block {
+                        b.io_in(vcpu, port)
+                    } else if port == SERIAL_LSR_PORT {
                         LSR_IDLE
                     } else {
                         0xff
@@ -369,6 +383,14 @@ impl VcpuRunner {
                     self.tx.send(VcpuMsg::Serial { vcpu, line });
                 }
             }
+            return Next::Run;
+        }
+        if let Some(b) = self
+            .block
+            .as_ref()
+            .filter(|_| crate::devices::block::BlockDevice::claims(port))
+        {
+            b.io_out(vcpu, port, data);
             return Next::Run;
         }
         if !ControlLatch::claims(port) {
