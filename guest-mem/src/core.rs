@@ -73,6 +73,9 @@ pub(crate) struct MemoryCore {
     pub(crate) access_order: crate::access_order::AccessOrder,
     /// Pin counts of the pages devices hold.
     pub(crate) pins: crate::pin::PinCounts,
+    /// Pages a device holds exclusively (rule 6), each with the host
+    /// addresses of the write faults waiting for it.
+    pub(crate) device_held: Mutex<HashMap<u64, Vec<u64>>>,
     vcpu_tids: RwLock<HashMap<u32, u32>>,
     next_id: AtomicU64,
 }
@@ -125,6 +128,7 @@ impl MemoryCore {
             memory_errors: Mutex::new(Vec::new()),
             access_order: Default::default(),
             pins: Default::default(),
+            device_held: Mutex::new(HashMap::new()),
             vcpu_tids: RwLock::new(HashMap::new()),
             next_id: AtomicU64::new(0),
         })

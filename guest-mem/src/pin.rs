@@ -237,6 +237,91 @@ impl GuestRam {
         }
     }
 
+    /// The device takes pinned page `gpa` exclusively (e.g. while it
+    /// assembles a block in it): from now on the guest's writes to it wait
+    /// until [`GuestRam::release_exclusive`] (rule 6). Reads go on.
+    pub fn hold_exclusive(&self, gpa: u64) -> Result<(), RamError> {
+        let gpa = gpa & !(PAGE_SIZE - 1);
+        let region = self
+            .regions()
+            .into_iter()
+            .find(|r| r.contains_gpa(gpa))
+            .ok_or(RamError::OutOfRange {
+                addr: gpa,
+                len: PAGE_SIZE,
+            })?;
+        let uffd = self
+            .core
+            .uffd
+            .as_ref()
+            .ok_or(RamError::Device(gpa, "guest RAM has no fault engine"))?;
+        let _g = region.lock.lock().unwrap_or_else(|e| e.into_inner());
+        if !self.core.pins.is_pinned(gpa / PAGE_SIZE) {
+            return Err(RamError::Device(gpa, "a device holds only pages it pinned"));
+        }
+        let mut held = self
+            .core
+            .device_held
+            .lock()
+            .unwrap_or_else(|e| e.into_inner());
+        if held.contains_key(&gpa) {
+            return Err(RamError::Device(gpa, "already held by a device"));
+        }
+        uffd.write_protect(region.host_of(gpa), PAGE_SIZE, true)?;
+        held.insert(gpa, Vec::new());
+        let _ = self
+            .core
+            .table
+            .update(gpa, |e| e.is_present().then(|| e.write_protected()));
+        Ok(())
+    }
+
+    /// The device lets go of `gpa`. Rule 6: every write that waited is
+    /// resolved from the page's entry as it is now, not as it was when the
+    /// write faulted (the page may have been unpinned and discarded
+    /// meanwhile: then the writer just faults again and gets a new page).
+    pub fn release_exclusive(&self, gpa: u64) -> Result<(), RamError> {
+        let gpa = gpa & !(PAGE_SIZE - 1);
+        let region = self
+            .regions()
+            .into_iter()
+            .find(|r| r.contains_gpa(gpa))
+            .ok_or(RamError::OutOfRange {
+                addr: gpa,
+                len: PAGE_SIZE,
+            })?;
+        let _g = region.lock.lock().unwrap_or_else(|e| e.into_inner());
+        let waiting = self
+            .core
+            .device_held
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .remove(&gpa)
+            .ok_or(RamError::Device(gpa, "not held by a device"))?;
+        let entry = self.core.table.get(gpa);
+        let tracked =
+            self.core.wp_mode() != crate::core::WpMode::Off || self.core.live_copy.load().is_some();
+        if entry.is_present() && !waiting.is_empty() {
+            // One resolution un-protects the page (recording the write for
+            // a tracker, or copying the page for a live snapshot, first).
+            self.core.resolve_wp(&region, region.host_of(gpa), gpa);
+        } else if entry.is_present() && !tracked {
+            // Nobody wrote meanwhile: just lift the hold's protection (a
+            // tracker's own protection, if any, stays).
+            if let Some(uffd) = &self.core.uffd {
+                uffd.write_protect(region.host_of(gpa), PAGE_SIZE, false)?;
+            }
+            let writable = !region.flags.read_only;
+            let _ = self.core.table.update(gpa, |e| {
+                e.is_present().then(|| e.write_unprotected(writable))
+            });
+        }
+        for addr in waiting {
+            self.core.wake(addr);
+        }
+        Ok(())
+    }
+
     /// The pinned guest pages (guest-physical addresses), in order.
     pub fn pinned_pages(&self) -> Vec<u64> {
         self.core
@@ -464,6 +549,125 @@ mod tests {
         );
         assert_eq!(load(&ram, 0), 2);
         ram.unpin(pin).expect("unpin");
+    }
+
+    /// A shared mapping of the memfd behind `ram`'s page `gpa`: the device's
+    /// view (writes through it bypass the guest mapping's protection).
+    fn dma_view(ram: &GuestRam, gpa: u64) -> *mut u64 {
+        let fd = ram.regions()[0].mapping.memfd().expect("memfd").as_raw_fd();
+        // SAFETY: a new shared mapping of one page of the memfd.
+        let p = unsafe {
+            libc::mmap(
+                std::ptr::null_mut(),
+                PAGE_SIZE as usize,
+                libc::PROT_READ | libc::PROT_WRITE,
+                libc::MAP_SHARED,
+                fd,
+                gpa as libc::off_t,
+            )
+        };
+        assert_ne!(p, libc::MAP_FAILED);
+        p as *mut u64
+    }
+
+    #[test]
+    fn writes_to_pages_a_device_holds_wait_for_it_under_stress() {
+        use std::sync::atomic::{AtomicBool, Ordering};
+        const PAGES: u64 = 8;
+        const WRITERS: u64 = 3;
+        let ram = std::sync::Arc::new(GuestRam::new(4 * MIB, RamConfig::default()).expect("ram"));
+        let pin = ram
+            .pin(0, PAGES * PAGE_SIZE, PinAccess::ReadWrite)
+            .expect("pin");
+        let views: Vec<usize> = (0..PAGES)
+            .map(|p| dma_view(&ram, p * PAGE_SIZE) as usize)
+            .collect();
+        let stop = std::sync::Arc::new(AtomicBool::new(false));
+        // Writers: each stores an increasing count in its own word of every
+        // page, as vCPUs would.
+        let writers: Vec<_> = (0..WRITERS)
+            .map(|w| {
+                let (ram, stop) = (ram.clone(), stop.clone());
+                std::thread::spawn(move || {
+                    let mut n = 0u64;
+                    while !stop.load(Ordering::Relaxed) {
+                        n += 1;
+                        for p in 0..PAGES {
+                            store(&ram, p * PAGE_SIZE + 8 * w, n);
+                        }
+                    }
+                    n
+                })
+            })
+            .collect();
+        // The device: holds each page in turn; while it holds it, no
+        // guest write may land (the writers' words stay as they were).
+        for round in 0..300u64 {
+            let p = round % PAGES;
+            ram.hold_exclusive(p * PAGE_SIZE).expect("hold");
+            let view = views[p as usize] as *mut u64;
+            // SAFETY: the device's own mapping of the held page.
+            let before: Vec<u64> = (0..WRITERS)
+                .map(|w| unsafe { view.add(w as usize).read_volatile() })
+                .collect();
+            // SAFETY: as above; the device's word lies past the writers'.
+            unsafe { view.add(64).write_volatile(round) };
+            std::thread::sleep(std::time::Duration::from_micros(50));
+            let after: Vec<u64> = (0..WRITERS)
+                // SAFETY: as above.
+                .map(|w| unsafe { view.add(w as usize).read_volatile() })
+                .collect();
+            assert_eq!(
+                before, after,
+                "a guest write landed while the device held page {p}"
+            );
+            ram.release_exclusive(p * PAGE_SIZE).expect("release");
+        }
+        stop.store(true, Ordering::Relaxed);
+        let counts: Vec<u64> = writers
+            .into_iter()
+            .map(|t| t.join().expect("writer"))
+            .collect();
+        // Every writer went on after every hold, and its last store is there.
+        for (w, n) in counts.iter().enumerate() {
+            assert!(*n > 1, "writer {w} made progress");
+            for p in 0..PAGES {
+                assert_eq!(load(&ram, p * PAGE_SIZE + 8 * w as u64), *n);
+            }
+        }
+        assert_eq!(load(&ram, 7 * PAGE_SIZE + 8 * 64), 295);
+        // Holding needs a pin, and one hold at a time.
+        ram.hold_exclusive(0).expect("hold");
+        assert!(ram.hold_exclusive(0).is_err());
+        ram.release_exclusive(0).expect("release");
+        assert!(ram.release_exclusive(0).is_err());
+        assert!(ram.hold_exclusive(100 * PAGE_SIZE).is_err(), "not pinned");
+        for v in views {
+            // SAFETY: the mappings made above.
+            unsafe { libc::munmap(v as *mut libc::c_void, PAGE_SIZE as usize) };
+        }
+        ram.unpin(pin).expect("unpin");
+    }
+
+    #[test]
+    fn a_write_waiting_for_a_discarded_page_faults_it_in_again() {
+        let ram = std::sync::Arc::new(GuestRam::new(4 * MIB, RamConfig::default()).expect("ram"));
+        store(&ram, 0, 5);
+        let pin = ram.pin(0, PAGE_SIZE, PinAccess::ReadWrite).expect("pin");
+        ram.hold_exclusive(0).expect("hold");
+        let r2 = ram.clone();
+        let writer = std::thread::spawn(move || store(&r2, 8, 9));
+        std::thread::sleep(std::time::Duration::from_millis(20));
+        assert!(!writer.is_finished(), "the write waits for the device");
+        // Meanwhile the device lets the page go entirely and it is dropped.
+        ram.unpin(pin).expect("unpin");
+        ram.discard(0, PAGE_SIZE).expect("discard");
+        // Rule 6: the waiting write is resolved from the entry as it is now
+        // (empty): it faults the page in again instead of un-protecting a
+        // page that is gone.
+        ram.release_exclusive(0).expect("release");
+        writer.join().expect("writer");
+        assert_eq!((load(&ram, 0), load(&ram, 8)), (0, 9));
     }
 
     #[test]

@@ -49,6 +49,9 @@ pub enum RamError {
     /// Releasing pages failed.
     #[error("cannot discard guest pages: {0}")]
     Discard(std::io::Error),
+    /// A device asked for a page it has not pinned, or held twice.
+    #[error("guest-physical page {0:#x}: {1}")]
+    Device(u64, &'static str),
     /// A device write (or a read-write pin) aimed at a read-only region.
     #[error("guest-physical page {0:#x} lies in a read-only region: the write is refused")]
     ReadOnly(u64),

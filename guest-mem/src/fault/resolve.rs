@@ -71,6 +71,19 @@ impl MemoryCore {
                 region.note_accessor(vcpu);
             }
             if flags & UFFD_PAGEFAULT_FLAG_WP != 0 {
+                // Rule 6: a write to a page a device holds exclusively
+                // waits (its thread stays blocked in the kernel) until the
+                // device lets go, which re-resolves it from the entry as it
+                // is then.
+                if let Some(waiting) = self
+                    .device_held
+                    .lock()
+                    .unwrap_or_else(|e| e.into_inner())
+                    .get_mut(&gpa)
+                {
+                    waiting.push(addr);
+                    return;
+                }
                 self.resolve_wp(&region, addr, gpa);
             } else {
                 let write = flags & UFFD_PAGEFAULT_FLAG_WRITE != 0;
@@ -82,7 +95,7 @@ impl MemoryCore {
         self.wake(addr);
     }
 
-    fn wake(&self, addr: u64) {
+    pub(crate) fn wake(&self, addr: u64) {
         if let Some(u) = &self.uffd {
             if let Err(e) = u.wake(addr, PAGE_SIZE) {
                 log::debug!("wake {addr:#x}: {e}");
@@ -346,7 +359,7 @@ impl MemoryCore {
     }
 
     /// A write to a write-protected page: record it dirty and unprotect.
-    fn resolve_wp(&self, region: &Region, addr: u64, gpa: u64) {
+    pub(crate) fn resolve_wp(&self, region: &Region, addr: u64, gpa: u64) {
         let Some(uffd) = &self.uffd else { return };
         FaultCounters::add(&self.counters.wp, 1);
         // A live snapshot still needs this page's content: copy it before
