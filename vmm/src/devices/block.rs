@@ -447,6 +447,28 @@ impl BlockDevice {
             pin.host_addr(&self.ram)
                 .ok_or_else(|| BlockError::BadRequest("unmapped page".into()))?,
         );
+        // While the device writes the page, it holds it exclusively: guest
+        // writes to it wait for the transfer (rule 6).
+        let hold = !to_file && self.ram.config().backing.uses_fault_engine();
+        if hold {
+            self.ram.hold_exclusive(gpa)?;
+        }
+        let moved = self.submit(&mut r, host, block, to_file, slot, gpa);
+        if hold {
+            self.ram.release_exclusive(gpa)?;
+        }
+        moved
+    }
+
+    fn submit(
+        &self,
+        r: &mut Ring,
+        host: u64,
+        block: u64,
+        to_file: bool,
+        slot: u32,
+        gpa: u64,
+    ) -> Result<(), BlockError> {
         if !to_file {
             // The device is about to write guest memory.
             self.ram.before_device_write(gpa, BLOCK_BYTES)?;
