@@ -73,6 +73,11 @@ pub(crate) struct MemoryCore {
     pub(crate) access_order: crate::access_order::AccessOrder,
     /// Pin counts of the pages devices hold.
     pub(crate) pins: crate::pin::PinCounts,
+    /// Register minor faults (a shared page cache serves this VM).
+    pub(crate) minor_faults: bool,
+    /// The page cache shared with other VMs that missing pages are put
+    /// into and mapped from (`RamConfig::shared_cache`).
+    pub(crate) shared_cache: std::sync::OnceLock<std::fs::File>,
     /// Pages a device holds exclusively (rule 6), each with the host
     /// addresses of the write faults waiting for it.
     pub(crate) device_held: Mutex<HashMap<u64, Vec<u64>>>,
@@ -129,6 +134,8 @@ impl MemoryCore {
             access_order: Default::default(),
             pins: Default::default(),
             device_held: Mutex::new(HashMap::new()),
+            minor_faults: false,
+            shared_cache: std::sync::OnceLock::new(),
             vcpu_tids: RwLock::new(HashMap::new()),
             next_id: AtomicU64::new(0),
         })
@@ -217,10 +224,15 @@ impl MemoryCore {
         };
         if backing.uses_fault_engine() {
             if let Some(u) = &self.uffd {
+                let minor = if self.minor_faults {
+                    crate::uffd::sys::UFFDIO_REGISTER_MODE_MINOR
+                } else {
+                    0
+                };
                 u.register(
                     mapping.addr(),
                     size,
-                    UFFDIO_REGISTER_MODE_MISSING | UFFDIO_REGISTER_MODE_WP,
+                    UFFDIO_REGISTER_MODE_MISSING | UFFDIO_REGISTER_MODE_WP | minor,
                 )
                 .map_err(CoreError::Register)?;
             }

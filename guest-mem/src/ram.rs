@@ -86,6 +86,10 @@ pub struct RamConfig {
     /// tracker): write-protect faults are then resolved by the kernel, so
     /// synchronous write-protect (live snapshots, `uffd-wp`) is impossible.
     pub wp_async: bool,
+    /// Missing pages are put into a page cache shared with other VMs (see
+    /// [`GuestRam::set_shared_cache`]) and mapped from there, instead of
+    /// being copied into this VM privately: registers minor faults too.
+    pub shared_cache: bool,
 }
 
 impl Default for RamConfig {
@@ -96,6 +100,7 @@ impl Default for RamConfig {
             fault_around_pages: 16,
             handler_threads: 1,
             wp_async: false,
+            shared_cache: false,
         }
     }
 }
@@ -146,8 +151,11 @@ pub struct GuestRam {
 }
 
 /// The userfaultfd features the fault engine needs, and those it uses when present.
-fn uffd_features(backing: BackingKind, wp_async: bool) -> (u64, u64) {
+fn uffd_features(backing: BackingKind, wp_async: bool, shared_cache: bool) -> (u64, u64) {
     let mut required = UFFD_FEATURE_THREAD_ID | UFFD_FEATURE_PAGEFAULT_FLAG_WP;
+    if shared_cache {
+        required |= crate::uffd::sys::UFFD_FEATURE_MINOR_SHMEM;
+    }
     if backing == BackingKind::Memfd {
         required |= UFFD_FEATURE_MISSING_SHMEM | UFFD_FEATURE_WP_HUGETLBFS_SHMEM;
     }
@@ -192,12 +200,15 @@ impl GuestRam {
             return Err(RamError::BadFaultAround(fa));
         }
         let uffd = if config.backing.uses_fault_engine() {
-            let (required, optional) = uffd_features(config.backing, config.wp_async);
+            let (required, optional) =
+                uffd_features(config.backing, config.wp_async, config.shared_cache);
             Some(Userfaultfd::open(required, optional)?)
         } else {
             None
         };
-        let core = Arc::new(MemoryCore::new(uffd, fa).map_err(CoreError::from)?);
+        let mut core = MemoryCore::new(uffd, fa).map_err(CoreError::from)?;
+        core.minor_faults = config.shared_cache;
+        let core = Arc::new(core);
         let engine = if config.backing.uses_fault_engine() {
             Some(
                 FaultEngine::start(core.clone(), config.handler_threads)
@@ -446,6 +457,22 @@ impl GuestRam {
         let mut c = Count(0);
         self.core.table.walk_range(start, end, &mut c);
         c.0
+    }
+
+    /// Sets the page cache shared with other VMs that this VM's missing
+    /// pages are put into and mapped from: the file this VM's RAM maps
+    /// privately (see [`GuestRam::from_file_private`]), opened with
+    /// `RamConfig::shared_cache`. Set once, before anything runs.
+    pub fn set_shared_cache(&self, cache: std::fs::File) -> Result<(), RamError> {
+        if !self.config.shared_cache {
+            return Err(RamError::Describe(
+                "a shared page cache needs RamConfig::shared_cache (minor faults)".into(),
+            ));
+        }
+        self.core
+            .shared_cache
+            .set(cache)
+            .map_err(|_| RamError::Describe("the shared page cache is set already".into()))
     }
 
     /// The guest page numbers the vCPUs' demand faults (and a restore's

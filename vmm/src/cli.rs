@@ -43,6 +43,14 @@ pub enum CliCommand {
     Bench(BenchCommand),
 }
 
+fn parse_clone_mode(s: &str) -> Result<crate::snapshot::clone::CloneMode, String> {
+    match s {
+        "mmap" => Ok(crate::snapshot::clone::CloneMode::Mmap),
+        "uffd" => Ok(crate::snapshot::clone::CloneMode::Uffd),
+        _ => Err(format!("unknown clone mode {s:?}; one of: mmap, uffd")),
+    }
+}
+
 fn parse_snapshot_mode(s: &str) -> Result<SnapshotMode, String> {
     match s {
         "paused" => Ok(SnapshotMode::Paused),
@@ -220,6 +228,11 @@ pub struct CloneArgs {
     /// runs the snapshot's schedule).
     #[arg(long)]
     pub seed_base: Option<u64>,
+    /// How memory comes to the clones: mmap (map the image privately; the
+    /// kernel shares its page cache) or uffd (the fault engine serves pages
+    /// from the snapshot into a page cache the clones share).
+    #[arg(long, default_value = "mmap", value_parser = parse_clone_mode)]
+    pub mode: crate::snapshot::clone::CloneMode,
     /// Print exactly one JSON object on stdout.
     #[arg(long)]
     pub json: bool,
@@ -229,6 +242,7 @@ pub struct CloneArgs {
 pub fn cmd_clone(args: &CloneArgs) -> i32 {
     let opts = crate::snapshot::clone::CloneOptions {
         count: args.count,
+        mode: args.mode,
         seed_base: args.seed_base,
         fail_setup_at: None,
     };

@@ -7,8 +7,9 @@ use crate::fault::stats::FaultCounters;
 use crate::region::{BackingKind, Region};
 use crate::table::LEAF_TABLE_SPAN;
 use crate::uffd::sys::{
-    UffdMsg, UFFDIO_COPY_MODE_DONTWAKE, UFFDIO_COPY_MODE_WP, UFFDIO_ZEROPAGE_MODE_DONTWAKE,
-    UFFD_EVENT_PAGEFAULT, UFFD_PAGEFAULT_FLAG_WP, UFFD_PAGEFAULT_FLAG_WRITE,
+    UffdMsg, UFFDIO_CONTINUE_MODE_DONTWAKE, UFFDIO_CONTINUE_MODE_WP, UFFDIO_COPY_MODE_DONTWAKE,
+    UFFDIO_COPY_MODE_WP, UFFDIO_ZEROPAGE_MODE_DONTWAKE, UFFD_EVENT_PAGEFAULT,
+    UFFD_PAGEFAULT_FLAG_MINOR, UFFD_PAGEFAULT_FLAG_WP, UFFD_PAGEFAULT_FLAG_WRITE,
 };
 use std::sync::Arc;
 use std::time::Instant;
@@ -85,6 +86,8 @@ impl MemoryCore {
                     return;
                 }
                 self.resolve_wp(&region, addr, gpa);
+            } else if flags & UFFD_PAGEFAULT_FLAG_MINOR != 0 {
+                self.resolve_minor(&region, addr, gpa);
             } else {
                 let write = flags & UFFD_PAGEFAULT_FLAG_WRITE != 0;
                 self.resolve_missing(&region, gpa, write, vcpu.is_some());
@@ -172,7 +175,10 @@ impl MemoryCore {
         while cur < end {
             let len = end - cur;
             let host = region.host_of(cur);
-            let result = if let Some(buf) = &sourced {
+            let result = if let (Some(buf), Some(cache)) = (&sourced, self.shared_cache.get()) {
+                let bytes = &buf[(cur - start) as usize..];
+                self.map_from_cache(cache, region, cur, bytes, tracking)
+            } else if let Some(buf) = &sourced {
                 let src = buf[(cur - start) as usize..].as_ptr();
                 let wp = if tracking { UFFDIO_COPY_MODE_WP } else { 0 };
                 uffd.copy(host, src, len, UFFDIO_COPY_MODE_DONTWAKE | wp)
@@ -230,6 +236,9 @@ impl MemoryCore {
                 log::error!("un-protecting {gpa:#x}: {e}");
             }
         }
+        if sourced.is_some() && self.shared_cache.get().is_some() {
+            self.mark_shared(start, cur.min(end));
+        }
         // A live snapshot must know about pages that appear unprotected.
         if !tracking {
             self.note_unprotected(start, cur.min(end));
@@ -239,6 +248,79 @@ impl MemoryCore {
         }
         if let Err(e) = uffd.wake(region.host_of(start), end - start) {
             log::error!("waking the fault at {gpa:#x}: {e}");
+        }
+    }
+
+    /// A shared page cache (`RamConfig::shared_cache`): puts `bytes` (the
+    /// content of the pages from `gpa` on) into the cache, then maps the
+    /// cache's pages here (`UFFDIO_CONTINUE`): every VM mapping the cache
+    /// privately shares them until it writes one. Pages another VM put
+    /// there already are written again with the same bytes.
+    fn map_from_cache(
+        &self,
+        cache: &std::fs::File,
+        region: &Region,
+        gpa: u64,
+        bytes: &[u8],
+        tracking: bool,
+    ) -> Result<u64, (crate::uffd::UffdError, i64)> {
+        use std::os::unix::fs::FileExt;
+        let Some(uffd) = &self.uffd else {
+            return Ok(0);
+        };
+        if let Err(e) = cache.write_all_at(bytes, gpa - region.gpa) {
+            return Err((
+                crate::uffd::UffdError::Ioctl {
+                    op: "filling the shared page cache",
+                    start: gpa,
+                    len: bytes.len() as u64,
+                    source: e,
+                },
+                0,
+            ));
+        }
+        let wp = if tracking { UFFDIO_CONTINUE_MODE_WP } else { 0 };
+        uffd.continue_mapping(
+            region.host_of(gpa),
+            bytes.len() as u64,
+            UFFDIO_CONTINUE_MODE_DONTWAKE | wp,
+        )
+    }
+
+    /// Pages of `[start, end)` mapped from the shared cache: shared, not
+    /// this VM's own.
+    fn mark_shared(&self, start: u64, end: u64) {
+        let mut gpa = start;
+        while gpa < end {
+            let _ = self.table.update(gpa, |e| {
+                e.is_present()
+                    .then(|| e.without(Flag::Exclusive).with(Flag::CowShared))
+            });
+            gpa += PAGE_SIZE;
+        }
+    }
+
+    /// A minor fault: the page is in the shared cache (another VM put it
+    /// there) but not mapped here yet: map it.
+    fn resolve_minor(&self, region: &Region, addr: u64, gpa: u64) {
+        let Some(uffd) = &self.uffd else { return };
+        FaultCounters::add(&self.counters.minor, 1);
+        let tracking = self.wp_mode() != WpMode::Off;
+        let wp = if tracking { UFFDIO_CONTINUE_MODE_WP } else { 0 };
+        match uffd.continue_mapping(addr, PAGE_SIZE, wp) {
+            Ok(_) => {
+                self.record_populated(region, gpa, 1, gpa, false, tracking);
+                self.mark_shared(gpa, gpa + PAGE_SIZE);
+                if !tracking {
+                    self.note_unprotected(gpa, gpa + PAGE_SIZE);
+                }
+            }
+            Err((e, _)) => {
+                if e.errno() != Some(libc::EEXIST) {
+                    log::error!("mapping the cached page {gpa:#x}: {e}");
+                }
+                self.wake(addr);
+            }
         }
     }
 
@@ -302,12 +384,22 @@ impl MemoryCore {
                     return Err(why);
                 }
                 let wp = if tracking { UFFDIO_COPY_MODE_WP } else { 0 };
-                let done = match uffd.copy(region.host_of(gpa), buf.as_ptr(), run_end - gpa, wp) {
+                let copied = match self.shared_cache.get() {
+                    Some(cache) => self.map_from_cache(cache, region, gpa, &buf, tracking),
+                    None => uffd.copy(region.host_of(gpa), buf.as_ptr(), run_end - gpa, wp),
+                };
+                let done = match copied {
                     Ok(n) => n,
                     Err((_, partial)) => partial.max(0) as u64,
                 };
                 let done = done - done % PAGE_SIZE;
                 self.record_populated(region, gpa, done / PAGE_SIZE, u64::MAX, true, tracking);
+                if self.shared_cache.get().is_some() {
+                    self.mark_shared(gpa, gpa + done);
+                    if let Err(e) = uffd.wake(region.host_of(gpa), done.max(PAGE_SIZE)) {
+                        log::debug!("waking after a prefetch: {e}");
+                    }
+                }
                 // A prefetch replays an earlier trace: keep its order.
                 self.access_order.record(u64::MAX, gpa, gpa + done);
                 total += done / PAGE_SIZE;

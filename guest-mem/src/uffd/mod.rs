@@ -253,6 +253,26 @@ impl Userfaultfd {
         self.call("UFFDIO_WAKE", UFFDIO_WAKE(), &mut r, start, len)
     }
 
+    /// Maps the page-cache pages already there over `[start, start + len)`
+    /// (a minor fault's resolution, or a page just put in a shared cache);
+    /// returns the bytes mapped.
+    pub fn continue_mapping(
+        &self,
+        start: u64,
+        len: u64,
+        mode: u64,
+    ) -> Result<u64, (UffdError, i64)> {
+        let mut c = UffdioContinue {
+            range: UffdioRange { start, len },
+            mode,
+            mapped: 0,
+        };
+        match self.call("UFFDIO_CONTINUE", UFFDIO_CONTINUE(), &mut c, start, len) {
+            Ok(()) => Ok(c.mapped as u64),
+            Err(e) => Err((e, c.mapped)),
+        }
+    }
+
     /// Installs poison markers over a range.
     pub fn poison(&self, start: u64, len: u64) -> Result<(), UffdError> {
         let mut p = UffdioPoison {

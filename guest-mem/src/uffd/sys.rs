@@ -84,6 +84,17 @@ pub struct UffdioWriteprotect {
 
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default)]
+pub struct UffdioContinue {
+    pub range: UffdioRange,
+    pub mode: u64,
+    pub mapped: i64,
+}
+
+pub const UFFDIO_CONTINUE_MODE_DONTWAKE: u64 = 1 << 0;
+pub const UFFDIO_CONTINUE_MODE_WP: u64 = 1 << 1;
+
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default)]
 pub struct UffdioPoison {
     pub range: UffdioRange,
     pub mode: u64,
@@ -115,4 +126,5 @@ ioctl_iowr_nr!(UFFDIO_COPY, UFFDIO, 0x03, UffdioCopy);
 ioctl_iowr_nr!(UFFDIO_ZEROPAGE, UFFDIO, 0x04, UffdioZeropage);
 ioctl_iowr_nr!(UFFDIO_WRITEPROTECT, UFFDIO, 0x06, UffdioWriteprotect);
 ioctl_iowr_nr!(UFFDIO_POISON, UFFDIO, 0x08, UffdioPoison);
+ioctl_iowr_nr!(UFFDIO_CONTINUE, UFFDIO, 0x07, UffdioContinue);
 ioctl_io_nr!(USERFAULTFD_IOC_NEW, UFFDIO, 0x00);

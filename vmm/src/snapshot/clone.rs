@@ -9,6 +9,7 @@
 
 use super::chain::Chain;
 use super::restore::{check_host_cpu, config_of, machine_from_state, MappableImage};
+use super::SnapshotError;
 use crate::report::{RunReport, RunStatus, EXIT_MISMATCH, EXIT_OK};
 use crate::runner::{prepare_process, supervise, Machine, RunError, RunHooks, SerialSink};
 use crate::vstate::vm::open_kvm;
@@ -22,11 +23,27 @@ use std::time::Instant;
 /// Most clones one command starts.
 pub const MAX_CLONES: u32 = 256;
 
+/// How clones get the snapshot's memory.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub enum CloneMode {
+    /// Map the image privately (a diff chain materialized first); the
+    /// kernel shares its page cache.
+    #[default]
+    Mmap,
+    /// Serve missing pages from the snapshot through the fault engine
+    /// (chunk checksums checked on first use, once for all clones) into a
+    /// page cache the clones share: the first clone to touch a page fills
+    /// it, the others map it (minor faults, `UFFDIO_CONTINUE`).
+    Uffd,
+}
+
 /// Clone options.
 #[derive(Clone, Debug, Default)]
 pub struct CloneOptions {
     /// How many VMs.
     pub count: u32,
+    /// How memory comes to them.
+    pub mode: CloneMode,
     /// Clone `i` runs with seed `seed_base + i` from its next pass.
     pub seed_base: Option<u64>,
     /// Tests: make the setup of this clone fail after its memory is mapped
@@ -178,6 +195,28 @@ pub fn process_pss_bytes() -> Result<u64, RunError> {
         .ok_or_else(|| RunError::Runtime("/proc/self/smaps_rollup has no Pss line".into()))
 }
 
+/// A uffd-mode clone's memory: a private mapping of the shared cache,
+/// whose missing pages the fault engine fills from `source`; the execution
+/// chunks are brought in before it runs.
+fn shared_cache_ram(
+    chain: &Chain,
+    config: &mut crate::config::VmConfig,
+    cache: &super::memory::MemoryFile,
+    source: &Arc<super::chain::ChainSource>,
+) -> Result<GuestRam, RunError> {
+    config.ram.backing = guest_mem::BackingKind::Memfd;
+    config.ram.shared_cache = true;
+    let file = cache.file();
+    let ram = GuestRam::from_file_private(config.mem_bytes, config.ram, file)?;
+    let dup = file
+        .try_clone()
+        .map_err(|e| RunError::Runtime(format!("sharing the page cache: {e}")))?;
+    ram.set_shared_cache(dup)?;
+    ram.set_page_source(source.clone())?;
+    super::prefetch::prefetch_execution(&ram, chain)?;
+    Ok(ram)
+}
+
 /// A clone set up, not yet running.
 struct Prepared {
     machine: Machine,
@@ -203,12 +242,36 @@ pub fn clone_vms(dir: &Path, opts: &CloneOptions) -> Result<CloneReport, RunErro
     config.disk = super::restore::disk_of(state, dir)?;
     let kvm = open_kvm()?;
     check_host_cpu(&kvm, state)?;
-    let image = MappableImage::of(&chain, dir)?;
+    let image = match opts.mode {
+        CloneMode::Mmap => Some(MappableImage::of(&chain, dir)?),
+        CloneMode::Uffd => None,
+    };
+    // uffd mode: the page cache the clones share, empty at first, and one
+    // page source (its chunk checks count for every clone).
+    let cache = match opts.mode {
+        CloneMode::Uffd => Some(
+            super::memory::MemoryFile::new_memfd(config.mem_bytes).map_err(SnapshotError::from)?,
+        ),
+        CloneMode::Mmap => None,
+    };
+    let source = Arc::new(super::chain::ChainSource::new(chain.clone()));
+    let memory_note = match &image {
+        Some(i) => i.note.clone(),
+        None => {
+            "served from the snapshot through the fault engine into a page cache the clones share \
+                 (minor faults map what another clone brought in)"
+                .into()
+        }
+    };
     let pss_before = process_pss_bytes()?;
     let mut prepared = Vec::with_capacity(opts.count as usize);
     for i in 0..opts.count {
         let t = Instant::now();
-        let ram = image.map(&chain, &mut config)?;
+        let ram = match (&image, &cache) {
+            (Some(image), _) => image.map(&chain, &mut config)?,
+            (None, Some(cache)) => shared_cache_ram(&chain, &mut config, cache, &source)?,
+            (None, None) => unreachable!("uffd clones have a cache"),
+        };
         if opts.fail_setup_at == Some(i) {
             return Err(RunError::Runtime(format!(
                 "clone {i}: injected failure after mapping its memory"
@@ -299,7 +362,7 @@ pub fn clone_vms(dir: &Path, opts: &CloneOptions) -> Result<CloneReport, RunErro
     Ok(CloneReport {
         status,
         snapshot_id: uuid::Uuid::from_bytes(state.id).to_string(),
-        memory: image.note.clone(),
+        memory: memory_note,
         clones,
         accounting: CloneMemory {
             pss_before_bytes: pss_before,
