@@ -44,6 +44,8 @@ pub struct CloneBenchArgs {
 pub struct CloneRow {
     /// `waiting` or `mid-run`.
     pub guest: &'static str,
+    /// `mmap` or `uffd`.
+    pub mode: &'static str,
     /// Clones.
     pub count: u32,
     /// Median µs to set one clone up (map, VM, vCPUs).
@@ -156,7 +158,16 @@ fn eager_restores(exe: &Path, dir: &Path, n: u32) -> Result<(f64, u64), String> 
     Ok((start.elapsed().as_secs_f64() * 1e6, pss))
 }
 
-fn clone_row(exe: &Path, dir: &Path, guest: &'static str, count: u32) -> Result<CloneRow, String> {
+/// N clones in `mode`; the eager restores are measured once per count
+/// (`eager`, reused for the other mode).
+fn clone_row(
+    exe: &Path,
+    dir: &Path,
+    guest: &'static str,
+    count: u32,
+    mode: &'static str,
+    eager: &mut Option<(f64, u64)>,
+) -> Result<CloneRow, String> {
     let d = dir.to_string_lossy().into_owned();
     let start = Instant::now();
     let j = run_json(
@@ -168,6 +179,8 @@ fn clone_row(exe: &Path, dir: &Path, guest: &'static str, count: u32) -> Result<
             &count.to_string(),
             "--seed-base",
             "100",
+            "--mode",
+            mode,
             "--json",
         ]),
     )?;
@@ -182,9 +195,13 @@ fn clone_row(exe: &Path, dir: &Path, guest: &'static str, count: u32) -> Result<
         .filter_map(|c| c["first_io_us"].as_f64())
         .collect();
     let a = &j["accounting"];
-    let (eager_wall_us, eager_pss_total_bytes) = eager_restores(exe, dir, count)?;
+    let (eager_wall_us, eager_pss_total_bytes) = match eager {
+        Some(e) => *e,
+        None => *eager.insert(eager_restores(exe, dir, count)?),
+    };
     Ok(CloneRow {
         guest,
+        mode,
         count,
         setup_median_us: median(&mut setup),
         first_io_max_us: first.iter().copied().fold(0.0, f64::max),
@@ -258,10 +275,14 @@ fn bench(args: &CloneBenchArgs) -> Result<CloneBench, String> {
             at,
         ]));
         let rows = run_json(&exe, &take).and_then(|_| {
-            args.counts
-                .iter()
-                .map(|&n| clone_row(&exe, &dir, guest, n))
-                .collect::<Result<Vec<_>, _>>()
+            let mut rows = Vec::new();
+            for &n in &args.counts {
+                let mut eager = None;
+                for mode in ["mmap", "uffd"] {
+                    rows.push(clone_row(&exe, &dir, guest, n, mode, &mut eager)?);
+                }
+            }
+            Ok(rows)
         });
         let _ = std::fs::remove_dir_all(&dir);
         result.clones.extend(rows?);
@@ -287,8 +308,9 @@ fn print(r: &CloneBench) {
         format_size(r.mem_bytes)
     );
     println!(
-        "  {:<8} {:>5} {:>9} {:>14} {:>10} {:>10} {:>10} {:>9} | {:>10} {:>10}",
+        "  {:<8} {:<5} {:>5} {:>9} {:>14} {:>10} {:>10} {:>10} {:>9} | {:>10} {:>10}",
         "guest",
+        "mode",
         "N",
         "setup ms",
         "1st I/O ms",
@@ -301,8 +323,9 @@ fn print(r: &CloneBench) {
     );
     for c in &r.clones {
         println!(
-            "  {:<8} {:>5} {:>9.2} {:>6.1} ({:>5.1}) {:>10.1} {:>10.1} {:>10.1} {:>9.1} | {:>10.1} {:>10.1}",
+            "  {:<8} {:<5} {:>5} {:>9.2} {:>6.1} ({:>5.1}) {:>10.1} {:>10.1} {:>10.1} {:>9.1} | {:>10.1} {:>10.1}",
             c.guest,
+            c.mode,
             c.count,
             c.setup_median_us / 1000.0,
             c.first_io_median_us / 1000.0,
