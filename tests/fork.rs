@@ -69,6 +69,7 @@ fn poisoned_pages_survive_a_fork() {
             let opts = ForkOptions {
                 count: 2,
                 seed_base: 7,
+                fail_setup_at: None,
             };
             let p = fork_vm(vm, opts).map_err(|e| HookError(e.to_string()))?;
             vm.pending_forks.push(p);
@@ -135,4 +136,49 @@ fn bad_fork_requests_are_refused_clearly() {
         "{}",
         o.stdout
     );
+}
+
+#[test]
+fn a_fork_that_fails_half_way_leaves_the_parent_as_it_was() {
+    use guest_protocol::Workload;
+    use vmm::config::VmConfig;
+    use vmm::fork::{fork_vm, ForkOptions};
+    use vmm::runner::{run, HookError, RunHooks, SerialSink, VmHandle};
+
+    let cfg = VmConfig {
+        mem_bytes: 64 << 20,
+        workload: Workload::SeqWrite,
+        pages: 128,
+        passes: 3,
+        ..VmConfig::default()
+    };
+    let hooks = RunHooks::default().after_pages(
+        150,
+        Box::new(move |vm: &mut VmHandle| -> Result<(), HookError> {
+            let opts = ForkOptions {
+                count: 3,
+                seed_base: 7,
+                fail_setup_at: Some(1),
+            };
+            let p = fork_vm(vm, opts).map_err(|e| HookError(e.to_string()))?;
+            vm.pending_forks.push(p);
+            Ok(())
+        }),
+    );
+    let report = run(&cfg, hooks, SerialSink::Capture).expect("run");
+    // The fork is reported as failed; no child ran; the parent's memory
+    // holds exactly what its own schedule wrote (rule 7).
+    assert_eq!(report.status, vmm::report::RunStatus::HookFailed);
+    assert!(
+        report
+            .error
+            .as_deref()
+            .unwrap_or("")
+            .contains("child 1: injected"),
+        "{:?}",
+        report.error
+    );
+    assert!(report.forks.is_empty());
+    assert_eq!(report.verify_mismatches, Some(0));
+    assert_eq!(report.host_verify_mismatches, Some(0));
 }

@@ -166,6 +166,7 @@ fn fork_hooks(args: &RunArgs, hooks: RunHooks) -> Result<RunHooks, RunError> {
     let opts = crate::fork::ForkOptions {
         count,
         seed_base: args.fork_seed_base,
+        fail_setup_at: None,
     };
     Ok(hooks.after_pages(
         after,

@@ -30,6 +30,9 @@ pub struct ForkOptions {
     pub count: u32,
     /// Child `i` uses seed `seed_base + i` from its next pass.
     pub seed_base: u64,
+    /// Tests: make the setup of this child fail after its memory is
+    /// mapped (an injected failure, rule 7).
+    pub fail_setup_at: Option<u32>,
 }
 
 /// One child of a fork.
@@ -70,6 +73,13 @@ pub struct ForkChild {
 pub struct ForkReport {
     /// µs the parent's vCPUs were paused.
     pub pause_us: u64,
+    /// The parent's mapped pages still shared with the fork's image, when
+    /// every child ended.
+    pub parent_shared_pages: u64,
+    /// The parent's own pages then.
+    pub parent_exclusive_pages: u64,
+    /// The process's PSS then (parent and children still mapped).
+    pub pss_end_bytes: u64,
     /// The children.
     pub children: Vec<ForkChild>,
 }
@@ -92,12 +102,14 @@ pub struct PendingFork {
 }
 
 impl PendingFork {
-    /// Waits for every child and reports.
-    pub fn wait(self) -> ForkReport {
+    /// Waits for every child and reports; `parent` is the forked VM's RAM.
+    pub fn wait(self, parent: &GuestRam) -> ForkReport {
+        let mut rams = Vec::with_capacity(self.children.len());
         let children = self
             .children
             .into_iter()
             .map(|c| {
+                rams.push(c.ram.clone());
                 let result = match c.thread {
                     Ok(t) => t.join().unwrap_or_else(|_| {
                         Err(RunError::Runtime(format!(
@@ -117,8 +129,16 @@ impl PendingFork {
                 )
             })
             .collect();
+        // Measured while the children's memory is still mapped (they hold
+        // it until their reports are dropped).
+        let sharing = parent.refresh_sharing().unwrap_or_default();
+        let pss_end_bytes = crate::snapshot::clone::process_pss_bytes().unwrap_or(0);
+        drop(rams);
         ForkReport {
             pause_us: self.pause_us,
+            parent_shared_pages: sharing.shared_pages,
+            parent_exclusive_pages: sharing.exclusive_pages,
+            pss_end_bytes,
             children,
         }
     }
@@ -249,8 +269,13 @@ pub fn fork_vm(vm: &mut VmHandle, opts: ForkOptions) -> Result<PendingFork, RunE
     // Every child's machine first: a failure drops them all before any
     // runs, and the parent runs on with its content unchanged (rule 7).
     let mut machines = Vec::with_capacity(opts.count as usize);
-    for _ in 0..opts.count {
+    for i in 0..opts.count {
         let ram = GuestRam::from_file_private(config.mem_bytes, config.ram, &image.file)?;
+        if opts.fail_setup_at == Some(i) {
+            return Err(fail(format!(
+                "child {i}: injected failure after mapping its memory"
+            )));
+        }
         ram.mark_file_backed(&populated)?;
         // Rule 13: the parent's pinned pages are copied, never shared.
         ram.adopt_pinned_copies(&image)?;

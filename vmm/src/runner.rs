@@ -818,7 +818,8 @@ impl Supervisor {
         }
         self.handle.collect_snapshots(true);
         for f in std::mem::take(&mut self.handle.pending_forks) {
-            self.handle.forks.push(f.wait());
+            let report = f.wait(&self.handle.ram);
+            self.handle.forks.push(report);
         }
     }
 
