@@ -141,6 +141,32 @@ struct Ring {
     ring: IoUring,
     /// Per slot: the pin and the guest address it holds.
     slots: Vec<Option<Pin>>,
+    /// A copy of the disk taken while the guest runs (a live snapshot).
+    disk_copy: Option<DiskCopy>,
+}
+
+/// A copy of the disk taken while the guest runs: a block is copied before
+/// the device first overwrites it, the rest by
+/// [`BlockDevice::finish_disk_copy`]. Every disk write holds the ring's
+/// lock, so a block is copied either before or instead of being written.
+struct DiskCopy {
+    out: File,
+    copied: Vec<bool>,
+}
+
+/// Copies block `b` of `from` to `to`.
+fn copy_block(from: &File, to: &File, b: u64) -> Result<(), BlockError> {
+    use std::os::unix::fs::FileExt;
+    let io = |source| BlockError::File {
+        path: "(disk copy)".into(),
+        source,
+    };
+    let mut buf = [0u8; BLOCK_BYTES as usize];
+    from.read_exact_at(&mut buf, b * BLOCK_BYTES).map_err(io)?;
+    if buf.iter().any(|x| *x != 0) {
+        to.write_all_at(&buf, b * BLOCK_BYTES).map_err(io)?;
+    }
+    Ok(())
 }
 
 /// The device.
@@ -154,15 +180,17 @@ pub struct BlockDevice {
     stats: Mutex<BlockStats>,
 }
 
-/// Copies `len` bytes of `from` into `to` (sized to `len`) and returns
-/// their CRC32; holes are read as zeros.
-fn copy_file(from: &File, to: &File, len: u64) -> Result<u32, BlockError> {
+/// Copies `len` bytes of `from` into `to` (sized to `len`; none: only
+/// read) and returns their CRC32; holes are read as zeros.
+fn copy_file(from: &File, to: Option<&File>, len: u64) -> Result<u32, BlockError> {
     use std::os::unix::fs::FileExt;
     let io = |source| BlockError::File {
         path: "(disk copy)".into(),
         source,
     };
-    to.set_len(len).map_err(io)?;
+    if let Some(to) = to {
+        to.set_len(len).map_err(io)?;
+    }
     let mut crc = crc32fast::Hasher::new();
     let mut buf = vec![0u8; (1 << 20).min(len as usize)];
     let mut at = 0;
@@ -170,7 +198,7 @@ fn copy_file(from: &File, to: &File, len: u64) -> Result<u32, BlockError> {
         let n = ((len - at) as usize).min(buf.len());
         from.read_exact_at(&mut buf[..n], at).map_err(io)?;
         crc.update(&buf[..n]);
-        if buf[..n].iter().any(|b| *b != 0) {
+        if let Some(to) = to.filter(|_| buf[..n].iter().any(|b| *b != 0)) {
             to.write_all_at(&buf[..n], at).map_err(io)?;
         }
         at += n as u64;
@@ -224,6 +252,7 @@ impl BlockDevice {
             ring: Mutex::new(Ring {
                 ring,
                 slots: (0..SLOTS).map(|_| None).collect(),
+                disk_copy: None,
             }),
             regs: Mutex::new(vec![(0, 0, Status::Ok as u8); vcpus as usize]),
             stats: Mutex::new(BlockStats::default()),
@@ -293,7 +322,7 @@ impl BlockDevice {
                     )));
                 }
                 let dev = BlockDevice::anonymous(ram, blocks, vcpus)?;
-                let got = copy_file(image, &dev.file, blocks * BLOCK_BYTES)?;
+                let got = copy_file(image, Some(&dev.file), blocks * BLOCK_BYTES)?;
                 if got != *crc {
                     return Err(BlockError::BadRequest(format!(
                         "the disk image is corrupt (CRC {got:#010x}, expected {crc:#010x})"
@@ -320,7 +349,7 @@ impl BlockDevice {
                 path: format!("an unnamed file in {}", dir.display()),
                 source,
             })?;
-        let crc = copy_file(&self.file, &copy, self.blocks * BLOCK_BYTES)?;
+        let crc = copy_file(&self.file, Some(&copy), self.blocks * BLOCK_BYTES)?;
         Ok((copy, crc))
     }
 
@@ -338,9 +367,77 @@ impl BlockDevice {
             .mode(0o600)
             .open(path)
             .map_err(err)?;
-        let crc = copy_file(&self.file, &out, self.blocks * BLOCK_BYTES)?;
+        let crc = copy_file(&self.file, Some(&out), self.blocks * BLOCK_BYTES)?;
         out.sync_all().map_err(err)?;
         Ok(crc)
+    }
+
+    /// Starts copying the disk as it is now to `path` (a new file, mode
+    /// 0600) while the guest goes on: O(1), for a live snapshot's pause.
+    pub fn begin_disk_copy(&self, path: &std::path::Path) -> Result<(), BlockError> {
+        use std::os::unix::fs::OpenOptionsExt;
+        let err = |source| BlockError::File {
+            path: path.display().to_string(),
+            source,
+        };
+        let out = std::fs::OpenOptions::new()
+            .read(true)
+            .write(true)
+            .create_new(true)
+            .mode(0o600)
+            .open(path)
+            .map_err(err)?;
+        out.set_len(self.blocks * BLOCK_BYTES).map_err(err)?;
+        let mut r = self.ring.lock().unwrap_or_else(|e| e.into_inner());
+        if r.disk_copy.is_some() {
+            return Err(BlockError::BadRequest(
+                "a copy of the disk is already being taken".into(),
+            ));
+        }
+        r.disk_copy = Some(DiskCopy {
+            out,
+            copied: vec![false; self.blocks as usize],
+        });
+        Ok(())
+    }
+
+    /// Copies the blocks the device did not overwrite since
+    /// [`BlockDevice::begin_disk_copy`] (one at a time, so requests go on
+    /// in between), fsyncs the copy and returns its CRC32.
+    pub fn finish_disk_copy(&self) -> Result<u32, BlockError> {
+        for b in 0..self.blocks {
+            let mut r = self.ring.lock().unwrap_or_else(|e| e.into_inner());
+            let Some(dc) = &mut r.disk_copy else {
+                return Err(BlockError::BadRequest(
+                    "no copy of the disk in progress".into(),
+                ));
+            };
+            if !dc.copied[b as usize] {
+                copy_block(&self.file, &dc.out, b)?;
+                dc.copied[b as usize] = true;
+            }
+        }
+        let dc = self
+            .ring
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .disk_copy
+            .take()
+            .ok_or_else(|| BlockError::BadRequest("no copy of the disk in progress".into()))?;
+        let io = |source| BlockError::File {
+            path: "(disk copy)".into(),
+            source,
+        };
+        dc.out.sync_all().map_err(io)?;
+        copy_file(&dc.out, None, self.blocks * BLOCK_BYTES)
+    }
+
+    /// Drops a copy of the disk in progress (the snapshot failed).
+    pub fn abort_disk_copy(&self) {
+        self.ring
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .disk_copy = None;
     }
 
     /// Blocks of the disk.
@@ -472,6 +569,12 @@ impl BlockDevice {
         if !to_file {
             // The device is about to write guest memory.
             self.ram.before_device_write(gpa, BLOCK_BYTES)?;
+        } else if let Some(dc) = &mut r.disk_copy {
+            // A live snapshot's disk copy needs this block as it was.
+            if !dc.copied[block as usize] {
+                copy_block(&self.file, &dc.out, block)?;
+                dc.copied[block as usize] = true;
+            }
         }
         let fd = types::Fd(self.file.as_raw_fd());
         let index = slot as u16;

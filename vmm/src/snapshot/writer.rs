@@ -377,18 +377,32 @@ fn begin_live(
             Ok((vm_state, lc))
         });
     let command_seq = vm.command_seqs();
-    let disk = save_disk(vm, tmp);
+    // The disk is copied like memory: started here, finished by the job,
+    // blocks the device overwrites meanwhile copied first.
+    let block = vm.block().cloned();
+    let disk = match &block {
+        Some(b) => b
+            .begin_disk_copy(&tmp.join("disk.bin"))
+            .map_err(|e| SnapshotError::Capture(e.to_string())),
+        None => Ok(()),
+    };
     vm.resume();
     let pause_us = paused_at.elapsed().as_micros() as u64;
-    let disk = match disk {
-        Ok(d) => d,
-        Err(e) => return Err(abort(vm, e)),
+    let abort_all = |vm: &mut VmHandle, e: SnapshotError| {
+        if let Some(b) = &block {
+            b.abort_disk_copy();
+        }
+        abort(vm, e)
     };
+    if let Err(e) = disk {
+        return Err(abort_all(vm, e));
+    }
     let (vm_state, lc) = match frozen {
         Ok(v) => v,
-        Err(e) => return Err(abort(vm, e)),
+        Err(e) => return Err(abort_all(vm, e)),
     };
     Ok(LiveJob {
+        block,
         ram: vm.shared_ram(),
         lc,
         file,
@@ -400,7 +414,6 @@ fn begin_live(
         vm_state,
         command_seq,
         pause_us,
-        disk,
     })
 }
 
@@ -419,11 +432,23 @@ struct LiveJob {
     vm_state: super::state::SavedVm,
     command_seq: Vec<u32>,
     pause_us: u64,
-    disk: Option<super::state::DiskDesc>,
+    /// The block device whose disk is being copied, if any.
+    block: Option<std::sync::Arc<crate::devices::block::BlockDevice>>,
 }
 
 impl LiveJob {
     fn run(self) -> Result<SnapshotReport, SnapshotError> {
+        let block = self.block.clone();
+        let result = self.copy_and_write();
+        if result.is_err() {
+            if let Some(b) = block {
+                b.abort_disk_copy();
+            }
+        }
+        result
+    }
+
+    fn copy_and_write(self) -> Result<SnapshotReport, SnapshotError> {
         let ram = &self.ram;
         // Pages populated since the pause are a superset, which only makes
         // the prefetch a little larger.
@@ -440,6 +465,15 @@ impl LiveJob {
             });
         }
         self.file.sync_all().map_err(io(&self.mem_path))?;
+        let disk = match &self.block {
+            Some(b) => Some(super::state::DiskDesc {
+                blocks: b.blocks(),
+                crc: b
+                    .finish_disk_copy()
+                    .map_err(|e| SnapshotError::Capture(e.to_string()))?,
+            }),
+            None => None,
+        };
         // Summed as the pages were copied: no second pass over the file.
         let chunk_crc = self.lc.chunk_sums();
         let stats = self.lc.stats();
@@ -454,7 +488,7 @@ impl LiveJob {
             working_set,
             chunk_crc,
             pages_stored: stats.stored,
-            disk: self.disk,
+            disk,
         };
         let mut report = write_state(&self.tmp, parts)?;
         report.pause_us = self.pause_us;
