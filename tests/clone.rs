@@ -89,35 +89,10 @@ fn check_clones(d: &str, mode: &str) {
 
 #[test]
 fn poisoned_pages_stay_poisoned_in_every_clone() {
-    use guest_protocol::Workload;
-    use vmm::config::VmConfig;
-    use vmm::runner::{run, HookError, RunHooks, SerialSink, VmHandle};
     use vmm::snapshot::clone::{clone_vms, CloneOptions};
-    use vmm::snapshot::writer::{take_snapshot, SnapshotMode};
 
     let dir = snap_dir("poisoned");
-    let bad = 48u64 << 20; // unused by the workload
-    let cfg = VmConfig {
-        mem_bytes: 64 << 20,
-        workload: Workload::SeqWrite,
-        pages: 128,
-        passes: 2,
-        ..VmConfig::default()
-    };
-    let d = dir.clone();
-    let hooks = RunHooks::default().after_pages(
-        64,
-        Box::new(move |vm: &mut VmHandle| -> Result<(), HookError> {
-            vm.ram().poison_page(bad, "test memory error")?;
-            let desc = vm.machine().clone();
-            let r = take_snapshot(vm, &d, SnapshotMode::Paused, desc, None)
-                .map_err(|e| HookError(e.to_string()))?;
-            vm.snapshots.push(r);
-            Ok(())
-        }),
-    );
-    let report = run(&cfg, hooks, SerialSink::Capture).expect("run");
-    assert_eq!(report.snapshots.len(), 1, "{:?}", report.error);
+    snapshot_with_a_poisoned_page(&dir);
     let opts = CloneOptions {
         count: 2,
         ..CloneOptions::default()
@@ -125,7 +100,12 @@ fn poisoned_pages_stay_poisoned_in_every_clone() {
     let r = clone_vms(&dir, &opts).expect("clone");
     assert_eq!(r.exit_code(), 0, "{}", r.human_summary());
     for c in &r.clones {
-        assert_eq!(c.poisoned_pages, vec![bad], "clone {}", c.index);
+        assert_eq!(
+            c.outcome.poisoned_pages,
+            vec![UNUSED_PAGE],
+            "clone {}",
+            c.index
+        );
     }
     let _ = std::fs::remove_dir_all(dir);
 }

@@ -47,36 +47,34 @@ fn a_forked_vm_and_its_children_run_on_isolated_and_verify() {
     }
 }
 
+/// Forks a 64 MiB VM into `count` children at 150 page stores, after
+/// `before` ran on it.
+fn fork_at_150(
+    count: u32,
+    fail_setup_at: Option<u32>,
+    mut before: impl FnMut(&mut vmm::runner::VmHandle) + Send + 'static,
+) -> vmm::report::RunReport {
+    use vmm::fork::{fork_vm, ForkOptions};
+    run_with_hook(3, 150, move |vm| {
+        before(vm);
+        let opts = ForkOptions {
+            count,
+            seed_base: 7,
+            fail_setup_at,
+        };
+        let p = fork_vm(vm, opts).map_err(|e| vmm::runner::HookError(e.to_string()))?;
+        vm.pending_forks.push(p);
+        Ok(())
+    })
+}
+
 #[test]
 fn poisoned_pages_survive_a_fork() {
-    use guest_protocol::Workload;
-    use vmm::config::VmConfig;
-    use vmm::fork::{fork_vm, ForkOptions};
-    use vmm::runner::{run, HookError, RunHooks, SerialSink, VmHandle};
-
-    let bad = 48u64 << 20; // unused by the workload
-    let cfg = VmConfig {
-        mem_bytes: 64 << 20,
-        workload: Workload::SeqWrite,
-        pages: 128,
-        passes: 3,
-        ..VmConfig::default()
-    };
-    let hooks = RunHooks::default().after_pages(
-        150,
-        Box::new(move |vm: &mut VmHandle| -> Result<(), HookError> {
-            vm.ram().poison_page(bad, "test memory error")?;
-            let opts = ForkOptions {
-                count: 2,
-                seed_base: 7,
-                fail_setup_at: None,
-            };
-            let p = fork_vm(vm, opts).map_err(|e| HookError(e.to_string()))?;
-            vm.pending_forks.push(p);
-            Ok(())
-        }),
-    );
-    let report = run(&cfg, hooks, SerialSink::Capture).expect("run");
+    let report = fork_at_150(2, None, |vm| {
+        vm.ram()
+            .poison_page(UNUSED_PAGE, "test memory error")
+            .expect("poison");
+    });
     assert_eq!(
         report.status,
         vmm::report::RunStatus::Ok,
@@ -86,8 +84,13 @@ fn poisoned_pages_survive_a_fork() {
     let children = &report.forks[0].children;
     assert_eq!(children.len(), 2);
     for c in children {
-        assert_eq!(c.status, "ok", "{:?}", c.error);
-        assert_eq!(c.poisoned_pages, vec![bad], "child {}", c.index);
+        assert_eq!(c.outcome.status, "ok", "{:?}", c.outcome.error);
+        assert_eq!(
+            c.outcome.poisoned_pages,
+            vec![UNUSED_PAGE],
+            "child {}",
+            c.index
+        );
     }
 }
 
@@ -140,32 +143,7 @@ fn bad_fork_requests_are_refused_clearly() {
 
 #[test]
 fn a_fork_that_fails_half_way_leaves_the_parent_as_it_was() {
-    use guest_protocol::Workload;
-    use vmm::config::VmConfig;
-    use vmm::fork::{fork_vm, ForkOptions};
-    use vmm::runner::{run, HookError, RunHooks, SerialSink, VmHandle};
-
-    let cfg = VmConfig {
-        mem_bytes: 64 << 20,
-        workload: Workload::SeqWrite,
-        pages: 128,
-        passes: 3,
-        ..VmConfig::default()
-    };
-    let hooks = RunHooks::default().after_pages(
-        150,
-        Box::new(move |vm: &mut VmHandle| -> Result<(), HookError> {
-            let opts = ForkOptions {
-                count: 3,
-                seed_base: 7,
-                fail_setup_at: Some(1),
-            };
-            let p = fork_vm(vm, opts).map_err(|e| HookError(e.to_string()))?;
-            vm.pending_forks.push(p);
-            Ok(())
-        }),
-    );
-    let report = run(&cfg, hooks, SerialSink::Capture).expect("run");
+    let report = fork_at_150(3, Some(1), |_| {});
     // The fork is reported as failed; no child ran; the parent's memory
     // holds exactly what its own schedule wrote (rule 7).
     assert_eq!(report.status, vmm::report::RunStatus::HookFailed);

@@ -670,35 +670,12 @@ fn diff_chains_of_three_restore_like_a_full_snapshot() {
 
 #[test]
 fn poisoned_pages_survive_snapshot_and_restore() {
-    use guest_protocol::Workload;
-    use vmm::config::VmConfig;
-    use vmm::runner::{run, HookError, RunHooks, SerialSink, VmHandle};
+    use vmm::runner::{HookError, RunHooks, SerialSink, VmHandle};
     use vmm::snapshot::restore::{restore, RestoreMode, RestoreOptions};
-    use vmm::snapshot::writer::{take_snapshot, SnapshotMode};
 
     let dir = snap_dir("poisoned");
-    let bad = 48u64 << 20; // unused by the workload
-    let cfg = VmConfig {
-        mem_bytes: 64 << 20,
-        workload: Workload::SeqWrite,
-        pages: 128,
-        passes: 2,
-        ..VmConfig::default()
-    };
-    let d = dir.clone();
-    let hooks = RunHooks::default().after_pages(
-        64,
-        Box::new(move |vm: &mut VmHandle| -> Result<(), HookError> {
-            vm.ram().poison_page(bad, "test memory error")?;
-            let desc = vm.machine().clone();
-            let r = take_snapshot(vm, &d, SnapshotMode::Paused, desc, None)
-                .map_err(|e| HookError(e.to_string()))?;
-            vm.snapshots.push(r);
-            Ok(())
-        }),
-    );
-    let report = run(&cfg, hooks, SerialSink::Capture).expect("run");
-    assert_eq!(report.snapshots.len(), 1, "{:?}", report.error);
+    let bad = UNUSED_PAGE;
+    snapshot_with_a_poisoned_page(&dir);
     let i = run_ok(&["inspect", dir.to_str().expect("utf-8"), "--json"]);
     assert_eq!(i["poisoned_pages"][0], format!("{bad:#x}"));
     for mode in [RestoreMode::Eager, RestoreMode::Uffd] {

@@ -40,9 +40,8 @@ pub struct Pin {
 impl Pin {
     /// Host address of the range's first byte, for the device.
     pub fn host_addr(&self, ram: &GuestRam) -> Option<u64> {
-        ram.regions()
-            .into_iter()
-            .find(|r| r.contains_gpa(self.gpa))
+        ram.region_for(self.gpa, self.len)
+            .ok()
             .map(|r| r.host_of(self.gpa))
     }
 }
@@ -96,11 +95,7 @@ impl GuestRam {
             return Err(bad());
         }
         let end = gpa.checked_add(len).ok_or_else(bad)?;
-        let region = self
-            .regions()
-            .into_iter()
-            .find(|r| r.contains_gpa(gpa) && end <= r.gpa + r.size)
-            .ok_or_else(bad)?;
+        let region = self.region_for(gpa, len)?;
         if region.flags.read_only && access == PinAccess::ReadWrite {
             return Err(RamError::ReadOnly(gpa));
         }
@@ -157,14 +152,7 @@ impl GuestRam {
     /// Releases a pin; a page stays pinned while another pin holds it.
     pub fn unpin(&self, pin: Pin) -> Result<(), RamError> {
         let end = pin.gpa + pin.len;
-        let region = self
-            .regions()
-            .into_iter()
-            .find(|r| r.contains_gpa(pin.gpa))
-            .ok_or(RamError::OutOfRange {
-                addr: pin.gpa,
-                len: pin.len,
-            })?;
+        let region = self.region_for(pin.gpa, pin.len)?;
         let _g = region.lock.lock().unwrap_or_else(|e| e.into_inner());
         let mut counts = self
             .core
@@ -242,14 +230,7 @@ impl GuestRam {
     /// until [`GuestRam::release_exclusive`] (rule 6). Reads go on.
     pub fn hold_exclusive(&self, gpa: u64) -> Result<(), RamError> {
         let gpa = gpa & !(PAGE_SIZE - 1);
-        let region = self
-            .regions()
-            .into_iter()
-            .find(|r| r.contains_gpa(gpa))
-            .ok_or(RamError::OutOfRange {
-                addr: gpa,
-                len: PAGE_SIZE,
-            })?;
+        let region = self.region_for(gpa, PAGE_SIZE)?;
         let uffd = self
             .core
             .uffd
@@ -282,14 +263,7 @@ impl GuestRam {
     /// meanwhile: then the writer just faults again and gets a new page).
     pub fn release_exclusive(&self, gpa: u64) -> Result<(), RamError> {
         let gpa = gpa & !(PAGE_SIZE - 1);
-        let region = self
-            .regions()
-            .into_iter()
-            .find(|r| r.contains_gpa(gpa))
-            .ok_or(RamError::OutOfRange {
-                addr: gpa,
-                len: PAGE_SIZE,
-            })?;
+        let region = self.region_for(gpa, PAGE_SIZE)?;
         let _g = region.lock.lock().unwrap_or_else(|e| e.into_inner());
         let waiting = self
             .core

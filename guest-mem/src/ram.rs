@@ -359,14 +359,7 @@ impl GuestRam {
                 "page {gpa:#x} is populated: only an unpopulated page can be poisoned"
             )));
         }
-        let region = self
-            .regions()
-            .into_iter()
-            .find(|r| r.contains_gpa(gpa))
-            .ok_or(RamError::OutOfRange {
-                addr: gpa,
-                len: PAGE_SIZE,
-            })?;
+        let region = self.region_for(gpa, PAGE_SIZE)?;
         self.core.poison(&region, gpa, gpa + PAGE_SIZE, why);
         self.take_memory_errors();
         Ok(())
@@ -425,6 +418,18 @@ impl GuestRam {
             return Err(RamError::Region(CoreError::NoSuchRegion(id)));
         }
         Ok(self.core.remove_region(id)?)
+    }
+
+    /// The region holding all of `[gpa, gpa + len)` (`len` 0: the byte
+    /// at `gpa`).
+    pub fn region_for(&self, gpa: u64, len: u64) -> Result<Arc<Region>, RamError> {
+        let end = gpa
+            .checked_add(len.max(1))
+            .ok_or(RamError::OutOfRange { addr: gpa, len })?;
+        self.regions()
+            .into_iter()
+            .find(|r| r.contains_gpa(gpa) && end <= r.gpa + r.size)
+            .ok_or(RamError::OutOfRange { addr: gpa, len })
     }
 
     /// The live regions.

@@ -199,3 +199,40 @@ pub fn assert_json_failure(out: &std::process::Output, status: &str, needle: &st
     let e = j["error"].as_str().unwrap_or("");
     assert!(e.contains(needle), "error lacks {needle:?}: {e}");
 }
+
+/// A page the test workloads never touch (inside a 64 MiB guest).
+pub const UNUSED_PAGE: u64 = 48 << 20;
+
+/// Runs a 64 MiB `seq-write` VM (128 pages, `passes` passes) in this
+/// process; `hook` runs once the guest made `after` page stores.
+pub fn run_with_hook(
+    passes: u64,
+    after: u64,
+    hook: impl FnMut(&mut vmm::runner::VmHandle) -> Result<(), vmm::runner::HookError> + Send + 'static,
+) -> vmm::report::RunReport {
+    let cfg = vmm::config::VmConfig {
+        mem_bytes: 64 << 20,
+        workload: guest_protocol::Workload::SeqWrite,
+        pages: 128,
+        passes,
+        ..vmm::config::VmConfig::default()
+    };
+    let hooks = vmm::runner::RunHooks::default().after_pages(after, Box::new(hook));
+    vmm::runner::run(&cfg, hooks, vmm::runner::SerialSink::Capture).expect("run")
+}
+
+/// Takes a paused snapshot into `dir` of a VM whose page [`UNUSED_PAGE`]
+/// is poisoned (rule 12's marker).
+pub fn snapshot_with_a_poisoned_page(dir: &std::path::Path) {
+    use vmm::snapshot::writer::{take_snapshot, SnapshotMode};
+    let d = dir.to_path_buf();
+    let report = run_with_hook(2, 64, move |vm| {
+        vm.ram().poison_page(UNUSED_PAGE, "test memory error")?;
+        let desc = vm.machine().clone();
+        let r = take_snapshot(vm, &d, SnapshotMode::Paused, desc, None)
+            .map_err(|e| vmm::runner::HookError(e.to_string()))?;
+        vm.snapshots.push(r);
+        Ok(())
+    });
+    assert_eq!(report.snapshots.len(), 1, "{:?}", report.error);
+}

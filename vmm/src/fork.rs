@@ -7,7 +7,7 @@
 //! from an in-memory [`SnapshotState`] exactly as a restore builds a VM,
 //! and the shared memfd plays the part of `memory.bin`.
 
-use crate::report::{RunReport, RunStatus, EXIT_MISMATCH, EXIT_OK};
+use crate::report::{RunReport, RunStatus, VmOutcome, EXIT_MISMATCH, EXIT_OK};
 use crate::runner::{prepare_process, supervise, RunError, RunHooks, SerialSink, VmHandle};
 use crate::snapshot::restore::{config_of, machine_from_state};
 use crate::snapshot::state::{save_vm, DeviceState, MemoryDesc, SnapshotState, CHUNK_BYTES};
@@ -42,30 +42,13 @@ pub struct ForkChild {
     pub index: u32,
     /// The seed it uses from its next pass.
     pub seed: u64,
-    /// How its run ended (a run status, or an error kind).
-    pub status: String,
-    /// Its exit code alone (0, 3 or 1).
-    pub exit_code: i32,
-    /// What went wrong, if anything.
-    pub error: Option<String>,
-    /// Page stores (all its vCPUs), counted from the parent's boot.
-    pub pages_written: u64,
-    /// The guest's verify.
-    pub verify_mismatches: Option<u64>,
-    /// The VMM's verify of its memory.
-    pub host_verify_mismatches: Option<u64>,
+    /// How it ended and what it shares.
+    #[serde(flatten)]
+    pub outcome: VmOutcome,
     /// µs from the fork request to its machine being ready.
     pub setup_us: u64,
     /// µs from the fork request to its first I/O exit.
     pub first_io_us: Option<u64>,
-    /// Mapped guest pages it still shares with the fork's image.
-    pub shared_pages: u64,
-    /// Guest pages that are its own.
-    pub exclusive_pages: u64,
-    /// Pages mapped to the host's shared zero page (read, never written).
-    pub zero_pages: u64,
-    /// Its poisoned pages (rule 12: markers survive a fork).
-    pub poisoned_pages: Vec<u64>,
 }
 
 /// One fork, as the parent's report shows it.
@@ -119,14 +102,14 @@ impl PendingFork {
                     }),
                     Err(e) => Err(RunError::Runtime(e)),
                 };
-                child_report(
-                    c.index,
-                    c.seed,
-                    c.setup_us,
-                    c.created_after_us,
-                    &c.ram,
-                    result,
-                )
+                let outcome = VmOutcome::of(result, &c.ram);
+                ForkChild {
+                    index: c.index,
+                    seed: c.seed,
+                    setup_us: c.setup_us,
+                    first_io_us: outcome.boot_us.map(|b| c.created_after_us + b),
+                    outcome,
+                }
             })
             .collect();
         // Measured while the children's memory is still mapped (they hold
@@ -142,53 +125,6 @@ impl PendingFork {
             children,
         }
     }
-}
-
-fn child_report(
-    index: u32,
-    seed: u64,
-    setup_us: u64,
-    created_after_us: u64,
-    ram: &GuestRam,
-    result: Result<RunReport, RunError>,
-) -> ForkChild {
-    let sharing = ram.refresh_sharing().unwrap_or_default();
-    let mut child = ForkChild {
-        index,
-        seed,
-        status: "ok".into(),
-        exit_code: EXIT_OK,
-        error: None,
-        pages_written: 0,
-        verify_mismatches: None,
-        host_verify_mismatches: None,
-        setup_us,
-        first_io_us: None,
-        shared_pages: sharing.shared_pages,
-        exclusive_pages: sharing.exclusive_pages,
-        zero_pages: sharing.zero_pages,
-        poisoned_pages: ram.poisoned_pages(),
-    };
-    match result {
-        Ok(r) => {
-            child.status = serde_json::to_value(r.status)
-                .ok()
-                .and_then(|v| v.as_str().map(str::to_string))
-                .unwrap_or_default();
-            child.exit_code = r.exit_code();
-            child.error = r.error;
-            child.pages_written = r.pages_written;
-            child.verify_mismatches = r.verify_mismatches;
-            child.host_verify_mismatches = r.host_verify_mismatches;
-            child.first_io_us = r.boot_us.map(|b| created_after_us + b);
-        }
-        Err(e) => {
-            child.status = e.kind().into();
-            child.exit_code = e.exit_code();
-            child.error = Some(e.to_string());
-        }
-    }
-    child
 }
 
 /// Forks the VM behind `vm` into `opts.count` children. The parent is
@@ -323,7 +259,8 @@ pub fn fork_vm(vm: &mut VmHandle, opts: ForkOptions) -> Result<PendingFork, RunE
 pub fn worst_child(forks: &[ForkReport]) -> Option<(RunStatus, String)> {
     let mut worst: Option<(RunStatus, String)> = None;
     for c in forks.iter().flat_map(|f| &f.children) {
-        let status = match c.exit_code {
+        let o = &c.outcome;
+        let status = match o.exit_code {
             EXIT_OK => continue,
             EXIT_MISMATCH => RunStatus::VerifyMismatch,
             _ => RunStatus::HookFailed,
@@ -331,7 +268,7 @@ pub fn worst_child(forks: &[ForkReport]) -> Option<(RunStatus, String)> {
         let msg = format!(
             "fork child {}: {}",
             c.index,
-            c.error.clone().unwrap_or_else(|| c.status.clone())
+            o.error.clone().unwrap_or_else(|| o.status.clone())
         );
         if worst
             .as_ref()

@@ -224,6 +224,94 @@ pub struct RunReport {
     pub serial: Vec<String>,
 }
 
+/// How one VM of a clone set or a fork ended, and what of its memory it
+/// shares (serialized flat into the clone's or child's object).
+#[derive(Clone, Debug, Serialize)]
+pub struct VmOutcome {
+    /// How its run ended (a run status, or the error kind of a run that
+    /// could not go on).
+    pub status: String,
+    /// Its exit code alone (0, 3 or 1).
+    pub exit_code: i32,
+    /// What went wrong, if anything.
+    pub error: Option<String>,
+    /// Page stores (all its vCPUs), counted from the first boot.
+    pub pages_written: u64,
+    /// The guest's verify.
+    pub verify_mismatches: Option<u64>,
+    /// The VMM's verify of its memory.
+    pub host_verify_mismatches: Option<u64>,
+    /// Mapped guest pages it still shares (with an image, other clones, a
+    /// fork's other side).
+    pub shared_pages: u64,
+    /// Guest pages that are its own.
+    pub exclusive_pages: u64,
+    /// Pages mapped to the host's shared zero page (read, never written).
+    pub zero_pages: u64,
+    /// Its poisoned pages (rule 12: markers survive clones and forks).
+    pub poisoned_pages: Vec<u64>,
+    /// µs from its machine's creation to its first I/O exit.
+    #[serde(skip)]
+    pub boot_us: Option<u64>,
+}
+
+impl VmOutcome {
+    /// The outcome of a VM's run (`result`), its memory `ram` still mapped.
+    pub fn of(
+        result: Result<RunReport, crate::runner::RunError>,
+        ram: &guest_mem::GuestRam,
+    ) -> VmOutcome {
+        let sharing = ram.refresh_sharing().unwrap_or_default();
+        let mut o = VmOutcome {
+            status: status_name(RunStatus::Ok),
+            exit_code: EXIT_OK,
+            error: None,
+            pages_written: 0,
+            verify_mismatches: None,
+            host_verify_mismatches: None,
+            shared_pages: sharing.shared_pages,
+            exclusive_pages: sharing.exclusive_pages,
+            zero_pages: sharing.zero_pages,
+            poisoned_pages: ram.poisoned_pages(),
+            boot_us: None,
+        };
+        match result {
+            Ok(r) => {
+                o.status = status_name(r.status);
+                o.exit_code = r.exit_code();
+                o.error = r.error;
+                o.pages_written = r.pages_written;
+                o.verify_mismatches = r.verify_mismatches;
+                o.host_verify_mismatches = r.host_verify_mismatches;
+                o.boot_us = r.boot_us;
+            }
+            Err(e) => {
+                o.status = e.kind().into();
+                o.exit_code = e.exit_code();
+                o.error = Some(e.to_string());
+            }
+        }
+        o
+    }
+}
+
+/// A run status as the JSON spells it.
+pub fn status_name(s: RunStatus) -> String {
+    serde_json::to_value(s)
+        .ok()
+        .and_then(|v| v.as_str().map(str::to_string))
+        .unwrap_or_else(|| format!("{s:?}"))
+}
+
+/// Orders exit codes by how bad they are: ok < mismatch < error.
+pub fn severity(code: i32) -> u8 {
+    match code {
+        EXIT_OK => 0,
+        EXIT_MISMATCH => 1,
+        _ => 2,
+    }
+}
+
 impl RunReport {
     /// The process exit code.
     pub fn exit_code(&self) -> i32 {

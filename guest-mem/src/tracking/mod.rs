@@ -442,11 +442,7 @@ impl GuestRam {
         let end = gpa
             .checked_add(len)
             .ok_or(RamError::OutOfRange { addr: gpa, len })?;
-        let region = self
-            .regions()
-            .into_iter()
-            .find(|r| r.contains_gpa(gpa) && end <= r.gpa + r.size)
-            .ok_or(RamError::OutOfRange { addr: gpa, len })?;
+        let region = self.region_for(gpa, len)?;
         let _g = region.lock.lock().unwrap_or_else(|e| e.into_inner());
         // A device holds pinned pages: dropping them would leave it
         // writing to frames the guest no longer sees (rule 13).

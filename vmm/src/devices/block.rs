@@ -154,6 +154,23 @@ struct DiskCopy {
     copied: Vec<bool>,
 }
 
+/// A new unnamed file (`O_TMPFILE`, mode 0600) in the temporary directory:
+/// it is gone once closed.
+fn unnamed_file() -> Result<File, BlockError> {
+    use std::os::unix::fs::OpenOptionsExt;
+    let dir = std::env::temp_dir();
+    std::fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .custom_flags(libc::O_TMPFILE)
+        .mode(0o600)
+        .open(&dir)
+        .map_err(|source| BlockError::File {
+            path: format!("an unnamed file in {}", dir.display()),
+            source,
+        })
+}
+
 /// Copies block `b` of `from` to `to`.
 fn copy_block(from: &File, to: &File, b: u64) -> Result<(), BlockError> {
     use std::os::unix::fs::FileExt;
@@ -286,18 +303,7 @@ impl BlockDevice {
         blocks: u64,
         vcpus: u32,
     ) -> Result<BlockDevice, BlockError> {
-        use std::os::unix::fs::OpenOptionsExt;
-        let dir = std::env::temp_dir();
-        let file = std::fs::OpenOptions::new()
-            .read(true)
-            .write(true)
-            .custom_flags(libc::O_TMPFILE)
-            .mode(0o600)
-            .open(&dir)
-            .map_err(|source| BlockError::File {
-                path: format!("an unnamed file in {}", dir.display()),
-                source,
-            })?;
+        let file = unnamed_file()?;
         BlockDevice::new(ram, file, blocks, vcpus)
     }
 
@@ -337,18 +343,7 @@ impl BlockDevice {
     /// returns it with its CRC32 (for a fork's children, or to save in a
     /// snapshot). Call while no request runs (the vCPUs paused).
     pub fn save_disk(&self) -> Result<(File, u32), BlockError> {
-        use std::os::unix::fs::OpenOptionsExt;
-        let dir = std::env::temp_dir();
-        let copy = std::fs::OpenOptions::new()
-            .read(true)
-            .write(true)
-            .custom_flags(libc::O_TMPFILE)
-            .mode(0o600)
-            .open(&dir)
-            .map_err(|source| BlockError::File {
-                path: format!("an unnamed file in {}", dir.display()),
-                source,
-            })?;
+        let copy = unnamed_file()?;
         let crc = copy_file(&self.file, Some(&copy), self.blocks * BLOCK_BYTES)?;
         Ok((copy, crc))
     }

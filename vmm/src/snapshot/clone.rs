@@ -10,7 +10,7 @@
 use super::chain::Chain;
 use super::restore::{check_host_cpu, config_of, machine_from_state, MappableImage};
 use super::SnapshotError;
-use crate::report::{RunReport, RunStatus, EXIT_MISMATCH, EXIT_OK};
+use crate::report::{severity, status_name, RunStatus, VmOutcome, EXIT_OK};
 use crate::runner::{prepare_process, supervise, Machine, RunError, RunHooks, SerialSink};
 use crate::vstate::vm::open_kvm;
 use guest_mem::GuestRam;
@@ -58,33 +58,15 @@ pub struct CloneVm {
     pub index: u32,
     /// Its seed from its next pass, when given one.
     pub seed: Option<u64>,
-    /// How its run ended (a run status, or the error kind of a run that
-    /// could not go on).
-    pub status: String,
-    /// Its exit code alone (0, 3 or 1).
-    pub exit_code: i32,
-    /// What went wrong, if anything.
-    pub error: Option<String>,
-    /// Page stores (all its vCPUs), counted from boot.
-    pub pages_written: u64,
-    /// The guest's verify.
-    pub verify_mismatches: Option<u64>,
-    /// The VMM's verify of its memory.
-    pub host_verify_mismatches: Option<u64>,
+    /// How it ended and what it shares.
+    #[serde(flatten)]
+    pub outcome: VmOutcome,
     /// µs from the start of the command to its first I/O exit (clones are
     /// set up one after the other, so this includes the setup of those
     /// before it).
     pub first_io_us: Option<u64>,
     /// µs to set it up (map memory, create the VM and vCPUs).
     pub setup_us: u64,
-    /// Mapped guest pages still shared with the image (and the other clones).
-    pub shared_pages: u64,
-    /// Guest pages that are its own (written, or populated privately).
-    pub exclusive_pages: u64,
-    /// Pages mapped to the host's shared zero page (read, never written).
-    pub zero_pages: u64,
-    /// Its poisoned pages (rule 12: markers survive a clone).
-    pub poisoned_pages: Vec<u64>,
     /// vCPU 0's seed history from its state page at the end: (first pass,
     /// seed), showing the seed it was given took effect.
     pub seed_history: Vec<(u64, u64)>,
@@ -132,7 +114,7 @@ impl CloneReport {
     pub fn exit_code(&self) -> i32 {
         self.clones
             .iter()
-            .map(|c| c.exit_code)
+            .map(|c| c.outcome.exit_code)
             .max_by_key(|c| severity(*c))
             .unwrap_or(EXIT_OK)
     }
@@ -153,18 +135,19 @@ impl CloneReport {
             self.status
         );
         for c in &self.clones {
+            let o = &c.outcome;
             let _ = writeln!(
                 out,
                 "  clone {:>3}: {:<16} {} page stores, verify {} (host {}), {} shared + {} exclusive pages, set up in {:.2} ms{}",
                 c.index,
-                c.status,
-                c.pages_written,
-                c.verify_mismatches.map_or("-".into(), |v| v.to_string()),
-                c.host_verify_mismatches.map_or("-".into(), |v| v.to_string()),
-                c.shared_pages,
-                c.exclusive_pages,
+                o.status,
+                o.pages_written,
+                o.verify_mismatches.map_or("-".into(), |v| v.to_string()),
+                o.host_verify_mismatches.map_or("-".into(), |v| v.to_string()),
+                o.shared_pages,
+                o.exclusive_pages,
                 c.setup_us as f64 / 1000.0,
-                c.error.as_ref().map_or(String::new(), |e| format!(": {e}"))
+                o.error.as_ref().map_or(String::new(), |e| format!(": {e}"))
             );
         }
         let a = &self.accounting;
@@ -333,21 +316,24 @@ pub fn clone_vms(dir: &Path, opts: &CloneOptions) -> Result<CloneReport, RunErro
         let result = thread
             .join()
             .unwrap_or_else(|_| Err(RunError::Runtime(format!("clone {index} panicked"))));
-        let sharing = ram.refresh_sharing()?;
-        let mut vm = clone_result(index, seed, setup_us, result, sharing);
-        vm.first_io_us = vm.first_io_us.map(|b| created_after_us + b);
-        vm.poisoned_pages = ram.poisoned_pages();
-        vm.seed_history = crate::oracle::seed_history(ram.as_ref(), 0).unwrap_or_default();
-        clones.push(vm);
+        let outcome = VmOutcome::of(result, &ram);
+        clones.push(CloneVm {
+            index,
+            seed,
+            first_io_us: outcome.boot_us.map(|b| created_after_us + b),
+            setup_us,
+            seed_history: crate::oracle::seed_history(ram.as_ref(), 0).unwrap_or_default(),
+            outcome,
+        });
         rams.push(ram);
     }
     let _ = verifier.join();
     let corrupt = corrupt.lock().ok().and_then(|s| s.clone());
     if let Some(e) = &corrupt {
         for c in &mut clones {
-            c.status = status_name(RunStatus::SnapshotCorrupt);
-            c.exit_code = RunStatus::SnapshotCorrupt.exit_code();
-            c.error.get_or_insert_with(|| e.clone());
+            c.outcome.status = status_name(RunStatus::SnapshotCorrupt);
+            c.outcome.exit_code = RunStatus::SnapshotCorrupt.exit_code();
+            c.outcome.error.get_or_insert_with(|| e.clone());
         }
     }
     // Measured while every clone's memory is still mapped.
@@ -355,10 +341,10 @@ pub fn clone_vms(dir: &Path, opts: &CloneOptions) -> Result<CloneReport, RunErro
     drop(rams);
     let status = clones
         .iter()
-        .max_by_key(|c| severity(c.exit_code))
-        .map_or_else(|| status_name(RunStatus::Ok), |c| c.status.clone());
-    let exclusive: u64 = clones.iter().map(|c| c.exclusive_pages).sum();
-    let shared: u64 = clones.iter().map(|c| c.shared_pages).sum();
+        .max_by_key(|c| severity(c.outcome.exit_code))
+        .map_or_else(|| status_name(RunStatus::Ok), |c| c.outcome.status.clone());
+    let exclusive: u64 = clones.iter().map(|c| c.outcome.exclusive_pages).sum();
+    let shared: u64 = clones.iter().map(|c| c.outcome.shared_pages).sum();
     Ok(CloneReport {
         status,
         snapshot_id: uuid::Uuid::from_bytes(state.id).to_string(),
@@ -374,67 +360,4 @@ pub fn clone_vms(dir: &Path, opts: &CloneOptions) -> Result<CloneReport, RunErro
             shared_mapped_bytes: shared * 4096,
         },
     })
-}
-
-fn clone_result(
-    index: u32,
-    seed: Option<u64>,
-    setup_us: u64,
-    result: Result<RunReport, RunError>,
-    sharing: guest_mem::sharing::SharingStats,
-) -> CloneVm {
-    let (status, exit_code, error, pages_written, verify, host_verify, first_io) = match result {
-        Ok(r) => (
-            status_name(r.status),
-            r.exit_code(),
-            r.error,
-            r.pages_written,
-            r.verify_mismatches,
-            r.host_verify_mismatches,
-            r.boot_us,
-        ),
-        Err(e) => (
-            e.kind().to_string(),
-            e.exit_code(),
-            Some(e.to_string()),
-            0,
-            None,
-            None,
-            None,
-        ),
-    };
-    CloneVm {
-        index,
-        seed,
-        status,
-        exit_code,
-        error,
-        pages_written,
-        verify_mismatches: verify,
-        host_verify_mismatches: host_verify,
-        first_io_us: first_io,
-        setup_us,
-        shared_pages: sharing.shared_pages,
-        exclusive_pages: sharing.exclusive_pages,
-        zero_pages: sharing.zero_pages,
-        poisoned_pages: Vec::new(),
-        seed_history: Vec::new(),
-    }
-}
-
-/// A run status as the JSON spells it.
-fn status_name(s: RunStatus) -> String {
-    serde_json::to_value(s)
-        .ok()
-        .and_then(|v| v.as_str().map(str::to_string))
-        .unwrap_or_else(|| format!("{s:?}"))
-}
-
-/// Orders exit codes by how bad they are: ok < mismatch < error.
-fn severity(code: i32) -> u8 {
-    match code {
-        EXIT_OK => 0,
-        EXIT_MISMATCH => 1,
-        _ => 2,
-    }
 }
