@@ -151,14 +151,7 @@ mod cli {
     use super::common::*;
 
     fn snap_dir(name: &str) -> std::path::PathBuf {
-        let base = if std::path::Path::new("/dev/shm").is_dir() {
-            std::path::PathBuf::from("/dev/shm")
-        } else {
-            std::env::temp_dir()
-        };
-        let d = base.join(format!("vmm-block-{}-{name}", std::process::id()));
-        let _ = std::fs::remove_dir_all(&d);
-        d
+        tmpfs_dir("block", name)
     }
 
     #[test]

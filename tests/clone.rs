@@ -9,14 +9,7 @@ use std::path::PathBuf;
 /// A snapshot directory on tmpfs when there is one (the fault engine then
 /// serves the clones' holes), else in the temporary directory.
 fn snap_dir(name: &str) -> PathBuf {
-    let base = if std::path::Path::new("/dev/shm").is_dir() {
-        PathBuf::from("/dev/shm")
-    } else {
-        std::env::temp_dir()
-    };
-    let d = base.join(format!("vmm-clone-{}-{name}", std::process::id()));
-    let _ = std::fs::remove_dir_all(&d);
-    d
+    tmpfs_dir("clone", name)
 }
 
 #[test]

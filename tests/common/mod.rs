@@ -236,3 +236,17 @@ pub fn snapshot_with_a_poisoned_page(dir: &std::path::Path) {
     });
     assert_eq!(report.snapshots.len(), 1, "{:?}", report.error);
 }
+
+/// A fresh directory path (removed if it exists) on tmpfs when there is
+/// one (the fault engine can then serve an `mmap` restore or a clone of a
+/// snapshot there), else in the temporary directory.
+pub fn tmpfs_dir(prefix: &str, name: &str) -> std::path::PathBuf {
+    let base = if std::path::Path::new("/dev/shm").is_dir() {
+        std::path::PathBuf::from("/dev/shm")
+    } else {
+        std::env::temp_dir()
+    };
+    let d = base.join(format!("vmm-{prefix}-{}-{name}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&d);
+    d
+}
