@@ -836,3 +836,24 @@ fn a_live_snapshot_copies_in_the_background_and_refuses_a_second_one_meanwhile()
     assert_eq!(r.json()["verify_mismatches"], 0);
     let _ = std::fs::remove_dir_all(dir);
 }
+
+#[test]
+fn a_restore_gives_guest_ram_beyond_its_first_slot_a_slot_when_the_guest_gets_there() {
+    // vCPU 1's pages run from 35 MiB past the first slot's 64 MiB: the
+    // restored guest's first store there adds the rest of guest RAM.
+    let dir = snap_dir("lazy-slot");
+    take(
+        &dir,
+        "200",
+        &["--vcpus", "2", "--pages", "8000", "--passes", "1"],
+    );
+    for mode in ["mmap", "uffd"] {
+        let o = restore_in(&dir, mode);
+        assert_eq!(o.code, 0, "{mode}: {}", o.stdout);
+        let j = o.json();
+        assert_eq!(j["verify_mismatches"], 0, "{mode}");
+        assert_eq!(j["host_verify_mismatches"], 0, "{mode}");
+        assert_eq!(j["pages_written"], 2 * 8000, "{mode}");
+    }
+    let _ = std::fs::remove_dir_all(&dir);
+}

@@ -414,6 +414,8 @@ pub struct Machine {
     /// The guest already runs this VMM's protocol (a restored guest never
     /// announces itself again).
     pub restored: bool,
+    /// Guest RAM whose KVM memory slot is added on first use.
+    pub lazy_slot: Option<Arc<crate::vstate::vm::LazySlot>>,
 }
 
 /// Per-process set-up every run needs: the vCPU kick handler and the
@@ -496,6 +498,7 @@ pub fn run(config: &VmConfig, hooks: RunHooks, sink: SerialSink) -> Result<RunRe
         cpuid,
         machine: describe(config, fnv1a_hex(&image.bytes)),
         restored: false,
+        lazy_slot: None,
     };
     supervise(config, machine, hooks, sink, signals, None)
 }
@@ -522,6 +525,7 @@ pub fn supervise(
         cpuid,
         machine: desc,
         restored,
+        lazy_slot,
     } = machine;
     let ring_full = tracking
         .as_ref()
@@ -564,7 +568,8 @@ pub fn supervise(
         .with_ring_full_handler(ring_full.clone())
         .with_capture(capture.clone(), cpuid.clone())
         .with_first_run(first_run.clone())
-        .with_block(block.clone());
+        .with_block(block.clone())
+        .with_lazy_slot(lazy_slot.clone());
         let exited = exited.clone();
         let t = std::thread::Builder::new()
             .name(format!("vcpu{i}"))

@@ -17,7 +17,7 @@ use crate::devices::block::DiskSource;
 use crate::oracle::MemoryImage;
 use crate::report::RunReport;
 use crate::runner::{prepare_process, supervise, Machine, RunError, RunHooks, SerialSink};
-use crate::vstate::vm::{create_vm, open_kvm};
+use crate::vstate::vm::{create_vm_lazy, open_kvm};
 use guest_mem::{BackingKind, GuestRam, RamConfig};
 use guest_protocol::{CommandOp, Workload};
 use kvm_bindings::KVM_MAX_CPUID_ENTRIES;
@@ -301,7 +301,8 @@ pub(crate) fn machine_from_state(
         }
     }
     let created = Instant::now();
-    let vm = Arc::new(create_vm(kvm, &ram, state.machine.vcpus)?);
+    // The slot over most of guest RAM comes when the guest first needs it.
+    let (vm, lazy_slot) = create_vm_lazy(kvm, &ram, state.machine.vcpus)?;
     restore_vm(&vm, &state.vm).map_err(|source| SnapshotError::Kvm {
         what: "restoring the irqchip".into(),
         source,
@@ -332,6 +333,7 @@ pub(crate) fn machine_from_state(
         cpuid,
         machine: state.machine.clone(),
         restored: true,
+        lazy_slot,
     })
 }
 

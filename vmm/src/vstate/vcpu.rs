@@ -169,6 +169,9 @@ enum Next {
     Run,
     Exit(VcpuOutcome),
     Fault(fn(u32, String) -> VcpuFault),
+    /// An MMIO exit at this address that is not guest RAM's lazy slot, or
+    /// that slot could not be added (why).
+    Mmio(u64, Option<String>),
 }
 
 /// One vCPU and its device state, run on its own thread.
@@ -185,6 +188,7 @@ pub struct VcpuRunner {
     ring_full: Option<Arc<dyn RingFullHandler>>,
     capture: Option<(Arc<CaptureSlots>, Vec<kvm_cpuid_entry2>)>,
     block: Option<Arc<crate::devices::block::BlockDevice>>,
+    lazy_slot: Option<Arc<crate::vstate::vm::LazySlot>>,
 }
 
 impl VcpuRunner {
@@ -211,7 +215,14 @@ impl VcpuRunner {
             ring_full: None,
             capture: None,
             block: None,
+            lazy_slot: None,
         }
+    }
+
+    /// Adds the lazy memory slot when the guest first touches its memory.
+    pub fn with_lazy_slot(mut self, slot: Option<Arc<crate::vstate::vm::LazySlot>>) -> Self {
+        self.lazy_slot = slot;
+        self
     }
 
     /// Serves the block device's ports on this vCPU.
@@ -339,16 +350,20 @@ impl VcpuRunner {
                     let regs = describe_registers(&self.fd);
                     return VcpuOutcome::Fault(VcpuFault::FailEntry { vcpu, reason, regs });
                 }
-                Ok(VcpuExit::MmioRead(addr, _)) | Ok(VcpuExit::MmioWrite(addr, _)) => {
-                    let regs = describe_registers(&self.fd);
-                    // This host reports an access to a poisoned page as MMIO
-                    // at its address: look the page up in the table.
-                    let page = addr & !0xfff;
-                    if self.ram.table().get(page).marker_kind() == Some(guest_mem::Marker::Poisoned)
-                    {
-                        return VcpuOutcome::Fault(VcpuFault::MemoryError { vcpu, addr, regs });
+                Ok(VcpuExit::MmioRead(addr, data)) => {
+                    match lazy_access(&self.lazy_slot, &self.ram, addr, data, false) {
+                        Ok(true) => Next::Run,
+                        Ok(false) => Next::Mmio(addr, None),
+                        Err(what) => Next::Mmio(addr, Some(what)),
                     }
-                    return VcpuOutcome::Fault(VcpuFault::Unmapped { vcpu, addr, regs });
+                }
+                Ok(VcpuExit::MmioWrite(addr, data)) => {
+                    let mut bytes = data.to_vec();
+                    match lazy_access(&self.lazy_slot, &self.ram, addr, &mut bytes, true) {
+                        Ok(true) => Next::Run,
+                        Ok(false) => Next::Mmio(addr, None),
+                        Err(what) => Next::Mmio(addr, Some(what)),
+                    }
                 }
                 Ok(other) => {
                     let what = format!("{other:?}");
@@ -363,6 +378,24 @@ impl VcpuRunner {
                 Next::Exit(outcome) => return outcome,
                 Next::Fault(make) => {
                     return VcpuOutcome::Fault(make(vcpu, describe_registers(&self.fd)))
+                }
+                Next::Mmio(addr, why) => {
+                    let regs = describe_registers(&self.fd);
+                    if let Some(what) = why {
+                        return VcpuOutcome::Fault(VcpuFault::UnexpectedExit {
+                            vcpu,
+                            what: format!("adding guest RAM's memory slot at {addr:#x}: {what}"),
+                            regs,
+                        });
+                    }
+                    // This host reports an access to a poisoned page as MMIO
+                    // at its address: look the page up in the table.
+                    let page = addr & !0xfff;
+                    if self.ram.table().get(page).marker_kind() == Some(guest_mem::Marker::Poisoned)
+                    {
+                        return VcpuOutcome::Fault(VcpuFault::MemoryError { vcpu, addr, regs });
+                    }
+                    return VcpuOutcome::Fault(VcpuFault::Unmapped { vcpu, addr, regs });
                 }
             }
         }
@@ -419,4 +452,26 @@ impl VcpuRunner {
             }
         }
     }
+}
+
+/// An MMIO exit inside the lazy slot's memory: adds the slot and does the
+/// access on guest RAM (KVM completes the instruction with `data` for a
+/// read). False when the address is not that memory.
+fn lazy_access(
+    slot: &Option<Arc<crate::vstate::vm::LazySlot>>,
+    ram: &GuestRam,
+    addr: u64,
+    data: &mut [u8],
+    write: bool,
+) -> Result<bool, String> {
+    let Some(slot) = slot.as_ref().filter(|s| s.covers(addr)) else {
+        return Ok(false);
+    };
+    slot.ensure().map_err(|e| e.to_string())?;
+    let done = if write {
+        ram.write(addr, data)
+    } else {
+        ram.read(addr, data)
+    };
+    done.map(|()| true).map_err(|e| e.to_string())
 }

@@ -3,6 +3,7 @@
 use guest_mem::GuestRam;
 use kvm_bindings::kvm_userspace_memory_region;
 use kvm_ioctls::{Kvm, VmFd};
+use std::sync::Arc;
 
 /// Why the VM could not be created.
 #[derive(Debug, thiserror::Error)]
@@ -49,10 +50,83 @@ pub fn open_kvm() -> Result<Kvm, VmError> {
     Ok(kvm)
 }
 
+/// Guest RAM a restored VM's first memory slot covers; the rest gets its
+/// slot when the guest first touches it ([`LazySlot`]).
+pub const EAGER_SLOT_BYTES: u64 = 64 << 20;
+
+/// The KVM memory slot of guest RAM above [`EAGER_SLOT_BYTES`], added when
+/// the guest first touches that memory. Creating a slot costs time in
+/// proportion to its size on this host's KVM (shadow paging allocates the
+/// slot's reverse maps up front: about 1 ms for 2 GiB), which a restore
+/// should not pay before its guest runs. Until the slot exists, a guest
+/// access there exits as MMIO: the vCPU adds the slot, performs that one
+/// access itself on guest RAM, and runs on.
+pub struct LazySlot {
+    vm: Arc<VmFd>,
+    start: u64,
+    size: u64,
+    host: u64,
+    added: std::sync::Mutex<bool>,
+}
+
+impl LazySlot {
+    /// True when `gpa` lies in the lazy part of guest RAM.
+    pub fn covers(&self, gpa: u64) -> bool {
+        (self.start..self.start + self.size).contains(&gpa)
+    }
+
+    /// Adds the slot unless it is there already.
+    pub fn ensure(&self) -> Result<(), VmError> {
+        let mut added = self.added.lock().unwrap_or_else(|e| e.into_inner());
+        if *added {
+            return Ok(());
+        }
+        let region = kvm_userspace_memory_region {
+            slot: 1,
+            flags: 0,
+            guest_phys_addr: self.start,
+            memory_size: self.size,
+            userspace_addr: self.host,
+        };
+        // SAFETY: the region is the rest of guest RAM's live mapping, which
+        // outlives the VM (see `create_vm`).
+        unsafe { self.vm.set_user_memory_region(region) }.map_err(VmError::MemorySlot)?;
+        *added = true;
+        Ok(())
+    }
+}
+
+/// A VM whose memory slot covers only the first [`EAGER_SLOT_BYTES`] of
+/// `ram`, and the [`LazySlot`] for the rest (none when RAM is that small).
+pub fn create_vm_lazy(
+    kvm: &Kvm,
+    ram: &GuestRam,
+    vcpus: u32,
+) -> Result<(Arc<VmFd>, Option<Arc<LazySlot>>), VmError> {
+    let eager = ram.size().min(EAGER_SLOT_BYTES);
+    let vm = Arc::new(create_vm_slot(kvm, ram, vcpus, eager)?);
+    let lazy = (eager < ram.size()).then(|| {
+        Arc::new(LazySlot {
+            vm: vm.clone(),
+            start: eager,
+            size: ram.size() - eager,
+            host: ram.host_addr() + eager,
+            added: std::sync::Mutex::new(false),
+        })
+    });
+    Ok((vm, lazy))
+}
+
 /// Creates the VM with an in-kernel irqchip (so the LAPIC and irqchip state
 /// exist for snapshots) and registers `ram` as memory slot 0 at
 /// guest-physical 0.
 pub fn create_vm(kvm: &Kvm, ram: &GuestRam, vcpus: u32) -> Result<VmFd, VmError> {
+    create_vm_slot(kvm, ram, vcpus, ram.size())
+}
+
+/// A VM with the irqchip and one memory slot over the first `bytes` of
+/// `ram`.
+fn create_vm_slot(kvm: &Kvm, ram: &GuestRam, vcpus: u32, bytes: u64) -> Result<VmFd, VmError> {
     let max = kvm.get_max_vcpus();
     if vcpus as usize > max {
         return Err(VmError::TooManyVcpus(max));
@@ -62,7 +136,7 @@ pub fn create_vm(kvm: &Kvm, ram: &GuestRam, vcpus: u32) -> Result<VmFd, VmError>
         slot: 0,
         flags: 0,
         guest_phys_addr: 0,
-        memory_size: ram.size(),
+        memory_size: bytes,
         userspace_addr: ram.host_addr(),
     };
     // SAFETY: the region describes `ram`'s live mapping, which outlives the
