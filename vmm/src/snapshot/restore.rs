@@ -20,7 +20,6 @@ use crate::runner::{prepare_process, supervise, Machine, RunError, RunHooks, Ser
 use crate::vstate::vm::{create_vm_lazy, open_kvm};
 use guest_mem::{BackingKind, GuestRam, RamConfig};
 use guest_protocol::{CommandOp, Workload};
-use kvm_bindings::KVM_MAX_CPUID_ENTRIES;
 use kvm_ioctls::Kvm;
 use serde::Serialize;
 use std::path::Path;
@@ -135,36 +134,28 @@ fn missing_cpu_features(
     kvm: &Kvm,
     saved: &[kvm_bindings::kvm_cpuid_entry2],
 ) -> Result<Vec<String>, SnapshotError> {
-    let host = kvm
-        .get_supported_cpuid(KVM_MAX_CPUID_ENTRIES)
-        .map_err(|source| SnapshotError::Kvm {
+    let host =
+        crate::vstate::host_cpu::supported_features(kvm).map_err(|source| SnapshotError::Kvm {
             what: "reading the host's CPUID".into(),
             source,
         })?;
     let mut missing = Vec::new();
-    for leaf in [1u32, 7] {
-        let want = saved.iter().find(|e| e.function == leaf && e.index == 0);
-        let have = host
-            .as_slice()
-            .iter()
-            .find(|e| e.function == leaf && e.index == 0);
-        if let (Some(w), Some(h)) = (want, have) {
-            // Leaf 1 EBX carries the APIC id, not features.
-            let regs: &[(&str, u32, u32)] = if leaf == 1 {
-                &[("ecx", w.ecx, h.ecx), ("edx", w.edx, h.edx)]
-            } else {
-                &[
-                    ("ebx", w.ebx, h.ebx),
-                    ("ecx", w.ecx, h.ecx),
-                    ("edx", w.edx, h.edx),
-                ]
-            };
-            for (name, w, h) in regs {
-                let extra = w & !h;
-                if extra != 0 {
-                    missing.push(format!("CPUID.{leaf:#x}.{name} bits {extra:#x}"));
-                }
-            }
+    let leaf = |f: u32| saved.iter().find(|e| e.function == f && e.index == 0);
+    // Leaf 1 EBX carries the APIC id, not features.
+    let mut regs: Vec<(u32, &str, u32, u32)> = Vec::new();
+    if let Some(w) = leaf(1) {
+        regs.push((1, "ecx", w.ecx, host.leaf1[0]));
+        regs.push((1, "edx", w.edx, host.leaf1[1]));
+    }
+    if let Some(w) = leaf(7) {
+        regs.push((7, "ebx", w.ebx, host.leaf7[0]));
+        regs.push((7, "ecx", w.ecx, host.leaf7[1]));
+        regs.push((7, "edx", w.edx, host.leaf7[2]));
+    }
+    for (leaf, name, w, h) in regs {
+        let extra = w & !h;
+        if extra != 0 {
+            missing.push(format!("CPUID.{leaf:#x}.{name} bits {extra:#x}"));
         }
     }
     Ok(missing)

@@ -3,5 +3,6 @@
 pub mod boot;
 pub mod capture;
 pub mod control;
+pub mod host_cpu;
 pub mod vcpu;
 pub mod vm;
