@@ -162,15 +162,32 @@ pub fn fork_vm(vm: &mut VmHandle, opts: ForkOptions) -> Result<PendingFork, RunE
         });
     let command_seq = vm.command_seqs();
     // The block device's disk as it is now: each child starts from a copy.
-    let disk = vm
-        .block()
-        .map(|b| b.save_disk().map(|(f, crc)| (f, crc, b.blocks())))
+    // The block device's disk as it is now, copied like a live snapshot
+    // copies it: started here, finished once the parent runs again.
+    let block = vm.block().cloned();
+    let disk_copy = block
+        .as_ref()
+        .map(|b| b.begin_disk_copy_unnamed())
         .transpose()
         .map_err(|e| fail(e.to_string()));
     vm.resume();
     let pause_us = start.elapsed().as_micros() as u64;
-    let (vm_state, image) = frozen?;
-    let disk = disk?;
+    let (vm_state, image) = match frozen {
+        Ok(f) => f,
+        Err(e) => {
+            if let Some(b) = &block {
+                b.abort_disk_copy();
+            }
+            return Err(e);
+        }
+    };
+    let disk = match (disk_copy?, &block) {
+        (Some(file), Some(b)) => {
+            let crc = b.finish_disk_copy().map_err(|e| fail(e.to_string()))?;
+            Some((file, crc, b.blocks()))
+        }
+        _ => None,
+    };
     let state = SnapshotState {
         id: *uuid::Uuid::new_v4().as_bytes(),
         mode: "fork".into(),

@@ -339,15 +339,6 @@ impl BlockDevice {
         }
     }
 
-    /// Copies the disk as it is now into a new unnamed temporary file and
-    /// returns it with its CRC32 (for a fork's children, or to save in a
-    /// snapshot). Call while no request runs (the vCPUs paused).
-    pub fn save_disk(&self) -> Result<(File, u32), BlockError> {
-        let copy = unnamed_file()?;
-        let crc = copy_file(&self.file, Some(&copy), self.blocks * BLOCK_BYTES)?;
-        Ok((copy, crc))
-    }
-
     /// Writes the disk as it is now to `path` (a new file, mode 0600,
     /// fsynced) and returns its CRC32. Call while no request runs.
     pub fn save_disk_to(&self, path: &std::path::Path) -> Result<u32, BlockError> {
@@ -371,18 +362,37 @@ impl BlockDevice {
     /// 0600) while the guest goes on: O(1), for a live snapshot's pause.
     pub fn begin_disk_copy(&self, path: &std::path::Path) -> Result<(), BlockError> {
         use std::os::unix::fs::OpenOptionsExt;
-        let err = |source| BlockError::File {
-            path: path.display().to_string(),
-            source,
-        };
         let out = std::fs::OpenOptions::new()
             .read(true)
             .write(true)
             .create_new(true)
             .mode(0o600)
             .open(path)
-            .map_err(err)?;
-        out.set_len(self.blocks * BLOCK_BYTES).map_err(err)?;
+            .map_err(|source| BlockError::File {
+                path: path.display().to_string(),
+                source,
+            })?;
+        self.begin_disk_copy_into(out)
+    }
+
+    /// [`BlockDevice::begin_disk_copy`] into an unnamed temporary file,
+    /// returned (a handle on it) for reading once the copy is finished.
+    pub fn begin_disk_copy_unnamed(&self) -> Result<File, BlockError> {
+        let out = unnamed_file()?;
+        let handle = out.try_clone().map_err(|source| BlockError::File {
+            path: "(disk copy)".into(),
+            source,
+        })?;
+        self.begin_disk_copy_into(out)?;
+        Ok(handle)
+    }
+
+    fn begin_disk_copy_into(&self, out: File) -> Result<(), BlockError> {
+        out.set_len(self.blocks * BLOCK_BYTES)
+            .map_err(|source| BlockError::File {
+                path: "(disk copy)".into(),
+                source,
+            })?;
         let mut r = self.ring.lock().unwrap_or_else(|e| e.into_inner());
         if r.disk_copy.is_some() {
             return Err(BlockError::BadRequest(
