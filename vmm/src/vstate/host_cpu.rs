@@ -38,6 +38,15 @@ fn cache_path() -> Option<PathBuf> {
     })
 }
 
+/// Only a cache file this user wrote, and nobody else may change, is
+/// believed (`/dev/shm` is shared by every user).
+fn trusted(path: &std::path::Path) -> bool {
+    // SAFETY: geteuid has no preconditions.
+    let me = unsafe { libc::geteuid() };
+    std::fs::symlink_metadata(path)
+        .is_ok_and(|m| m.is_file() && m.uid() == me && m.mode() & 0o022 == 0)
+}
+
 fn decode(bytes: &[u8]) -> Option<FeatureRegs> {
     let body = bytes.strip_prefix(MAGIC.as_slice())?;
     if body.len() != 20 {
@@ -86,6 +95,7 @@ pub fn supported_features(kvm: &Kvm) -> Result<FeatureRegs, kvm_ioctls::Error> {
     let path = cache_path();
     if let Some(f) = path
         .as_ref()
+        .filter(|p| trusted(p))
         .and_then(|p| std::fs::read(p).ok())
         .and_then(|b| decode(&b))
     {
