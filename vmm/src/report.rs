@@ -368,6 +368,29 @@ impl RunReport {
                 _ => String::new(),
             }
         );
+        for f in &self.forks {
+            s += &format!(
+                "  fork: paused {:.3} ms; parent {} shared + {} exclusive pages; process PSS {}\n",
+                f.pause_us as f64 / 1000.0,
+                f.parent_shared_pages,
+                f.parent_exclusive_pages,
+                format_size(f.pss_end_bytes)
+            );
+            for c in &f.children {
+                let o = &c.outcome;
+                s += &format!(
+                    "    child {} (seed {}): {}, verify {} / {}, {} shared + {} exclusive pages, first I/O {}\n",
+                    c.index,
+                    c.seed,
+                    o.status,
+                    opt(o.verify_mismatches),
+                    opt(o.host_verify_mismatches),
+                    o.shared_pages,
+                    o.exclusive_pages,
+                    ms(c.first_io_us)
+                );
+            }
+        }
         if let Some(e) = &self.error {
             s += &format!("  error: {e}\n");
         }
