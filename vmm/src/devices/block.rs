@@ -596,12 +596,19 @@ impl BlockDevice {
         // alive until the completion is reaped below.
         unsafe { r.ring.submission().push(&sqe) }
             .map_err(|_| BlockError::Io(std::io::Error::other("submission queue full")))?;
-        r.ring.submit_and_wait(1).map_err(BlockError::Io)?;
-        let cqe = r
-            .ring
-            .completion()
-            .next()
-            .ok_or_else(|| BlockError::Io(std::io::Error::other("no completion")))?;
+        // The vCPU thread is kicked with a signal to pause it: that ends the
+        // wait early (with the request submitted, or with EINTR), so wait
+        // again until the completion is there.
+        let cqe = loop {
+            if let Some(cqe) = r.ring.completion().next() {
+                break cqe;
+            }
+            match r.ring.submit_and_wait(1) {
+                Ok(_) => {}
+                Err(e) if e.raw_os_error() == Some(libc::EINTR) => {}
+                Err(e) => return Err(BlockError::Io(e)),
+            }
+        };
         let done = cqe.result();
         if done < 0 {
             return Err(BlockError::Io(std::io::Error::from_raw_os_error(-done)));
