@@ -84,6 +84,10 @@ pub struct CloneMemory {
     /// The fixed cost of one clone before it runs: (ready - before) / count
     /// (its table, vCPU and VMM structures, KVM's shared run page).
     pub per_vm_overhead_bytes: u64,
+    /// What each clone cost beyond its own pages while it ran: (growth -
+    /// exclusive) / count (thread stacks, table pages, buffers and, in
+    /// `uffd` mode, its share of the page cache the clones share).
+    pub per_vm_running_overhead_bytes: u64,
     /// PSS growth while the clones ran.
     pub growth_bytes: u64,
     /// Σ the clones' exclusive pages, in bytes: what their writes cost.
@@ -154,13 +158,14 @@ impl CloneReport {
         let _ = writeln!(
             out,
             "  process PSS {:.1} MiB before, {:.1} MiB set up ({:.2} MiB per clone), {:.1} MiB at the end: \
-             grew {:.1} MiB while the clones wrote {:.1} MiB of their own pages",
+             grew {:.1} MiB = the clones' own pages ({:.1} MiB) + {:.0} KiB per clone",
             mib(a.pss_before_bytes),
             mib(a.pss_ready_bytes),
             mib(a.per_vm_overhead_bytes),
             mib(a.pss_end_bytes),
             mib(a.growth_bytes),
-            mib(a.exclusive_bytes)
+            mib(a.exclusive_bytes),
+            a.per_vm_running_overhead_bytes as f64 / 1024.0
         );
         out
     }
@@ -355,6 +360,10 @@ pub fn clone_vms(dir: &Path, opts: &CloneOptions) -> Result<CloneReport, RunErro
             pss_ready_bytes: pss_ready,
             pss_end_bytes: pss_end,
             per_vm_overhead_bytes: pss_ready.saturating_sub(pss_before) / opts.count as u64,
+            per_vm_running_overhead_bytes: pss_end
+                .saturating_sub(pss_ready)
+                .saturating_sub(exclusive * 4096)
+                / opts.count as u64,
             growth_bytes: pss_end.saturating_sub(pss_ready),
             exclusive_bytes: exclusive * 4096,
             shared_mapped_bytes: shared * 4096,
