@@ -122,9 +122,7 @@ impl CloneReport {
             .max_by_key(|c| severity(*c))
             .unwrap_or(EXIT_OK)
     }
-}
 
-impl CloneReport {
     /// A few lines for people.
     pub fn human_summary(&self) -> String {
         use std::fmt::Write;
@@ -183,6 +181,14 @@ pub fn process_pss_bytes() -> Result<u64, RunError> {
         .ok_or_else(|| RunError::Runtime("/proc/self/smaps_rollup has no Pss line".into()))
 }
 
+/// Where the clones' memory comes from.
+enum CloneMemorySource {
+    /// The image they all map privately.
+    Image(MappableImage),
+    /// The page cache they share, and the snapshot that fills it.
+    Cache(super::memory::MemoryFile, Arc<super::chain::ChainSource>),
+}
+
 /// A uffd-mode clone's memory: a private mapping of the shared cache,
 /// whose missing pages the fault engine fills from `source`; the execution
 /// chunks are brought in before it runs.
@@ -230,22 +236,19 @@ pub fn clone_vms(dir: &Path, opts: &CloneOptions) -> Result<CloneReport, RunErro
     config.disk = super::restore::disk_of(state, dir)?;
     let kvm = open_kvm()?;
     check_host_cpu(&kvm, state)?;
-    let image = match opts.mode {
-        CloneMode::Mmap => Some(MappableImage::of(&chain, dir)?),
-        CloneMode::Uffd => None,
-    };
-    // uffd mode: the page cache the clones share, empty at first, and one
-    // page source (its chunk checks count for every clone).
-    let cache = match opts.mode {
-        CloneMode::Uffd => Some(
+    // mmap mode: one image every clone maps; uffd mode: the page cache the
+    // clones share, empty at first, and one page source (its chunk checks
+    // count for every clone).
+    let memory = match opts.mode {
+        CloneMode::Mmap => CloneMemorySource::Image(MappableImage::of(&chain, dir)?),
+        CloneMode::Uffd => CloneMemorySource::Cache(
             super::memory::MemoryFile::new_memfd(config.mem_bytes).map_err(SnapshotError::from)?,
+            Arc::new(super::chain::ChainSource::new(chain.clone())),
         ),
-        CloneMode::Mmap => None,
     };
-    let source = Arc::new(super::chain::ChainSource::new(chain.clone()));
-    let memory_note = match &image {
-        Some(i) => i.note.clone(),
-        None => {
+    let memory_note = match &memory {
+        CloneMemorySource::Image(i) => i.note.clone(),
+        CloneMemorySource::Cache(..) => {
             "served from the snapshot through the fault engine into a page cache the clones share \
                  (minor faults map what another clone brought in)"
                 .into()
@@ -255,10 +258,11 @@ pub fn clone_vms(dir: &Path, opts: &CloneOptions) -> Result<CloneReport, RunErro
     let mut prepared = Vec::with_capacity(opts.count as usize);
     for i in 0..opts.count {
         let t = Instant::now();
-        let ram = match (&image, &cache) {
-            (Some(image), _) => image.map(&chain, &mut config)?,
-            (None, Some(cache)) => shared_cache_ram(&chain, &mut config, cache, &source)?,
-            (None, None) => unreachable!("uffd clones have a cache"),
+        let ram = match &memory {
+            CloneMemorySource::Image(image) => image.map(&chain, &mut config)?,
+            CloneMemorySource::Cache(cache, source) => {
+                shared_cache_ram(&chain, &mut config, cache, source)?
+            }
         };
         if opts.fail_setup_at == Some(i) {
             return Err(RunError::Runtime(format!(

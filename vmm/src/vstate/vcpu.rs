@@ -381,19 +381,20 @@ impl VcpuRunner {
                 }
                 Next::Mmio(addr, why) => {
                     let regs = describe_registers(&self.fd);
-                    if let Some(what) = why {
-                        return VcpuOutcome::Fault(VcpuFault::UnexpectedExit {
-                            vcpu,
-                            what: format!("adding guest RAM's memory slot at {addr:#x}: {what}"),
-                            regs,
-                        });
-                    }
                     // This host reports an access to a poisoned page as MMIO
-                    // at its address: look the page up in the table.
+                    // at its address (the lazy slot's memory included: its
+                    // access then fails): look the page up in the table.
                     let page = addr & !0xfff;
                     if self.ram.table().get(page).marker_kind() == Some(guest_mem::Marker::Poisoned)
                     {
                         return VcpuOutcome::Fault(VcpuFault::MemoryError { vcpu, addr, regs });
+                    }
+                    if let Some(what) = why {
+                        return VcpuOutcome::Fault(VcpuFault::UnexpectedExit {
+                            vcpu,
+                            what: format!("guest RAM at {addr:#x} (its lazy memory slot): {what}"),
+                            regs,
+                        });
                     }
                     return VcpuOutcome::Fault(VcpuFault::Unmapped { vcpu, addr, regs });
                 }
