@@ -161,7 +161,6 @@ pub fn fork_vm(vm: &mut VmHandle, opts: ForkOptions) -> Result<PendingFork, RunE
             Ok((vm_state, image))
         });
     let command_seq = vm.command_seqs();
-    // The block device's disk as it is now: each child starts from a copy.
     // The block device's disk as it is now, copied like a live snapshot
     // copies it: started here, finished once the parent runs again.
     let block = vm.block().cloned();
@@ -220,7 +219,10 @@ pub fn fork_vm(vm: &mut VmHandle, opts: ForkOptions) -> Result<PendingFork, RunE
             crc,
         };
     }
-    // The pages the image holds (those the parent had populated).
+    // The pages the image holds: those the parent had populated. Listed
+    // after the pause (a walk over the table would grow it with memory);
+    // a page the parent populated since is a hole in the memfd, which a
+    // child that touches it reads as the zeros it held at the fork.
     let populated = vm.ram().populated_pages();
     // Every child's machine first: a failure drops them all before any
     // runs, and the parent runs on with its content unchanged (rule 7).

@@ -205,7 +205,7 @@ pub fn start_snapshot(
                 Ok(job) => job,
                 Err(e) => return target.complete(Err(e)).map(SnapshotStarted::Done),
             };
-            let (ram, tmp) = (job.ram.clone(), target.tmp.clone());
+            let (ram, tmp, block) = (job.ram.clone(), target.tmp.clone(), job.block.clone());
             let thread = std::thread::Builder::new()
                 .name("snapshot-writer".into())
                 .spawn(move || target.complete(job.run()));
@@ -215,6 +215,9 @@ pub fn start_snapshot(
                     // The job went with the closure: undo what it held.
                     if let Err(u) = ram.live_finish() {
                         log::error!("removing the snapshot's write protection: {u}");
+                    }
+                    if let Some(b) = block {
+                        b.abort_disk_copy();
                     }
                     let _ = std::fs::remove_dir_all(&tmp);
                     Err(SnapshotError::Capture(format!(
