@@ -160,3 +160,52 @@ fn a_fork_that_fails_half_way_leaves_the_parent_as_it_was() {
     assert_eq!(report.verify_mismatches, Some(0));
     assert_eq!(report.host_verify_mismatches, Some(0));
 }
+
+#[test]
+fn a_vm_restored_copy_on_write_forks_too() {
+    // Restored by mmap, the parent's RAM already is a private mapping of
+    // the snapshot: its children map the snapshot too and get copies of
+    // the pages the parent made its own.
+    let dir = tmpfs_dir("fork", "restored");
+    let d = dir.to_str().expect("utf-8");
+    run_ok(&[
+        "run",
+        "--json",
+        "--vcpus",
+        "2",
+        "--workload",
+        "rand-write",
+        "--pages",
+        "256",
+        "--passes",
+        "4",
+        "--snapshot",
+        d,
+        "--snapshot-after-pages",
+        "300",
+    ]);
+    for mode in ["mmap", "uffd"] {
+        let j = run_ok(&[
+            "restore",
+            d,
+            "--mode",
+            mode,
+            "--fork-after-pages",
+            "1200",
+            "--forks",
+            "2",
+            "--fork-seed-base",
+            "77",
+            "--json",
+        ]);
+        assert_eq!(j["verify_mismatches"], 0, "{mode}: {j}");
+        let children = j["forks"][0]["children"].as_array().expect("children");
+        assert_eq!(children.len(), 2, "{mode}");
+        for c in children {
+            assert_eq!(c["status"], "ok", "{mode}: {c}");
+            assert_eq!(c["verify_mismatches"], 0, "{mode}: {c}");
+            assert_eq!(c["host_verify_mismatches"], 0, "{mode}: {c}");
+        }
+    }
+    let _ = std::fs::remove_dir_all(&dir);
+}

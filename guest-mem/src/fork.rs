@@ -45,9 +45,11 @@ impl GuestRam {
     /// and the VM sees the same bytes). Returns the memfd, for the
     /// children to map privately ([`GuestRam::from_file_private`]).
     ///
-    /// Call with the vCPUs paused. Needs one `memfd` region not already
-    /// private, and no write-protect tracking or live snapshot running
-    /// (their protection would not survive the new mapping).
+    /// Call with the vCPUs paused. Needs one `memfd` region, and no
+    /// write-protect tracking or live snapshot running (their protection
+    /// would not survive the new mapping). A VM whose RAM already is a
+    /// private image (restored by `mmap`, cloned, forked before) keeps its
+    /// mapping: see `freeze_private_image`.
     pub fn freeze_for_fork(&self) -> Result<ForkImage, RamError> {
         let refuse = |why: &str| RamError::Describe(format!("cannot fork: {why}"));
         let regions = self.regions();
@@ -57,11 +59,7 @@ impl GuestRam {
         if region.backing != BackingKind::Memfd {
             return Err(refuse("guest RAM must be a memfd (--backing memfd)"));
         }
-        if region.mapping.is_private_image() {
-            return Err(refuse(
-                "guest RAM is already a copy-on-write image (a restored or forked VM)",
-            ));
-        }
+
         if self.core.wp_mode() != WpMode::Off || self.core.live_copy.load().is_some() {
             return Err(refuse(
                 "write-protect tracking or a live snapshot is running",
@@ -72,6 +70,9 @@ impl GuestRam {
             .uffd
             .as_ref()
             .ok_or_else(|| refuse("guest RAM has no fault engine"))?;
+        if region.mapping.is_private_image() {
+            return self.freeze_private_image(region);
+        }
         // No fault is served on the region while its mapping changes.
         let _g = region.lock.lock().unwrap_or_else(|e| e.into_inner());
         // Rule 13: pinned pages stay this VM's (shared with the device,
@@ -107,6 +108,33 @@ impl GuestRam {
         })
     }
 
+    /// A fork of a VM whose RAM already is a private mapping of an image
+    /// (restored by `mmap`, cloned, or forked before): the image does not
+    /// change, so the children map it too, and the pages that are this
+    /// VM's own (written, or populated privately) are copied for them now.
+    /// The pause grows with those pages, not with guest RAM.
+    fn freeze_private_image(&self, region: &crate::region::Region) -> Result<ForkImage, RamError> {
+        let refuse = |why: &str| RamError::Describe(format!("cannot fork: {why}"));
+        let file = region
+            .mapping
+            .image_file()
+            .ok_or_else(|| refuse("guest RAM's image file is not known"))?
+            .try_clone()
+            .map_err(|e| refuse(&format!("sharing guest RAM's image: {e}")))?;
+        let own = self.own_pages()?;
+        let _g = region.lock.lock().unwrap_or_else(|e| e.into_inner());
+        let mut copies = Vec::with_capacity(own.len());
+        for gpa in own {
+            let mut page = vec![0u8; PAGE_SIZE as usize];
+            crate::live_copy::read_run(region.host_of(gpa), &mut page);
+            copies.push((gpa, page));
+        }
+        Ok(ForkImage {
+            file,
+            pinned_copies: copies,
+        })
+    }
+
     /// A fork child: takes `image`'s copies of the parent's pinned pages
     /// as its own private pages (they were never shared through the memfd
     /// the child maps). Call before the child runs.
@@ -127,7 +155,9 @@ pub struct ForkImage {
     /// The memfd holding guest RAM at the fork (pinned pages aside), for
     /// the children to map privately.
     pub file: std::fs::File,
-    /// The parent's pinned pages at the fork: (guest-physical address,
-    /// content). They are not shared: each child gets its own copy.
+    /// Pages the children do not share with the parent through `file`
+    /// (its pinned pages; for a parent whose RAM was already a private
+    /// image, all its own pages): (guest-physical address, content at the
+    /// fork). Each child gets its own copy.
     pub pinned_copies: Vec<(u64, Vec<u8>)>,
 }

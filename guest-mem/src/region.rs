@@ -112,6 +112,9 @@ pub struct HostMapping {
     /// A private mapping of an image file: its pages are shared with
     /// every other mapping of the file until written (set by a fork).
     private_image: AtomicBool,
+    /// The image file of a private mapping made by `from_file_private`
+    /// (a fork maps it for its children).
+    image: Option<File>,
 }
 
 // SAFETY: the mapping is plain memory owned by this struct; concurrent access
@@ -188,6 +191,7 @@ impl HostMapping {
             len,
             memfd,
             private_image: AtomicBool::new(false),
+            image: None,
         })
     }
 
@@ -212,11 +216,13 @@ impl HostMapping {
                 source: std::io::Error::last_os_error(),
             });
         }
+        let image = file.try_clone().ok();
         Ok(HostMapping {
             addr: addr as *mut u8,
             len,
             memfd: None,
             private_image: AtomicBool::new(true),
+            image,
         })
     }
 
@@ -225,6 +231,15 @@ impl HostMapping {
     /// are shared with every other mapping of the file.
     pub fn is_private_image(&self) -> bool {
         self.private_image.load(Ordering::Acquire)
+    }
+
+    /// The file a private mapping maps (its image, or the memfd a fork
+    /// froze), for more private mappings of it.
+    pub fn image_file(&self) -> Option<&File> {
+        if !self.is_private_image() {
+            return None;
+        }
+        self.image.as_ref().or(self.memfd.as_ref())
     }
 
     /// Fork: maps this memfd mapping's range again, privately, at the same

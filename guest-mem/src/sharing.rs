@@ -64,6 +64,19 @@ impl GuestRam {
     /// Pages the guest never touched are not mapped and count as neither;
     /// pages mapped to the shared zero page are counted apart.
     pub fn refresh_sharing(&self) -> Result<SharingStats, RamError> {
+        self.scan_sharing(None)
+    }
+
+    /// The guest-physical addresses of the pages that are this VM's own
+    /// (as [`GuestRam::refresh_sharing`] counts them), in order; the table
+    /// is refreshed on the way.
+    pub fn own_pages(&self) -> Result<Vec<u64>, RamError> {
+        let mut own = Vec::new();
+        self.scan_sharing(Some(&mut own))?;
+        Ok(own)
+    }
+
+    fn scan_sharing(&self, mut own: Option<&mut Vec<u64>>) -> Result<SharingStats, RamError> {
         let pagemap = std::fs::File::open("/proc/self/pagemap")
             .map_err(|e| RamError::Describe(format!("/proc/self/pagemap: {e}")))?;
         let mut stats = SharingStats::default();
@@ -103,6 +116,9 @@ impl GuestRam {
                         stats.shared_pages += 1;
                     } else {
                         stats.exclusive_pages += 1;
+                        if let Some(own) = own.as_deref_mut() {
+                            own.push(page_gpa);
+                        }
                     }
                     let _ = self.core.table.update(page_gpa, |e| {
                         e.is_present().then(|| {

@@ -145,18 +145,21 @@ fn snapshot_hooks(
 }
 
 /// Adds the fork `--fork-after-pages N --forks K` asks for.
-fn fork_hooks(args: &RunArgs, hooks: RunHooks) -> Result<RunHooks, RunError> {
+fn fork_hooks(
+    args: &ForkArgs,
+    backing: BackingKind,
+    track: Option<TrackerKind>,
+    hooks: RunHooks,
+) -> Result<RunHooks, RunError> {
     let (Some(after), Some(count)) = (args.fork_after_pages, args.forks) else {
         return Ok(hooks);
     };
-    if args.backing != BackingKind::Memfd {
+    if backing != BackingKind::Memfd {
         return Err(RunError::Config(crate::config::ConfigError::Fork(
             "a fork shares guest memory through its memfd: use --backing memfd".into(),
         )));
     }
-    if args.track.is_some_and(TrackerKind::needs_wp_async)
-        || args.track == Some(TrackerKind::UffdWp)
-    {
+    if track.is_some_and(TrackerKind::needs_wp_async) || track == Some(TrackerKind::UffdWp) {
         return Err(RunError::Config(crate::config::ConfigError::Fork(
             "a fork cannot keep userfaultfd write-protect tracking across its new mappings: \
              use --track kvm-bitmap or kvm-ring"
@@ -176,6 +179,20 @@ fn fork_hooks(args: &RunArgs, hooks: RunHooks) -> Result<RunHooks, RunError> {
             Ok(())
         }),
     ))
+}
+
+/// A fork was asked for but the guest never reached the threshold: say so,
+/// do not exit 0.
+fn check_fork_made(fork: &ForkArgs, r: &mut RunReport) {
+    if let (Some(after), true) = (fork.fork_after_pages, r.forks.is_empty()) {
+        if r.status == crate::report::RunStatus::Ok {
+            r.status = crate::report::RunStatus::HookFailed;
+            r.error = Some(format!(
+                "no fork: the guest made {} page stores, fewer than --fork-after-pages {after}",
+                r.pages_written
+            ));
+        }
+    }
 }
 
 /// A snapshot was asked for but the guest never reached the threshold: say
@@ -212,6 +229,9 @@ pub struct RestoreArgs {
     /// --snapshot-parent).
     #[command(flatten)]
     pub snap: SnapshotArgs,
+    /// Fork flags: fork the restored VM.
+    #[command(flatten)]
+    pub fork: ForkArgs,
     /// Print exactly one JSON object on stdout; serial output goes to stderr.
     #[arg(long)]
     pub json: bool,
@@ -384,6 +404,17 @@ pub struct RunArgs {
     /// an unnamed temporary file).
     #[arg(long)]
     pub block_file: Option<PathBuf>,
+    /// Fork flags.
+    #[command(flatten)]
+    pub fork: ForkArgs,
+    /// Print exactly one JSON object on stdout; serial output goes to stderr.
+    #[arg(long)]
+    pub json: bool,
+}
+
+/// Fork flags shared by `vmm run` and `vmm restore`.
+#[derive(Args, Debug, Clone)]
+pub struct ForkArgs {
     /// Fork the running VM once the guest has made this many page stores
     /// (all vCPUs): children share its memory copy-on-write and run on.
     #[arg(long, requires = "forks")]
@@ -395,9 +426,6 @@ pub struct RunArgs {
     /// Child i of the fork uses seed S+i from its next pass.
     #[arg(long, default_value_t = 1000)]
     pub fork_seed_base: u64,
-    /// Print exactly one JSON object on stdout; serial output goes to stderr.
-    #[arg(long)]
-    pub json: bool,
 }
 
 impl RunArgs {
@@ -442,22 +470,14 @@ pub fn cmd_run(args: &RunArgs) -> i32 {
         SerialSink::Stdout
     };
     let hooks = match snapshot_hooks(&args.snap, args.backing, args.track, None)
-        .and_then(|h| fork_hooks(args, h))
+        .and_then(|h| fork_hooks(&args.fork, args.backing, args.track, h))
     {
         Ok(h) => h,
         Err(e) => return finish(Err(e), args.json),
     };
     let result = run(&args.to_config(), hooks, sink).map(|mut r| {
         check_snapshot_taken(&args.snap, &mut r);
-        if let (Some(after), true) = (args.fork_after_pages, r.forks.is_empty()) {
-            if r.status == crate::report::RunStatus::Ok {
-                r.status = crate::report::RunStatus::HookFailed;
-                r.error = Some(format!(
-                    "no fork: the guest made {} page stores, fewer than --fork-after-pages {after}",
-                    r.pages_written
-                ));
-            }
-        }
+        check_fork_made(&args.fork, &mut r);
         (r, None)
     });
     finish(result, args.json)
@@ -520,13 +540,16 @@ pub fn cmd_restore(args: &RestoreArgs) -> i32 {
     };
     // The restored machine's backing decides whether a live snapshot can
     // run; the restore refuses it later if not, with the same message.
-    let hooks = match snapshot_hooks(&args.snap, BackingKind::Memfd, None, Some(&args.dir)) {
+    let hooks = match snapshot_hooks(&args.snap, BackingKind::Memfd, None, Some(&args.dir))
+        .and_then(|h| fork_hooks(&args.fork, BackingKind::Memfd, None, h))
+    {
         Ok(h) => h,
         Err(e) => return finish(Err(e), args.json),
     };
     finish(
         restore(&args.dir, &opts, hooks, sink).map(|(mut r, rr)| {
             check_snapshot_taken(&args.snap, &mut r);
+            check_fork_made(&args.fork, &mut r);
             (r, Some(rr))
         }),
         args.json,
