@@ -208,6 +208,32 @@ mod cli {
         // A clone and a fork child each get their own copy of the disk.
         let c = run_ok(&["clone", d, "--count", "2", "--json"]);
         assert_eq!(c["status"], "ok", "{c}");
+        // A missing or truncated disk image is refused, naming it.
+        let disk_path = dir.join("disk.bin");
+        let saved = std::fs::read(&disk_path).expect("disk");
+        std::fs::remove_file(&disk_path).expect("rm");
+        let o = vmm(&["restore", d, "--json"], T);
+        assert_eq!(o.code, 1, "{}", o.stdout);
+        assert!(
+            o.json()["error"]
+                .as_str()
+                .unwrap_or("")
+                .contains("disk.bin"),
+            "{}",
+            o.stdout
+        );
+        std::fs::write(&disk_path, &saved[..4096]).expect("truncate");
+        let o = vmm(&["restore", d, "--json"], T);
+        assert_eq!(o.code, 1, "{}", o.stdout);
+        assert!(
+            o.json()["error"]
+                .as_str()
+                .unwrap_or("")
+                .contains("disk image is truncated"),
+            "{}",
+            o.stdout
+        );
+        std::fs::write(&disk_path, &saved).expect("restore the disk");
         // A corrupt disk image is refused, naming it.
         let mut disk = std::fs::read(dir.join("disk.bin")).expect("disk");
         disk[4096] ^= 1;

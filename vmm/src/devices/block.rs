@@ -327,6 +327,13 @@ impl BlockDevice {
                         "the disk image has {b} blocks, the guest needs {blocks}"
                     )));
                 }
+                let have = image.metadata().map(|m| m.len()).unwrap_or(0);
+                if have < blocks * BLOCK_BYTES {
+                    return Err(BlockError::BadRequest(format!(
+                        "the disk image is truncated: {have} bytes, {} expected",
+                        blocks * BLOCK_BYTES
+                    )));
+                }
                 let dev = BlockDevice::anonymous(ram, blocks, vcpus)?;
                 let got = copy_file(image, Some(&dev.file), blocks * BLOCK_BYTES)?;
                 if got != *crc {
