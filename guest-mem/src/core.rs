@@ -78,6 +78,9 @@ pub(crate) struct MemoryCore {
     /// The page cache shared with other VMs that missing pages are put
     /// into and mapped from (`RamConfig::shared_cache`).
     pub(crate) shared_cache: std::sync::OnceLock<std::fs::File>,
+    /// Write-sampling windows (the NUMA scanner): armed guest pages, each
+    /// with the vCPUs (bit = id % 64) whose writes faulted on it.
+    pub(crate) samples: Mutex<HashMap<u64, u64>>,
     /// Pages a device holds exclusively (rule 6), each with the host
     /// addresses of the write faults waiting for it.
     pub(crate) device_held: Mutex<HashMap<u64, Vec<u64>>>,
@@ -134,6 +137,7 @@ impl MemoryCore {
             access_order: Default::default(),
             pins: Default::default(),
             device_held: Mutex::new(HashMap::new()),
+            samples: Mutex::new(HashMap::new()),
             minor_faults: false,
             shared_cache: std::sync::OnceLock::new(),
             vcpu_tids: RwLock::new(HashMap::new()),

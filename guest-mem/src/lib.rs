@@ -11,6 +11,7 @@
 //! * [`live_copy`]: copy-before-write for live snapshots.
 //! * [`tracking`]: write-protect (sync and async) dirty tracking, soft-dirty detection, the VMM-write log.
 //! * [`fork`]: freezing guest RAM into an image a forked VM's children share.
+//! * [`numa`]: NUMA topology, write sampling and the page-placement scanner.
 //! * [`pin`]: pinning guest memory for devices, with unshare-on-pin (rule 13).
 //! * [`sharing`]: which pages a VM shares copy-on-write and which are its own.
 //! * [`ram`]: `GuestRam`, the front: regions, engine and a vm-memory view.
@@ -21,6 +22,7 @@ pub mod entry;
 pub mod fault;
 pub mod fork;
 pub mod live_copy;
+pub mod numa;
 pub mod pin;
 pub mod ram;
 pub mod region;

@@ -321,6 +321,9 @@ pub enum BenchCommand {
     /// Clones of one snapshot next to as many eager restores; forks of a
     /// running VM.
     Clone(bench::clone::CloneBenchArgs),
+    /// The NUMA scanner on a simulated two-node host, with the accessor
+    /// filter on and off side by side.
+    Numa(bench::numa::NumaBenchArgs),
 }
 
 fn parse_backing(s: &str) -> Result<BackingKind, String> {
@@ -577,5 +580,6 @@ pub fn main(args: impl IntoIterator<Item = OsString>) -> i32 {
         CliCommand::Bench(BenchCommand::Snapshot(args)) => bench::snapshot::main(&args),
         CliCommand::Bench(BenchCommand::Restore(args)) => bench::restore::restore_main(&args),
         CliCommand::Bench(BenchCommand::Clone(args)) => bench::clone::main(&args),
+        CliCommand::Bench(BenchCommand::Numa(args)) => bench::numa::main(&args),
     }
 }

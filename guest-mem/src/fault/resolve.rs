@@ -85,6 +85,17 @@ impl MemoryCore {
                     waiting.push(addr);
                     return;
                 }
+                // A write-sampling window: note who wrote.
+                if let Some(users) = self
+                    .samples
+                    .lock()
+                    .unwrap_or_else(|e| e.into_inner())
+                    .get_mut(&gpa)
+                {
+                    if let Some(v) = vcpu {
+                        *users |= 1 << (v % 64);
+                    }
+                }
                 self.resolve_wp(&region, addr, gpa);
             } else if flags & UFFD_PAGEFAULT_FLAG_MINOR != 0 {
                 self.resolve_minor(&region, addr, gpa);

@@ -4,6 +4,7 @@ pub mod boot;
 pub mod clone;
 pub mod dirty;
 pub mod faults;
+pub mod numa;
 pub mod restore;
 pub mod snapshot;
 

@@ -1,0 +1,10 @@
+//! NUMA placement of guest memory: where pages live ([`topology`]), which
+//! vCPU writes which page ([`sampling`]), and the scanner that moves pages
+//! to their users' node ([`scanner`]).
+
+pub mod sampling;
+pub mod scanner;
+pub mod topology;
+
+#[cfg(test)]
+mod tests;
