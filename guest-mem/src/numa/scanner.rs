@@ -198,7 +198,8 @@ impl NumaScanner {
         // Rule 1's windows: a new one every `accessor_window` rounds; the
         // last one still counts.
         self.round += 1;
-        let renew = self.cfg.accessor_window > 0 && self.round.is_multiple_of(self.cfg.accessor_window);
+        let renew =
+            self.cfg.accessor_window > 0 && self.round.is_multiple_of(self.cfg.accessor_window);
         let mut arm = Vec::new();
         for r in &regions {
             let prev = self.previous.get(&r.id).copied().unwrap_or(0);
