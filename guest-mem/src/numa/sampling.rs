@@ -13,24 +13,44 @@ impl GuestRam {
     /// Write-protects the present pages among `pages` (guest-physical
     /// addresses) and starts noting which vCPUs write them. Returns the
     /// pages armed.
+    ///
+    /// Beside a write-protect tracker the sampling must not hide writes:
+    /// with `uffd-async` (the kernel resolves its faults, so nothing names
+    /// a vCPU) it is refused; with synchronous tracking only pages the
+    /// tracker still protects (not written this round) are armed, and they
+    /// are not protected again.
     pub fn arm_write_samples(&self, pages: &[u64]) -> Result<u64, RamError> {
         let uffd = self.core.uffd.as_ref().ok_or(RamError::Describe(
             "write sampling needs the fault engine".into(),
         ))?;
+        let tracking = match self.core.wp_mode() {
+            WpMode::Async => {
+                return Err(RamError::Describe(
+                    "write sampling cannot run beside uffd-async tracking".into(),
+                ))
+            }
+            WpMode::Sync => true,
+            WpMode::Off => false,
+        };
         let mut armed = 0;
         for region in self.regions() {
             let mine: Vec<u64> = pages
                 .iter()
                 .copied()
-                .filter(|g| region.contains_gpa(*g) && self.core.table.get(*g).is_present())
+                .filter(|g| {
+                    let e = self.core.table.get(*g);
+                    region.contains_gpa(*g) && e.is_present() && (!tracking || e.is_uffd_wp())
+                })
                 .collect();
             if mine.is_empty() {
                 continue;
             }
             let _g = region.lock.lock().unwrap_or_else(|e| e.into_inner());
             let mut samples = self.core.samples.lock().unwrap_or_else(|e| e.into_inner());
-            for (s, e) in crate::tracking::runs(&mine) {
-                uffd.write_protect(region.host_of(s), e - s, true)?;
+            if !tracking {
+                for (s, e) in crate::tracking::runs(&mine) {
+                    uffd.write_protect(region.host_of(s), e - s, true)?;
+                }
             }
             for gpa in mine {
                 samples.entry(gpa).or_insert(0);

@@ -165,3 +165,40 @@ fn a_moved_page_is_handed_to_the_trackers_first() {
         logged.len()
     );
 }
+
+#[test]
+fn sampling_beside_a_tracker_hides_no_write() {
+    // Synchronous write-protect tracking: a page written this round is not
+    // armed (re-protecting it would lose the write from the round).
+    let ram = GuestRam::new(4 << 20, RamConfig::default()).expect("ram");
+    let store = |gpa: u64, v: u64| {
+        // SAFETY: inside guest RAM's live mapping.
+        unsafe { ((ram.host_addr() + gpa) as *mut u64).write_volatile(v) }
+    };
+    for p in 0..8 {
+        store(p * PAGE_SIZE, 1);
+    }
+    ram.start_wp_tracking().expect("track");
+    let _ = ram.harvest_wp_sync().expect("baseline");
+    store(0, 2);
+    let armed = ram
+        .arm_write_samples(&(0..8).map(|p| p * PAGE_SIZE).collect::<Vec<_>>())
+        .expect("arm");
+    assert_eq!(armed, 7, "the written page is left to the tracker");
+    store(PAGE_SIZE, 3);
+    let written = ram.harvest_wp_sync().expect("harvest");
+    assert!(written.contains(&0) && written.contains(&1), "{written:?}");
+    let samples = ram.take_write_samples().expect("samples");
+    assert!(samples.contains_key(&PAGE_SIZE) && !samples.contains_key(&0));
+    // uffd-async resolves its faults in the kernel: sampling is refused.
+    let async_ram = GuestRam::new(
+        4 << 20,
+        RamConfig {
+            wp_async: true,
+            ..RamConfig::default()
+        },
+    )
+    .expect("ram");
+    async_ram.start_wp_tracking().expect("track");
+    assert!(async_ram.arm_write_samples(&[0]).is_err());
+}
