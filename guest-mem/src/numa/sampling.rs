@@ -64,6 +64,24 @@ impl GuestRam {
         Ok(armed)
     }
 
+    /// Another accessor signal (rule 1): vCPU `vcpu` wrote guest pages
+    /// `pages` (page numbers, e.g. from its KVM dirty ring): the regions
+    /// holding them get its bit in their accessor bitmaps.
+    pub fn note_writers(&self, vcpu: u32, pages: &[u64]) {
+        let regions = self.regions();
+        let mut last: Option<&std::sync::Arc<crate::region::Region>> = None;
+        for p in pages {
+            let gpa = p * PAGE_SIZE;
+            if last.is_some_and(|r| r.contains_gpa(gpa)) {
+                continue;
+            }
+            last = regions.iter().find(|r| r.contains_gpa(gpa));
+            if let Some(r) = last {
+                r.note_accessor(vcpu);
+            }
+        }
+    }
+
     /// Ends the armed windows: each armed page with the vCPUs (bit = id %
     /// 64) whose writes faulted on it since. Pages nobody wrote get their
     /// protection lifted (unless a write-protect tracker or a live snapshot

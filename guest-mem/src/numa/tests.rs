@@ -202,3 +202,23 @@ fn sampling_beside_a_tracker_hides_no_write() {
     async_ram.start_wp_tracking().expect("track");
     assert!(async_ram.arm_write_samples(&[0]).is_err());
 }
+
+#[test]
+fn dirty_ring_style_writer_lists_mark_the_regions_accessors() {
+    let ram = GuestRam::new(4 << 20, RamConfig::default()).expect("ram");
+    let r = ram
+        .add_region(BASE, PAGES * PAGE_SIZE, RegionFlags::default())
+        .expect("region");
+    ram.note_writers(5, &[BASE / PAGE_SIZE + 3, 7]);
+    assert_eq!(
+        r.accessors.load(std::sync::atomic::Ordering::Relaxed),
+        1 << 5
+    );
+    assert_ne!(
+        ram.regions()[0]
+            .accessors
+            .load(std::sync::atomic::Ordering::Relaxed)
+            & (1 << 5),
+        0
+    );
+}

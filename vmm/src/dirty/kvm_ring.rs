@@ -197,7 +197,7 @@ impl DirtyTracker for KvmRingTracker {
         super::kvm_bitmap::set_slot_flags(ctx, KVM_MEM_LOG_DIRTY_PAGES)
     }
 
-    fn harvest(&mut self, _ctx: &TrackCtx) -> Result<Harvest, TrackError> {
+    fn harvest(&mut self, ctx: &TrackCtx) -> Result<Harvest, TrackError> {
         let set = self
             .set
             .as_ref()
@@ -206,7 +206,7 @@ impl DirtyTracker for KvmRingTracker {
         let mut pages: Vec<u64> = per_vcpu.iter().flatten().copied().collect();
         pages.sort_unstable();
         pages.dedup();
-        let by_vcpu = per_vcpu
+        let by_vcpu: Vec<Vec<u64>> = per_vcpu
             .into_iter()
             .map(|mut v| {
                 v.sort_unstable();
@@ -214,6 +214,11 @@ impl DirtyTracker for KvmRingTracker {
                 v
             })
             .collect();
+        // The rings say which vCPU wrote where: the NUMA scanner's
+        // accessor bitmaps learn it (rule 1).
+        for (vcpu, pages) in by_vcpu.iter().enumerate() {
+            ctx.ram.note_writers(vcpu as u32, pages);
+        }
         Ok(Harvest {
             pages,
             by_vcpu: Some(by_vcpu),
