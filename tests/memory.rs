@@ -174,3 +174,41 @@ fn bench_faults_reports_every_backing() {
         .is_some_and(|v| v > 0.0 && v < 0.003));
     let _ = std::fs::remove_file(path);
 }
+
+#[test]
+fn numa_policies_are_applied_checked_and_reported() {
+    // This host has one node: each policy goes to node 0, and the kernel's
+    // own answer (get_mempolicy) and page placement (move_pages) are
+    // reported.
+    for policy in ["bind", "preferred", "interleave"] {
+        let o = vmm(
+            &[
+                "run",
+                "--json",
+                "--pages",
+                "64",
+                "--passes",
+                "1",
+                "--numa-policy",
+                policy,
+            ],
+            T,
+        );
+        assert_eq!(o.code, 0, "{policy}: {}", o.stdout);
+        let j = o.json();
+        let region = &j["numa"]["regions"][0];
+        assert_eq!(region["policy"], policy, "{j}");
+        assert_eq!(region["nodes"][0], 0);
+        let resident: u64 = region["pages_per_node"]
+            .as_array()
+            .expect("per node")
+            .iter()
+            .filter_map(|v| v.as_u64())
+            .sum();
+        assert_eq!(
+            resident,
+            j["memory"]["populated_pages"].as_u64().expect("pages")
+        );
+    }
+    assert_usage_error(&["run", "--numa-policy", "everywhere"], "NUMA policy");
+}

@@ -43,6 +43,11 @@ pub enum CliCommand {
     Bench(BenchCommand),
 }
 
+fn parse_numa_policy(s: &str) -> Result<guest_mem::numa::policy::NumaPolicy, String> {
+    guest_mem::numa::policy::NumaPolicy::from_name(s)
+        .ok_or_else(|| format!("unknown NUMA policy {s:?}; one of: bind, preferred, interleave"))
+}
+
 fn parse_clone_mode(s: &str) -> Result<crate::snapshot::clone::CloneMode, String> {
     match s {
         "mmap" => Ok(crate::snapshot::clone::CloneMode::Mmap),
@@ -410,6 +415,11 @@ pub struct RunArgs {
     /// Fork flags.
     #[command(flatten)]
     pub fork: ForkArgs,
+    /// A host memory policy for guest RAM over every host node: bind,
+    /// preferred or interleave (`mbind`); the report gives the policy the
+    /// kernel holds and the pages per host node.
+    #[arg(long, value_parser = parse_numa_policy)]
+    pub numa_policy: Option<guest_mem::numa::policy::NumaPolicy>,
     /// Print exactly one JSON object on stdout; serial output goes to stderr.
     #[arg(long)]
     pub json: bool,
@@ -461,6 +471,7 @@ impl RunArgs {
                 .block_file
                 .clone()
                 .map_or_else(Default::default, crate::devices::block::DiskSource::File),
+            numa_policy: self.numa_policy,
         }
     }
 }

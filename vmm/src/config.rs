@@ -46,6 +46,8 @@ pub struct VmConfig {
     pub track: Option<crate::dirty::TrackerKind>,
     /// Where the block device's disk comes from (`io` workload).
     pub disk: crate::devices::block::DiskSource,
+    /// A host memory policy for guest RAM over every host node.
+    pub numa_policy: Option<guest_mem::numa::policy::NumaPolicy>,
 }
 
 impl Default for VmConfig {
@@ -65,6 +67,7 @@ impl Default for VmConfig {
             round_per_pass: false,
             track: None,
             disk: Default::default(),
+            numa_policy: None,
         }
     }
 }

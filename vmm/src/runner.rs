@@ -459,6 +459,12 @@ pub fn run(config: &VmConfig, hooks: RunHooks, sink: SerialSink) -> Result<RunRe
     }
     let kvm = open_kvm()?;
     let ram = Arc::new(GuestRam::new(config.mem_bytes, config.ram)?);
+    let topology = guest_mem::numa::topology::HostTopology::detect();
+    if let Some(policy) = config.numa_policy {
+        use guest_mem::numa::topology::Topology;
+        let nodes: Vec<u32> = (0..topology.nodes()).collect();
+        ram.apply_numa_policy(policy, &nodes)?;
+    }
     let created = Instant::now();
     let vm = Arc::new(create_vm(&kvm, &ram, config.vcpus)?);
     let mut tracking = config
@@ -488,6 +494,7 @@ pub fn run(config: &VmConfig, hooks: RunHooks, sink: SerialSink) -> Result<RunRe
         t.tracker_mut().after_vcpus(&vm, &fds)?;
         t.start(&TrackCtx { vm: &vm, ram: &ram })?;
     }
+    let numa = config.numa_policy.map(|_| ram.clone());
     let machine = Machine {
         ram,
         vm,
@@ -500,7 +507,25 @@ pub fn run(config: &VmConfig, hooks: RunHooks, sink: SerialSink) -> Result<RunRe
         restored: false,
         lazy_slot: None,
     };
-    supervise(config, machine, hooks, sink, signals, None)
+    let mut report = supervise(config, machine, hooks, sink, signals, None)?;
+    if let Some(ram) = numa {
+        use guest_mem::numa::topology::Topology;
+        report.numa = Some(crate::report::NumaReport {
+            host_nodes: topology.nodes(),
+            regions: ram
+                .numa_placement(&topology)
+                .into_iter()
+                .map(|p| crate::report::NumaRegionReport {
+                    gpa: p.gpa,
+                    size: p.size,
+                    policy: p.policy,
+                    nodes: p.nodes,
+                    pages_per_node: p.pages_per_node,
+                })
+                .collect(),
+        });
+    }
+    Ok(report)
 }
 
 /// Runs a prepared machine's vCPU threads under the supervisor's event loop
@@ -1190,6 +1215,7 @@ impl Supervisor {
             snapshots: std::mem::take(&mut self.handle.snapshots),
             forks: std::mem::take(&mut self.handle.forks),
             block: None,
+            numa: None,
             serial: self.serial,
         }
     }

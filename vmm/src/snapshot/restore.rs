@@ -220,6 +220,7 @@ pub(crate) fn config_of(state: &SnapshotState) -> Result<VmConfig, SnapshotError
         round_per_pass: m.round_per_pass,
         track: None,
         disk: Default::default(),
+        numa_policy: None,
     })
 }
 
