@@ -355,10 +355,7 @@ impl RunReport {
         };
         let mut s = format!(
             "vmm: {} — {} vCPU(s), {}, {} {} pages x {} passes{}\n",
-            serde_json::to_value(self.status)
-                .ok()
-                .and_then(|v| v.as_str().map(str::to_string))
-                .unwrap_or_default(),
+            status_name(self.status),
             self.vcpus,
             format_size(self.mem_bytes),
             self.workload,

@@ -115,6 +115,11 @@ impl GuestRam {
     /// Each region's policy (from `get_mempolicy` at its first byte) and
     /// its resident pages per node (from `topology`).
     pub fn numa_placement(&self, topology: &dyn Topology) -> Vec<RegionPlacement> {
+        let populated: Vec<u64> = self
+            .populated_pages()
+            .into_iter()
+            .map(|p| p * PAGE_SIZE)
+            .collect();
         self.regions()
             .iter()
             .map(|r| {
@@ -140,12 +145,10 @@ impl GuestRam {
                     (0, libc::MPOL_LOCAL) => "local",
                     _ => "unknown",
                 };
-                let hosts: Vec<u64> = self
-                    .populated_pages()
-                    .into_iter()
-                    .map(|p| p * PAGE_SIZE)
-                    .filter(|g| r.contains_gpa(*g))
-                    .map(|g| r.host_of(g))
+                let hosts: Vec<u64> = populated
+                    .iter()
+                    .filter(|g| r.contains_gpa(**g))
+                    .map(|g| r.host_of(*g))
                     .collect();
                 let mut pages_per_node = vec![0u64; topology.nodes() as usize];
                 for n in topology.nodes_of(&hosts).into_iter().flatten() {
