@@ -55,10 +55,15 @@ fn guest_write(ram: &GuestRam, gpa: u64, v: u8) {
     unsafe { std::ptr::write_bytes((ram.host_addr() + gpa) as *mut u8, v, 4096) };
 }
 
-fn block(file: &std::fs::File, b: u64) -> u8 {
+/// The byte at `offset` of `file`.
+fn file_byte(file: &std::fs::File, offset: u64) -> u8 {
     let mut x = [0u8; 1];
-    file.read_exact_at(&mut x, b * BLOCK_BYTES).expect("block");
+    file.read_exact_at(&mut x, offset).expect("read");
     x[0]
+}
+
+fn block(file: &std::fs::File, b: u64) -> u8 {
+    file_byte(file, b * BLOCK_BYTES)
 }
 
 #[test]
@@ -82,9 +87,7 @@ fn a_pinned_page_the_guest_writes_reaches_the_file_with_the_guests_data() {
     dev.unmap(40).expect("unmap");
     // Nobody else saw any of it.
     assert_eq!(byte(&sibling, P), b'A');
-    let mut x = [0u8; 1];
-    image.read_exact_at(&mut x, P).expect("image");
-    assert_eq!(x[0], b'A');
+    assert_eq!(file_byte(&image, P), b'A');
     assert_eq!(dev.stats().errors, 0);
 }
 
@@ -108,9 +111,7 @@ fn a_device_write_into_a_pinned_page_is_what_the_guest_reads() {
     assert_eq!(block(&disk, 6), b'E');
     dev.unmap(41).expect("unmap");
     assert_eq!(byte(&sibling, Q), b'a');
-    let mut x = [0u8; 1];
-    image.read_exact_at(&mut x, Q).expect("image");
-    assert_eq!(x[0], b'a');
+    assert_eq!(file_byte(&image, Q), b'a');
 }
 
 #[test]

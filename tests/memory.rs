@@ -108,14 +108,7 @@ fn userfaultfd_not_permitted_is_a_clear_error_and_plain_still_works() {
         in_mount_namespace(&script)
     };
     let out = run("memfd");
-    assert_eq!(
-        out.status.code(),
-        Some(1),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    let j: serde_json::Value = serde_json::from_slice(&out.stdout).expect("one JSON object");
-    assert_eq!(j["status"], "userfaultfd_unavailable");
+    let j = json_failure(&out, "userfaultfd_unavailable");
     let e = j["error"].as_str().unwrap_or("");
     assert!(
         e.contains("vm.unprivileged_userfaultfd=1") && e.contains("--backing plain"),

@@ -484,14 +484,7 @@ fn a_failed_snapshot_leaves_nothing_and_the_guest_runs_on() {
         bin = vmm_bin()
     );
     let out = in_mount_namespace(&script);
-    assert_eq!(
-        out.status.code(),
-        Some(1),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    let j: serde_json::Value = serde_json::from_slice(&out.stdout).expect("one JSON object");
-    assert_eq!(j["status"], "snapshot_failed");
+    let j = json_failure(&out, "snapshot_failed");
     assert_eq!(j["verify_mismatches"], 0);
     let listing = String::from_utf8_lossy(&out.stderr);
     assert!(

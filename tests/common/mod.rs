@@ -186,8 +186,8 @@ pub fn in_mount_namespace(script: &str) -> std::process::Output {
 }
 
 /// Asserts that a `vmm ... --json` child process failed with exit 1 and a
-/// JSON report of `status` whose error contains `needle`.
-pub fn assert_json_failure(out: &std::process::Output, status: &str, needle: &str) {
+/// JSON report of `status`; returns the report.
+pub fn json_failure(out: &std::process::Output, status: &str) -> serde_json::Value {
     assert_eq!(
         out.status.code(),
         Some(1),
@@ -196,6 +196,13 @@ pub fn assert_json_failure(out: &std::process::Output, status: &str, needle: &st
     );
     let j: serde_json::Value = serde_json::from_slice(&out.stdout).expect("one JSON object");
     assert_eq!(j["status"], status, "{j}");
+    j
+}
+
+/// Asserts that a `vmm ... --json` child process failed with exit 1 and a
+/// JSON report of `status` whose error contains `needle`.
+pub fn assert_json_failure(out: &std::process::Output, status: &str, needle: &str) {
+    let j = json_failure(out, status);
     let e = j["error"].as_str().unwrap_or("");
     assert!(e.contains(needle), "error lacks {needle:?}: {e}");
 }

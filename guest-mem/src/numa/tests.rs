@@ -2,115 +2,32 @@
 //! this host has one), with host threads registered as the vCPUs and real
 //! userfaultfd write-protect sampling.
 
-use super::scanner::{NumaScanner, ScannerConfig};
-use super::topology::{SimulatedTopology, Topology};
+use super::drill::{Drill, DrillRound};
+use super::scanner::ScannerConfig;
 use crate::entry::PAGE_SIZE;
 use crate::ram::{GuestRam, RamConfig};
 use crate::region::RegionFlags;
-use std::sync::{Arc, Barrier};
 
 const VCPUS: u32 = 8;
 const REGIONS_PER_VCPU: u64 = 2;
 const PAGES: u64 = 64;
 const BASE: u64 = 64 << 20;
 
-fn node_of_vcpu(v: u32) -> u32 {
-    v / 4
+/// Two 64-page regions per vCPU, 8 vCPUs on 2 nodes, every region on the
+/// node its vCPU is not on.
+fn setup() -> Drill {
+    Drill::new(VCPUS, VCPUS as u64 * REGIONS_PER_VCPU, PAGES, 2).expect("drill")
 }
 
-/// Guest RAM with two 64-page regions per vCPU, the vCPUs' threads, and a
-/// topology that puts every region on the node its vCPU is *not* on.
-struct Setup {
-    ram: Arc<GuestRam>,
-    topology: Arc<SimulatedTopology>,
-    /// Per vCPU: its pages' host addresses.
-    pages: Vec<Vec<u64>>,
-}
-
-fn setup() -> Setup {
-    let ram = Arc::new(GuestRam::new(4 << 20, RamConfig::default()).expect("ram"));
-    let mut owners = Vec::new();
-    let mut pages = vec![Vec::new(); VCPUS as usize];
-    for i in 0..VCPUS as u64 * REGIONS_PER_VCPU {
-        let gpa = BASE + i * (1 << 20);
-        let r = ram
-            .add_region(gpa, PAGES * PAGE_SIZE, RegionFlags::default())
-            .expect("region");
-        let v = (i / REGIONS_PER_VCPU) as u32;
-        owners.push((r.host_of(gpa), r.host_of(gpa) + PAGES * PAGE_SIZE, v));
-        pages[v as usize].extend((0..PAGES).map(|p| r.host_of(gpa + p * PAGE_SIZE)));
-    }
-    let topology = Arc::new(SimulatedTopology::new(2, move |page| {
-        let host = page * PAGE_SIZE;
-        owners
-            .iter()
-            .find(|(s, e, _)| (*s..*e).contains(&host))
-            .map_or(0, |(_, _, v)| 1 - node_of_vcpu(*v))
-    }));
-    Setup {
-        ram,
-        topology,
-        pages,
-    }
-}
-
-/// Runs `rounds` rounds: each vCPU thread writes all its pages, then the
-/// scanner runs. Returns each round's stats and each vCPU's share of pages
-/// on its own node after each round.
-fn run(s: &Setup, filter: bool, rounds: u32) -> Vec<(super::scanner::RoundStats, Vec<f64>)> {
+fn run(s: &Drill, filter: bool, rounds: u32) -> Vec<DrillRound> {
     let cfg = ScannerConfig {
-        vcpu_node: (0..VCPUS).map(node_of_vcpu).collect(),
+        vcpu_node: Vec::new(),
         window_pages: 16,
         max_moves: 4096,
         filter_accessors: filter,
         accessor_window: 4,
     };
-    let mut scanner = NumaScanner::new(cfg, s.topology.clone());
-    let start = Arc::new(Barrier::new(VCPUS as usize + 1));
-    let done = Arc::new(Barrier::new(VCPUS as usize + 1));
-    let threads: Vec<_> = (0..VCPUS)
-        .map(|v| {
-            let (ram, start, done) = (s.ram.clone(), start.clone(), done.clone());
-            let pages = s.pages[v as usize].clone();
-            std::thread::spawn(move || {
-                ram.register_vcpu_thread(v);
-                for round in 0..=rounds as u64 {
-                    start.wait();
-                    for h in &pages {
-                        // SAFETY: a page of guest RAM's live mapping.
-                        unsafe { (*h as *mut u64).write_volatile(round) };
-                    }
-                    done.wait();
-                }
-            })
-        })
-        .collect();
-    // Round 0 populates; the scanner runs after each round's writes.
-    let mut out = Vec::new();
-    for _ in 0..=rounds {
-        start.wait();
-        done.wait();
-        let stats = scanner.round(&s.ram).expect("round");
-        let share = s
-            .pages
-            .iter()
-            .enumerate()
-            .map(|(v, hosts)| {
-                let on = s
-                    .topology
-                    .nodes_of(hosts)
-                    .iter()
-                    .filter(|n| **n == Some(node_of_vcpu(v as u32)))
-                    .count();
-                on as f64 / hosts.len() as f64
-            })
-            .collect();
-        out.push((stats, share));
-    }
-    for t in threads {
-        t.join().expect("vCPU thread");
-    }
-    out
+    s.run(cfg, rounds).expect("drill")
 }
 
 #[test]

@@ -9,18 +9,14 @@
 
 use crate::report::EXIT_ERROR;
 use clap::Args;
-use guest_mem::numa::scanner::{NumaScanner, RoundStats, ScannerConfig};
-use guest_mem::numa::topology::{SimulatedTopology, Topology};
-use guest_mem::{GuestRam, RamConfig, RegionFlags};
+use guest_mem::numa::drill::Drill;
+use guest_mem::numa::scanner::ScannerConfig;
 use serde::Serialize;
 use std::path::PathBuf;
-use std::sync::{Arc, Barrier};
 
 const VCPUS: u32 = 8;
 const REGIONS: u64 = 64;
 const PAGES: u64 = 64;
-const PAGE: u64 = 4096;
-const BASE: u64 = 64 << 20;
 
 /// `vmm bench numa` flags.
 #[derive(Args, Debug, Clone)]
@@ -54,108 +50,30 @@ pub struct NumaRound {
     pub worst_placement: f64,
 }
 
-fn node_of(v: u32) -> u32 {
-    v * 2 / VCPUS
-}
-
 fn one_run(filter: bool, rounds: u32) -> Result<Vec<NumaRound>, String> {
-    let ram = Arc::new(GuestRam::new(4 << 20, RamConfig::default()).map_err(|e| e.to_string())?);
-    let mut owners = Vec::new();
-    let mut pages: Vec<Vec<u64>> = vec![Vec::new(); VCPUS as usize];
-    for i in 0..REGIONS {
-        let gpa = BASE + i * (1 << 20);
-        let r = ram
-            .add_region(gpa, PAGES * PAGE, RegionFlags::default())
-            .map_err(|e| e.to_string())?;
-        let v = (i * VCPUS as u64 / REGIONS) as u32;
-        owners.push((r.host_of(gpa), r.host_of(gpa) + PAGES * PAGE, v));
-        pages[v as usize].extend((0..PAGES).map(|p| r.host_of(gpa + p * PAGE)));
-    }
-    let topology = Arc::new(SimulatedTopology::new(2, move |page| {
-        let host = page * PAGE;
-        owners
-            .iter()
-            .find(|(s, e, _)| (*s..*e).contains(&host))
-            .map_or(0, |(_, _, v)| 1 - node_of(*v))
-    }));
+    let drill = Drill::new(VCPUS, REGIONS, PAGES, 2).map_err(|e| e.to_string())?;
     let cfg = ScannerConfig {
-        vcpu_node: (0..VCPUS).map(node_of).collect(),
+        vcpu_node: Vec::new(),
         window_pages: 16,
         max_moves: 2048,
         filter_accessors: filter,
         accessor_window: 4,
     };
-    let mut scanner = NumaScanner::new(cfg, topology.clone());
-    let start = Arc::new(Barrier::new(VCPUS as usize + 1));
-    let done = Arc::new(Barrier::new(VCPUS as usize + 1));
-    let threads: Vec<_> = (0..VCPUS)
-        .map(|v| {
-            let (ram, start, done) = (ram.clone(), start.clone(), done.clone());
-            let mine = pages[v as usize].clone();
-            std::thread::spawn(move || {
-                ram.register_vcpu_thread(v);
-                for round in 0..=rounds as u64 {
-                    start.wait();
-                    for h in &mine {
-                        // SAFETY: a page of guest RAM's live mapping, which
-                        // outlives this thread (joined below).
-                        unsafe { (*h as *mut u64).write_volatile(round) };
-                    }
-                    done.wait();
-                }
-            })
-        })
-        .collect();
-    let mut out = Vec::new();
-    let mut failure = None;
-    for round in 0..=rounds {
-        start.wait();
-        done.wait();
-        match scanner.round(&ram) {
-            Ok(s) => out.push(row(round, filter, s, &pages, topology.as_ref())),
-            Err(e) => {
-                failure.get_or_insert(e.to_string());
-            }
-        }
-    }
-    for t in threads {
-        let _ = t.join();
-    }
-    match failure {
-        Some(e) => Err(e),
-        None => Ok(out),
-    }
-}
-
-fn row(
-    round: u32,
-    filter: bool,
-    s: RoundStats,
-    pages: &[Vec<u64>],
-    topology: &dyn Topology,
-) -> NumaRound {
-    let worst_placement = pages
-        .iter()
+    let rounds = drill.run(cfg, rounds).map_err(|e| e.to_string())?;
+    Ok(rounds
+        .into_iter()
         .enumerate()
-        .map(|(v, hosts)| {
-            let on = topology
-                .nodes_of(hosts)
-                .iter()
-                .filter(|n| **n == Some(node_of(v as u32)))
-                .count();
-            on as f64 / hosts.len().max(1) as f64
+        .map(|(round, (s, placed))| NumaRound {
+            round: round as u32,
+            filter,
+            regions_scanned: s.regions_scanned,
+            regions_skipped: s.regions_skipped,
+            pages_sampled: s.pages_sampled,
+            pages_moved: s.pages_moved,
+            scan_us: s.scan_us,
+            worst_placement: placed.into_iter().fold(1.0, f64::min),
         })
-        .fold(1.0, f64::min);
-    NumaRound {
-        round,
-        filter,
-        regions_scanned: s.regions_scanned,
-        regions_skipped: s.regions_skipped,
-        pages_sampled: s.pages_sampled,
-        pages_moved: s.pages_moved,
-        scan_us: s.scan_us,
-        worst_placement,
-    }
+        .collect())
 }
 
 /// Runs `vmm bench numa`; returns the exit code.
