@@ -850,3 +850,35 @@ fn a_restore_gives_guest_ram_beyond_its_first_slot_a_slot_when_the_guest_gets_th
     }
     let _ = std::fs::remove_dir_all(&dir);
 }
+
+#[test]
+fn a_guest_given_cpu_features_this_host_lacks_is_refused_before_it_runs() {
+    // A reserved XCR0 bit (63) in the XSAVE components the guest was
+    // offered, and a reserved leaf-7 bit: no KVM offers either.
+    for (leaf, set) in [(0xd_u32, 1u32 << 31), (7, 1 << 31)] {
+        let dir = snap_dir("cpuid");
+        take(&dir, "100", &["--pages", "128", "--passes", "1"]);
+        let (mut state, _) =
+            decode(&std::fs::read(dir.join("state.bin")).expect("state")).expect("decode");
+        for v in &mut state.vcpus {
+            let e = v
+                .cpuid
+                .iter_mut()
+                .find(|e| e.function == leaf && e.index == 0)
+                .expect("leaf");
+            e.edx |= set;
+        }
+        let (bytes, _) = encode(&state).expect("encode");
+        std::fs::write(dir.join("state.bin"), bytes).expect("state");
+        // Restore refuses before the guest runs, naming the register.
+        let o = restore(&dir);
+        assert_eq!(o.code, 1, "{}", o.stderr);
+        let e = o.json()["error"].as_str().unwrap_or("").to_string();
+        assert!(
+            e.contains("CPU features are not available")
+                && e.contains(&format!("CPUID.{leaf:#x}.edx")),
+            "{e}"
+        );
+        let _ = std::fs::remove_dir_all(dir);
+    }
+}

@@ -128,8 +128,9 @@ impl Phases {
     }
 }
 
-/// Leaf-1 and leaf-7 feature bits the snapshot's CPUID (`saved`, vCPU 0's)
-/// has that this host's KVM does not offer.
+/// Leaf-1, leaf-7 and leaf-0xD (XSAVE components) feature bits the
+/// snapshot's CPUID (`saved`, vCPU 0's) has that this host's KVM does not
+/// offer.
 fn missing_cpu_features(
     kvm: &Kvm,
     saved: &[kvm_bindings::kvm_cpuid_entry2],
@@ -151,6 +152,11 @@ fn missing_cpu_features(
         regs.push((7, "ebx", w.ebx, host.leaf7[0]));
         regs.push((7, "ecx", w.ecx, host.leaf7[1]));
         regs.push((7, "edx", w.edx, host.leaf7[2]));
+    }
+    // The XSAVE components the guest was offered (its FPU/SSE/AVX state).
+    if let Some(w) = leaf(0xd) {
+        regs.push((0xd, "eax", w.eax, host.xsave[0]));
+        regs.push((0xd, "edx", w.edx, host.xsave[1]));
     }
     for (leaf, name, w, h) in regs {
         let extra = w & !h;

@@ -1,4 +1,4 @@
-//! The CPU feature registers (CPUID leaves 1 and 7) this host's KVM offers
+//! The CPU feature registers (CPUID leaves 1, 7 and 0xD) this host's KVM offers
 //! its guests, which a restore compares a snapshot's CPUID with.
 //!
 //! `KVM_GET_SUPPORTED_CPUID` takes 0.3-0.4 ms here, a tenth of a restore's
@@ -13,16 +13,19 @@ use std::os::unix::fs::MetadataExt;
 use std::path::PathBuf;
 
 /// The registers compared: leaf 1 ECX and EDX, leaf 7 (subleaf 0) EBX,
-/// ECX and EDX.
+/// ECX and EDX, leaf 0xD (subleaf 0) EAX and EDX.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct FeatureRegs {
     /// Leaf 1: ECX, EDX.
     pub leaf1: [u32; 2],
     /// Leaf 7: EBX, ECX, EDX.
     pub leaf7: [u32; 3],
+    /// Leaf 0xD (subleaf 0): EAX, EDX, the XSAVE state components (XCR0
+    /// bits) KVM can give a guest.
+    pub xsave: [u32; 2],
 }
 
-const MAGIC: &[u8; 8] = b"VMMCPUF1";
+const MAGIC: &[u8; 8] = b"VMMCPUF2";
 
 fn cache_path() -> Option<PathBuf> {
     let boot = std::fs::read_to_string("/proc/sys/kernel/random/boot_id").ok()?;
@@ -49,7 +52,7 @@ fn trusted(path: &std::path::Path) -> bool {
 
 fn decode(bytes: &[u8]) -> Option<FeatureRegs> {
     let body = bytes.strip_prefix(MAGIC.as_slice())?;
-    if body.len() != 20 {
+    if body.len() != 28 {
         return None;
     }
     let w = |i: usize| {
@@ -60,12 +63,13 @@ fn decode(bytes: &[u8]) -> Option<FeatureRegs> {
     Some(FeatureRegs {
         leaf1: [w(0), w(1)],
         leaf7: [w(2), w(3), w(4)],
+        xsave: [w(5), w(6)],
     })
 }
 
 fn encode(f: &FeatureRegs) -> Vec<u8> {
     let mut out = MAGIC.to_vec();
-    for v in f.leaf1.iter().chain(&f.leaf7) {
+    for v in f.leaf1.iter().chain(&f.leaf7).chain(&f.xsave) {
         out.extend_from_slice(&v.to_le_bytes());
     }
     out
@@ -86,6 +90,9 @@ fn ask_kvm(kvm: &Kvm) -> Result<FeatureRegs, kvm_ioctls::Error> {
     }
     if let Some(e) = leaf(7) {
         regs.leaf7 = [e.ebx, e.ecx, e.edx];
+    }
+    if let Some(e) = leaf(0xd) {
+        regs.xsave = [e.eax, e.edx];
     }
     Ok(regs)
 }
@@ -122,6 +129,7 @@ mod tests {
         let f = FeatureRegs {
             leaf1: [1, 2],
             leaf7: [3, 4, 5],
+            xsave: [6, 7],
         };
         assert_eq!(decode(&encode(&f)), Some(f));
         assert_eq!(decode(b"VMMCPUF1short"), None);
