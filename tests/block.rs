@@ -179,22 +179,20 @@ mod cli {
     fn a_live_snapshot_taken_while_the_device_writes_restores_with_zero_mismatches() {
         let dir = snap_dir("live");
         let d = dir.to_str().expect("utf-8");
-        let j = run_ok(&[
-            "run",
-            "--json",
-            "--workload",
-            "io",
-            "--vcpus",
-            "2",
-            "--pages",
-            "128",
-            "--passes",
-            "3",
-            "--snapshot",
-            d,
-            "--snapshot-after-pages",
+        let j = take_snapshot(
+            &dir,
             "300",
-        ]);
+            &[
+                "--workload",
+                "io",
+                "--vcpus",
+                "2",
+                "--pages",
+                "128",
+                "--passes",
+                "3",
+            ],
+        );
         assert_eq!(j["snapshots"][0]["mode"], "live", "{j}");
         assert!(
             dir.join("disk.bin").exists(),
@@ -214,41 +212,17 @@ mod cli {
         let saved = std::fs::read(&disk_path).expect("disk");
         std::fs::remove_file(&disk_path).expect("rm");
         let o = vmm(&["restore", d, "--json"], T);
-        assert_eq!(o.code, 1, "{}", o.stdout);
-        assert!(
-            o.json()["error"]
-                .as_str()
-                .unwrap_or("")
-                .contains("disk.bin"),
-            "{}",
-            o.stdout
-        );
+        o.failure("disk.bin");
         std::fs::write(&disk_path, &saved[..4096]).expect("truncate");
         let o = vmm(&["restore", d, "--json"], T);
-        assert_eq!(o.code, 1, "{}", o.stdout);
-        assert!(
-            o.json()["error"]
-                .as_str()
-                .unwrap_or("")
-                .contains("disk image is truncated"),
-            "{}",
-            o.stdout
-        );
+        o.failure("disk image is truncated");
         std::fs::write(&disk_path, &saved).expect("restore the disk");
         // A corrupt disk image is refused, naming it.
         let mut disk = std::fs::read(dir.join("disk.bin")).expect("disk");
         disk[4096] ^= 1;
         std::fs::write(dir.join("disk.bin"), disk).expect("write");
         let o = vmm(&["restore", d, "--json"], T);
-        assert_eq!(o.code, 1, "{}", o.stdout);
-        assert!(
-            o.json()["error"]
-                .as_str()
-                .unwrap_or("")
-                .contains("disk image is corrupt"),
-            "{}",
-            o.stdout
-        );
+        o.failure("disk image is corrupt");
         let _ = std::fs::remove_dir_all(&dir);
     }
 

@@ -21,19 +21,7 @@ fn mappings() -> usize {
 fn a_clone_that_fails_half_way_leaks_nothing_and_leaves_the_snapshot_as_it_was() {
     let dir = std::env::temp_dir().join(format!("vmm-clone-unwind-{}", std::process::id()));
     let _ = std::fs::remove_dir_all(&dir);
-    let d = dir.to_str().expect("utf-8");
-    run_ok(&[
-        "run",
-        "--json",
-        "--mem",
-        "64M",
-        "--pages",
-        "128",
-        "--snapshot",
-        d,
-        "--snapshot-after-pages",
-        "150",
-    ]);
+    take_snapshot(&dir, "150", &["--mem", "64M", "--pages", "128"]);
     let files = |dir: &std::path::Path| -> Vec<Vec<u8>> {
         ["state.bin", "memory.bin"]
             .iter()

@@ -133,12 +133,7 @@ fn bad_fork_requests_are_refused_clearly() {
         ],
         T,
     );
-    assert_eq!(o.code, 1, "{}", o.stdout);
-    assert!(
-        o.json()["error"].as_str().unwrap_or("").contains("no fork"),
-        "{}",
-        o.stdout
-    );
+    o.failure("no fork");
 }
 
 #[test]
@@ -168,22 +163,20 @@ fn a_vm_restored_copy_on_write_forks_too() {
     // the pages the parent made its own.
     let dir = tmpfs_dir("fork", "restored");
     let d = dir.to_str().expect("utf-8");
-    run_ok(&[
-        "run",
-        "--json",
-        "--vcpus",
-        "2",
-        "--workload",
-        "rand-write",
-        "--pages",
-        "256",
-        "--passes",
-        "4",
-        "--snapshot",
-        d,
-        "--snapshot-after-pages",
+    take_snapshot(
+        &dir,
         "300",
-    ]);
+        &[
+            "--vcpus",
+            "2",
+            "--workload",
+            "rand-write",
+            "--pages",
+            "256",
+            "--passes",
+            "4",
+        ],
+    );
     for mode in ["mmap", "uffd"] {
         let j = run_ok(&[
             "restore",

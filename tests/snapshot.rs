@@ -14,23 +14,6 @@ fn snap_dir(name: &str) -> PathBuf {
     d
 }
 
-fn take(dir: &Path, after: &str, args: &[&str]) -> serde_json::Value {
-    let mut all = vec![
-        "run",
-        "--json",
-        "--snapshot",
-        dir.to_str().expect("utf-8"),
-        "--snapshot-after-pages",
-        after,
-    ];
-    all.extend_from_slice(args);
-    let o = vmm(&all, T);
-    assert_eq!(o.code, 0, "{}\n{}", o.stdout, o.stderr);
-    let j = o.json();
-    assert_eq!(j["snapshots"].as_array().map(Vec::len), Some(1), "{j}");
-    j
-}
-
 fn restore(dir: &Path) -> Output {
     restore_in(dir, "eager")
 }
@@ -79,7 +62,7 @@ fn check_round_trip(mode: &str, workload: &str, vcpus: &str) {
         "--passes",
         "3",
     ];
-    let j = take(&dir, "200", &args);
+    let j = take_snapshot(&dir, "200", &args);
     let s = &j["snapshots"][0];
     assert_eq!(s["mode"], mode);
     assert!(s["pause_us"].as_u64().is_some() && s["bytes_written"].as_u64().unwrap_or(0) > 0);
@@ -165,7 +148,7 @@ fn a_snapshot_of_an_mmap_restore_holds_the_file_pages() {
         "--passes",
         "3",
     ];
-    take(&first, "200", &args);
+    take_snapshot(&first, "200", &args);
     let o = vmm(
         &[
             "restore",
@@ -217,15 +200,13 @@ fn live_snapshots_refuse_what_they_cannot_run_with() {
         ];
         args.extend_from_slice(&extra);
         let o = vmm(&args, T);
-        assert_eq!(o.code, 1, "{}", o.stderr);
-        let j = o.json();
+        let j = o.failure(needle);
         assert_eq!(j["status"], "unsupported_combination");
-        assert!(j["error"].as_str().unwrap_or("").contains(needle), "{j}");
         assert!(!dir.exists());
     }
     // kvm-bitmap tracking and a live snapshot run together.
     let dir = snap_dir("with-kvm-bitmap");
-    let j = take(
+    let j = take_snapshot(
         &dir,
         "200",
         &["--track", "kvm-bitmap", "--pages", "192", "--passes", "2"],
@@ -238,7 +219,7 @@ fn live_snapshots_refuse_what_they_cannot_run_with() {
 #[test]
 fn a_stale_page_is_caught() {
     let dir = snap_dir("stale");
-    take(&dir, "400", &["--pages", "256", "--passes", "2"]);
+    take_snapshot(&dir, "400", &["--pages", "256", "--passes", "2"]);
     // Put an older pass's word back into a page of memory.bin (a lost
     // write), then make the checksums agree so only the oracle can tell.
     let (mut state, _) =
@@ -270,10 +251,7 @@ fn a_stale_page_is_caught() {
 
 fn expect_bad(dir: &Path, needle: &str) {
     let o = restore(dir);
-    assert_eq!(o.code, 1, "{}", o.stderr);
-    let j = o.json();
-    let e = j["error"].as_str().unwrap_or("");
-    assert!(e.contains(needle), "want {needle:?}, got {e:?}");
+    o.failure(needle);
     assert!(!o.stderr.contains("panicked"));
     let o = vmm(&["inspect", dir.to_str().expect("utf-8")], T);
     assert_eq!(o.code, 1, "inspect: {}", o.stdout);
@@ -282,7 +260,7 @@ fn expect_bad(dir: &Path, needle: &str) {
 #[test]
 fn bad_snapshots_are_refused_clearly() {
     let base = snap_dir("base");
-    take(&base, "200", &["--pages", "128", "--passes", "2"]);
+    take_snapshot(&base, "200", &["--pages", "128", "--passes", "2"]);
     let copy = |name: &str| {
         let d = snap_dir(name);
         std::fs::create_dir_all(&d).expect("dir");
@@ -354,11 +332,7 @@ fn bad_snapshots_are_refused_clearly() {
         ],
         T,
     );
-    assert_eq!(o.code, 1, "{}", o.stderr);
-    assert!(o.json()["error"]
-        .as_str()
-        .unwrap_or("")
-        .contains("checksum mismatch in chunk 2"));
+    o.failure("checksum mismatch in chunk 2");
 
     // Another format version, with a valid checksum.
     let d = copy("version");
@@ -383,11 +357,7 @@ fn bad_snapshots_are_refused_clearly() {
     expect_bad(&d, "truncated");
 
     let o = restore(Path::new("/nonexistent/snapshot"));
-    assert_eq!(o.code, 1);
-    assert!(o.json()["error"]
-        .as_str()
-        .unwrap_or("")
-        .contains("/nonexistent/snapshot/state.bin"));
+    o.failure("/nonexistent/snapshot/state.bin");
     for n in [
         "base",
         "missing",
@@ -442,11 +412,7 @@ fn a_failed_snapshot_leaves_nothing_and_the_guest_runs_on() {
         ],
         T,
     );
-    assert_eq!(o.code, 1);
-    assert!(o.json()["error"]
-        .as_str()
-        .unwrap_or("")
-        .contains("no snapshot was taken"));
+    o.failure("no snapshot was taken");
 
     // An existing target is refused the same way (never overwritten).
     let dir = snap_dir("exists");
@@ -464,11 +430,7 @@ fn a_failed_snapshot_leaves_nothing_and_the_guest_runs_on() {
         ],
         T,
     );
-    assert_eq!(o.code, 1);
-    assert!(o.json()["error"]
-        .as_str()
-        .unwrap_or("")
-        .contains("exists already"));
+    o.failure("exists already");
 
     // A full disk: a tiny tmpfs in a private mount namespace (needs root).
     if !can_unshare_mount() {
@@ -519,22 +481,20 @@ fn diff_chains_of_three_restore_like_a_full_snapshot() {
         snap_dir("full"),
     );
     let s = |p: &Path| p.to_str().expect("utf-8").to_string();
-    run_ok(&[
-        "run",
-        "--json",
-        "--vcpus",
-        "2",
-        "--workload",
-        "rand-write",
-        "--pages",
-        "256",
-        "--passes",
-        "6",
-        "--snapshot",
-        &s(&c0),
-        "--snapshot-after-pages",
+    take_snapshot(
+        &c0,
         "300",
-    ]);
+        &[
+            "--vcpus",
+            "2",
+            "--workload",
+            "rand-write",
+            "--pages",
+            "256",
+            "--passes",
+            "6",
+        ],
+    );
     // A live diff of the restored VM, then a paused diff of the restored diff.
     run_ok(&[
         "restore",
@@ -607,27 +567,11 @@ fn diff_chains_of_three_restore_like_a_full_snapshot() {
         std::fs::copy(c0.join(f), c1.join(f)).expect("copy");
     }
     let o = vmm(&["restore", &s(&c2), "--json"], T);
-    assert_eq!(o.code, 1);
-    assert!(
-        o.json()["error"]
-            .as_str()
-            .unwrap_or("")
-            .contains("is not the parent"),
-        "{}",
-        o.stdout
-    );
+    o.failure("is not the parent");
     // ... and so is a missing one.
     std::fs::remove_dir_all(&c1).expect("rm");
     let o = vmm(&["restore", &s(&c2), "--json"], T);
-    assert_eq!(o.code, 1);
-    assert!(
-        o.json()["error"]
-            .as_str()
-            .unwrap_or("")
-            .contains("is missing"),
-        "{}",
-        o.stdout
-    );
+    o.failure("is missing");
     std::fs::rename(&moved, &c1).expect("move back");
 
     // --snapshot-parent only makes sense for a VM restored from it.
@@ -699,7 +643,7 @@ fn the_working_set_follows_the_guests_first_touch_order_and_a_uffd_restore_prefe
     let dir = snap_dir("order");
     // rand-write touches its pages in a seeded random order; fault-around 1
     // makes each first touch its own fault, so the trace is exact.
-    take(
+    take_snapshot(
         &dir,
         "200",
         &[
@@ -751,7 +695,7 @@ fn the_working_set_follows_the_guests_first_touch_order_and_a_uffd_restore_prefe
 fn a_guest_waiting_for_requests_is_snapshotted_at_boot_and_answers_after_a_restore() {
     let dir = snap_dir("waiting");
     // 0 page stores: the threshold is reached at boot.
-    let j = take(&dir, "0", &["--workload", "idle"]);
+    let j = take_snapshot(&dir, "0", &["--workload", "idle"]);
     assert_eq!(j["status"], "ok", "{j}");
     for mode in ["uffd", "mmap"] {
         let o = restore_in(&dir, mode);
@@ -835,7 +779,7 @@ fn a_restore_gives_guest_ram_beyond_its_first_slot_a_slot_when_the_guest_gets_th
     // vCPU 1's pages run from 35 MiB past the first slot's 64 MiB: the
     // restored guest's first store there adds the rest of guest RAM.
     let dir = snap_dir("lazy-slot");
-    take(
+    take_snapshot(
         &dir,
         "200",
         &["--vcpus", "2", "--pages", "8000", "--passes", "1"],
@@ -857,7 +801,7 @@ fn a_guest_given_cpu_features_this_host_lacks_is_refused_before_it_runs() {
     // offered, and a reserved leaf-7 bit: no KVM offers either.
     for (leaf, set) in [(0xd_u32, 1u32 << 31), (7, 1 << 31)] {
         let dir = snap_dir("cpuid");
-        take(&dir, "100", &["--pages", "128", "--passes", "1"]);
+        take_snapshot(&dir, "100", &["--pages", "128", "--passes", "1"]);
         let (mut state, _) =
             decode(&std::fs::read(dir.join("state.bin")).expect("state")).expect("decode");
         for v in &mut state.vcpus {
@@ -872,13 +816,8 @@ fn a_guest_given_cpu_features_this_host_lacks_is_refused_before_it_runs() {
         std::fs::write(dir.join("state.bin"), bytes).expect("state");
         // Restore refuses before the guest runs, naming the register.
         let o = restore(&dir);
-        assert_eq!(o.code, 1, "{}", o.stderr);
-        let e = o.json()["error"].as_str().unwrap_or("").to_string();
-        assert!(
-            e.contains("CPU features are not available")
-                && e.contains(&format!("CPUID.{leaf:#x}.edx")),
-            "{e}"
-        );
+        o.failure("CPU features are not available");
+        o.failure(&format!("CPUID.{leaf:#x}.edx"));
         let _ = std::fs::remove_dir_all(dir);
     }
 }

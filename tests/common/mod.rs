@@ -26,6 +26,16 @@ impl Output {
             )
         })
     }
+
+    /// Asserts the run failed (exit 1) with a JSON report whose error
+    /// contains `needle`; returns the report.
+    pub fn failure(&self, needle: &str) -> serde_json::Value {
+        assert_eq!(self.code, 1, "{}\n{}", self.stdout, self.stderr);
+        let j = self.json();
+        let e = j["error"].as_str().unwrap_or("");
+        assert!(e.contains(needle), "error lacks {needle:?}: {j}");
+        j
+    }
 }
 
 /// Path of the `vmm` binary cargo built for these tests.
@@ -256,4 +266,23 @@ pub fn tmpfs_dir(prefix: &str, name: &str) -> std::path::PathBuf {
     let d = base.join(format!("vmm-{prefix}-{}-{name}", std::process::id()));
     let _ = std::fs::remove_dir_all(&d);
     d
+}
+
+/// `vmm run --json --snapshot DIR --snapshot-after-pages AFTER ARGS...`:
+/// asserts it succeeded with exactly one snapshot; returns the report.
+pub fn take_snapshot(dir: &std::path::Path, after: &str, args: &[&str]) -> serde_json::Value {
+    let mut all = vec![
+        "run",
+        "--json",
+        "--snapshot",
+        dir.to_str().expect("utf-8"),
+        "--snapshot-after-pages",
+        after,
+    ];
+    all.extend_from_slice(args);
+    let o = vmm(&all, T);
+    assert_eq!(o.code, 0, "{}\n{}", o.stdout, o.stderr);
+    let j = o.json();
+    assert_eq!(j["snapshots"].as_array().map(Vec::len), Some(1), "{j}");
+    j
 }
