@@ -53,31 +53,27 @@ pub(crate) struct PinCounts {
 }
 
 impl PinCounts {
+    /// The counts, locked (a panic elsewhere leaves them consistent: every
+    /// change is one map operation).
+    fn lock(&self) -> std::sync::MutexGuard<'_, HashMap<u64, u32>> {
+        self.counts.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
     /// True when `page` (a guest page number) is pinned.
     pub(crate) fn is_pinned(&self, page: u64) -> bool {
-        self.counts
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .contains_key(&page)
+        self.lock().contains_key(&page)
     }
 
     /// True when any page of `[start, end)` (bytes) is pinned.
     pub(crate) fn any_in(&self, start: u64, end: u64) -> bool {
-        let counts = self.counts.lock().unwrap_or_else(|e| e.into_inner());
-        counts
+        self.lock()
             .keys()
             .any(|p| (start..end).contains(&(p * PAGE_SIZE)))
     }
 
     /// The pinned guest page numbers, sorted.
     pub(crate) fn pages(&self) -> Vec<u64> {
-        let mut v: Vec<u64> = self
-            .counts
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .keys()
-            .copied()
-            .collect();
+        let mut v: Vec<u64> = self.lock().keys().copied().collect();
         v.sort_unstable();
         v
     }
@@ -130,12 +126,7 @@ impl GuestRam {
             return Err(RamError::Pin(std::io::Error::last_os_error()));
         }
         let _g = region.lock.lock().unwrap_or_else(|e| e.into_inner());
-        let mut counts = self
-            .core
-            .pins
-            .counts
-            .lock()
-            .unwrap_or_else(|e| e.into_inner());
+        let mut counts = self.core.pins.lock();
         for page in gpa / PAGE_SIZE..end / PAGE_SIZE {
             *counts.entry(page).or_insert(0) += 1;
             let _ = self.core.table.update(page * PAGE_SIZE, |e| {
@@ -154,12 +145,7 @@ impl GuestRam {
         let end = pin.gpa + pin.len;
         let region = self.region_for(pin.gpa, pin.len)?;
         let _g = region.lock.lock().unwrap_or_else(|e| e.into_inner());
-        let mut counts = self
-            .core
-            .pins
-            .counts
-            .lock()
-            .unwrap_or_else(|e| e.into_inner());
+        let mut counts = self.core.pins.lock();
         for page in pin.gpa / PAGE_SIZE..end / PAGE_SIZE {
             let last = match counts.get_mut(&page) {
                 Some(n) if *n > 1 => {
