@@ -111,23 +111,18 @@ fn every_backend_sees_every_guest_and_vmm_write() {
 
 #[test]
 fn track_flag_reports_rounds_in_json() {
-    let o = vmm(
-        &[
-            "run",
-            "--json",
-            "--track",
-            "uffd-async",
-            "--pages",
-            "128",
-            "--passes",
-            "2",
-            "--vcpus",
-            "2",
-        ],
-        T,
-    );
-    assert_eq!(o.code, 0, "{}", o.stderr);
-    let j = o.json();
+    let j = run_ok(&[
+        "run",
+        "--json",
+        "--track",
+        "uffd-async",
+        "--pages",
+        "128",
+        "--passes",
+        "2",
+        "--vcpus",
+        "2",
+    ]);
     let t = &j["tracking"];
     assert_eq!(t["backend"], "uffd-async");
     assert_eq!(t["rounds"], 2);
@@ -234,24 +229,19 @@ fn bench_dirty_compares_backends_and_marks_the_unavailable() {
 fn tracking_over_transparent_huge_pages_reports_4k_pages() {
     // Plain memory can get THP here (uffd-populated memory cannot); KVM
     // splits it while logging, so rounds stay at 4 KiB granularity.
-    let o = vmm(
-        &[
-            "run",
-            "--json",
-            "--backing",
-            "plain",
-            "--thp",
-            "--track",
-            "kvm-bitmap",
-            "--pages",
-            "1024",
-            "--passes",
-            "2",
-        ],
-        T,
-    );
-    assert_eq!(o.code, 0, "{}", o.stderr);
-    let j = o.json();
+    let j = run_ok(&[
+        "run",
+        "--json",
+        "--backing",
+        "plain",
+        "--thp",
+        "--track",
+        "kvm-bitmap",
+        "--pages",
+        "1024",
+        "--passes",
+        "2",
+    ]);
     let t = &j["tracking"];
     assert_eq!(t["missed_pages"], 0);
     assert!(

@@ -9,9 +9,7 @@ use common::*;
 fn memory(args: &[&str]) -> serde_json::Value {
     let mut all = vec!["run", "--json"];
     all.extend_from_slice(args);
-    let o = vmm(&all, T);
-    assert_eq!(o.code, 0, "{args:?}: {}\n{}", o.stdout, o.stderr);
-    let j = o.json();
+    let j = run_ok(&all);
     assert_eq!(j["verify_mismatches"], 0);
     assert_eq!(j["host_verify_mismatches"], 0);
     j["memory"].clone()

@@ -33,6 +33,13 @@ fn restore_in(dir: &Path, mode: &str) -> Output {
     )
 }
 
+/// [`restore_in`], asserted to exit 0; its JSON report.
+fn restored(dir: &Path, mode: &str) -> serde_json::Value {
+    let o = restore_in(dir, mode);
+    assert_eq!(o.code, 0, "{mode}: {}\n{}", o.stdout, o.stderr);
+    o.json()
+}
+
 #[test]
 fn snapshots_mid_workload_restore_with_zero_mismatches() {
     let cases = [
@@ -149,27 +156,20 @@ fn a_snapshot_of_an_mmap_restore_holds_the_file_pages() {
         "3",
     ];
     take_snapshot(&first, "200", &args);
-    let o = vmm(
-        &[
-            "restore",
-            first.to_str().expect("utf-8"),
-            "--mode",
-            "mmap",
-            "--snapshot",
-            second.to_str().expect("utf-8"),
-            "--snapshot-after-pages",
-            "100",
-            "--json",
-        ],
-        T,
-    );
-    assert_eq!(o.code, 0, "{}\n{}", o.stdout, o.stderr);
-    let r = o.json();
+    let r = run_ok(&[
+        "restore",
+        first.to_str().expect("utf-8"),
+        "--mode",
+        "mmap",
+        "--snapshot",
+        second.to_str().expect("utf-8"),
+        "--snapshot-after-pages",
+        "100",
+        "--json",
+    ]);
     assert_eq!(r["snapshots"][0]["mode"], "live", "{r}");
     for mode in ["eager", "uffd"] {
-        let o = restore_in(&second, mode);
-        assert_eq!(o.code, 0, "{mode}: {}\n{}", o.stdout, o.stderr);
-        let r = o.json();
+        let r = restored(&second, mode);
         assert_eq!(r["status"], "ok", "{mode}: {r}");
         assert_eq!(r["verify_mismatches"], 0, "{mode}: {r}");
         assert_eq!(r["host_verify_mismatches"], 0, "{mode}: {r}");
@@ -544,7 +544,7 @@ fn diff_chains_of_three_restore_like_a_full_snapshot() {
     );
     let full_end = run_ok(&["restore", &s(&full), "--verify", "--json"]);
     for mode in ["eager", "uffd", "mmap"] {
-        let r = run_ok(&["restore", &s(&c2), "--mode", mode, "--verify", "--json"]);
+        let r = restored(&c2, mode);
         assert_eq!(r["verify_mismatches"], 0, "{mode}: {r}");
         assert_eq!(r["host_verify_mismatches"], 0, "{mode}");
         assert_eq!(r["pages_written"], full_end["pages_written"], "{mode}");
@@ -680,9 +680,7 @@ fn the_working_set_follows_the_guests_first_touch_order_and_a_uffd_restore_prefe
 
     // The restore copies the execution chunks first and the rest of the
     // working set in the background: the guest demand-faults little.
-    let r = restore_in(&dir, "uffd");
-    assert_eq!(r.code, 0, "{}", r.stdout);
-    let j = r.json();
+    let j = restored(&dir, "uffd");
     assert_eq!(j["verify_mismatches"], 0);
     let background = j["restore"]["pages_prefetched_background"]
         .as_u64()
@@ -698,9 +696,7 @@ fn a_guest_waiting_for_requests_is_snapshotted_at_boot_and_answers_after_a_resto
     let j = take_snapshot(&dir, "0", &["--workload", "idle"]);
     assert_eq!(j["status"], "ok", "{j}");
     for mode in ["uffd", "mmap"] {
-        let o = restore_in(&dir, mode);
-        assert_eq!(o.code, 0, "{mode}: {}", o.stdout);
-        let r = o.json()["restore"].clone();
+        let r = restored(&dir, mode)["restore"].clone();
         // The verify command is its request; the answer is an I/O exit.
         let (run, io) = (&r["first_run_at_ns"], &r["first_io_at_ns"]);
         assert!(
@@ -768,9 +764,7 @@ fn a_live_snapshot_copies_in_the_background_and_refuses_a_second_one_meanwhile()
     );
     assert_eq!(report.snapshots.len(), 1, "collected by the supervisor");
     assert!(!second.exists());
-    let r = restore_in(&dir, "uffd");
-    assert_eq!(r.code, 0, "{}", r.stdout);
-    assert_eq!(r.json()["verify_mismatches"], 0);
+    assert_eq!(restored(&dir, "uffd")["verify_mismatches"], 0);
     let _ = std::fs::remove_dir_all(dir);
 }
 
@@ -785,9 +779,7 @@ fn a_restore_gives_guest_ram_beyond_its_first_slot_a_slot_when_the_guest_gets_th
         &["--vcpus", "2", "--pages", "8000", "--passes", "1"],
     );
     for mode in ["mmap", "uffd"] {
-        let o = restore_in(&dir, mode);
-        assert_eq!(o.code, 0, "{mode}: {}", o.stdout);
-        let j = o.json();
+        let j = restored(&dir, mode);
         assert_eq!(j["verify_mismatches"], 0, "{mode}");
         assert_eq!(j["host_verify_mismatches"], 0, "{mode}");
         assert_eq!(j["pages_written"], 2 * 8000, "{mode}");
