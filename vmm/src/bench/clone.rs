@@ -8,6 +8,7 @@
 //! measurement runs in its own `vmm` process, so its memory accounting
 //! sees nothing else.
 
+use super::{median, ok_report};
 use crate::report::EXIT_ERROR;
 use crate::size::{format_size, size_arg};
 use clap::Args;
@@ -110,20 +111,7 @@ fn run_json(exe: &Path, args: &[String]) -> Result<serde_json::Value, String> {
         .args(args)
         .output()
         .map_err(|e| format!("cannot spawn vmm: {e}"))?;
-    let j: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap_or_default();
-    if j["status"] != "ok" {
-        return Err(format!("vmm {}: {}", args.join(" "), j["error"]));
-    }
-    Ok(j)
-}
-
-fn median(v: &mut [f64]) -> f64 {
-    v.sort_by(f64::total_cmp);
-    if v.is_empty() {
-        0.0
-    } else {
-        v[v.len() / 2]
-    }
+    ok_report(&out.stdout).map_err(|e| format!("vmm {}: {e}", args.join(" ")))
 }
 
 fn strings(a: &[&str]) -> Vec<String> {
@@ -149,10 +137,7 @@ fn eager_restores(exe: &Path, dir: &Path, n: u32) -> Result<(f64, u64), String> 
         let out = c
             .wait_with_output()
             .map_err(|e| format!("vmm restore: {e}"))?;
-        let j: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap_or_default();
-        if j["status"] != "ok" {
-            return Err(format!("eager restore failed: {}", j["error"]));
-        }
+        let j = ok_report(&out.stdout).map_err(|e| format!("eager restore failed: {e}"))?;
         pss += j["restore"]["pss_end_bytes"].as_u64().unwrap_or(0);
     }
     Ok((start.elapsed().as_secs_f64() * 1e6, pss))
@@ -186,11 +171,11 @@ fn clone_row(
     )?;
     let wall_us = start.elapsed().as_secs_f64() * 1e6;
     let clones = j["clones"].as_array().cloned().unwrap_or_default();
-    let mut setup: Vec<f64> = clones
+    let setup: Vec<f64> = clones
         .iter()
         .filter_map(|c| c["setup_us"].as_f64())
         .collect();
-    let mut first: Vec<f64> = clones
+    let first: Vec<f64> = clones
         .iter()
         .filter_map(|c| c["first_io_us"].as_f64())
         .collect();
@@ -203,9 +188,9 @@ fn clone_row(
         guest,
         mode,
         count,
-        setup_median_us: median(&mut setup),
+        setup_median_us: median(&setup),
         first_io_max_us: first.iter().copied().fold(0.0, f64::max),
-        first_io_median_us: median(&mut first),
+        first_io_median_us: median(&first),
         wall_us,
         growth_bytes: a["growth_bytes"].as_u64().unwrap_or(0),
         exclusive_bytes: a["exclusive_bytes"].as_u64().unwrap_or(0),
@@ -245,10 +230,10 @@ fn fork_row(
         guest,
         children,
         pause_max_us: pause.iter().copied().fold(0.0, f64::max),
-        pause_us: median(&mut pause),
+        pause_us: median(&pause),
         first_io_max_us: first.iter().copied().fold(0.0, f64::max),
-        first_io_median_us: median(&mut first),
-        ready_median_us: median(&mut ready),
+        first_io_median_us: median(&first),
+        ready_median_us: median(&ready),
     })
 }
 
@@ -295,7 +280,7 @@ fn populated_fork_pause(runs: u32) -> Result<(f64, f64), String> {
         pauses.push(f.pause_us as f64);
     }
     let max = pauses.iter().copied().fold(0.0, f64::max);
-    Ok((median(&mut pauses), max))
+    Ok((median(&pauses), max))
 }
 
 fn bench(args: &CloneBenchArgs) -> Result<CloneBench, String> {

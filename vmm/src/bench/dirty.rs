@@ -9,7 +9,7 @@
 //!   writes run it;
 //! * the `kvm-bitmap` harvest of a 4 GiB guest with 1% of its pages dirty.
 
-use super::min_median;
+use super::median;
 use crate::config::VmConfig;
 use crate::dirty::{check_combination, TrackerKind};
 use crate::report::{EXIT_ERROR, EXIT_OK, EXIT_USAGE};
@@ -155,12 +155,7 @@ fn guest_row(args: &DirtyBenchArgs, kind: Option<TrackerKind>) -> DirtyRow {
             let scanned: u64 = t.scanned_bytes.iter().sum();
             let per_gib = (scanned > 0)
                 .then(|| h.iter().sum::<f64>() / (scanned as f64 / (1u64 << 30) as f64));
-            (
-                min_median(&h).map_or(0.0, |m| m.1),
-                min_median(&d).map_or(0.0, |m| m.1),
-                t.memory_bytes,
-                per_gib,
-            )
+            (median(&h), median(&d), t.memory_bytes, per_gib)
         }
         None => (0.0, 0.0, 0, None),
     };
@@ -260,13 +255,13 @@ fn host_row(
         }
         harvests.push(t.elapsed().as_secs_f64() * 1e6);
     }
-    let write_med = min_median(&writes).map_or(0.0, |m| m.1);
+    let write_med = median(&writes);
     let harvest_med = if kind.is_some() {
-        min_median(&harvests).map_or(0.0, |m| m.1)
+        median(&harvests)
     } else {
         0.0
     };
-    let dirty_med = min_median(&dirty).map_or(0.0, |m| m.1);
+    let dirty_med = median(&dirty);
     let per_round = (ram.size() / 4096).div_ceil(stride) as f64;
     let extra = baseline_write_us.map_or(0.0, |b| (write_med - b).max(0.0));
     let row = DirtyRow {

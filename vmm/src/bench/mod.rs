@@ -47,6 +47,22 @@ pub fn min_median(samples: &[f64]) -> Option<(f64, f64)> {
     Some((v[0], median))
 }
 
+/// The JSON report a `vmm ... --json` child printed; its error (as JSON
+/// text) unless its status is ok.
+pub fn ok_report(stdout: &[u8]) -> Result<serde_json::Value, String> {
+    let j: serde_json::Value = serde_json::from_slice(stdout).unwrap_or_default();
+    if j["status"] == "ok" {
+        Ok(j)
+    } else {
+        Err(j["error"].to_string())
+    }
+}
+
+/// Median of a sample (µs); 0 when empty.
+pub fn median(samples: &[f64]) -> f64 {
+    min_median(samples).map_or(0.0, |m| m.1)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -56,5 +72,7 @@ mod tests {
         assert_eq!(min_median(&[]), None);
         assert_eq!(min_median(&[3.0, 1.0, 2.0]), Some((1.0, 2.0)));
         assert_eq!(min_median(&[4.0, 1.0, 2.0, 3.0]), Some((1.0, 2.5)));
+        assert_eq!(median(&[]), 0.0);
+        assert_eq!(median(&[4.0, 1.0, 2.0, 3.0]), 2.5);
     }
 }

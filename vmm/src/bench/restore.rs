@@ -16,7 +16,7 @@
 //! The modes take turns within each round, so drift in the host's speed
 //! hits all of them alike.
 
-use super::min_median;
+use super::{median, min_median, ok_report};
 use crate::clock::monotonic_ns;
 use crate::report::EXIT_ERROR;
 use crate::size::{format_size, sizes_arg};
@@ -106,10 +106,7 @@ fn restore_once(exe: &Path, dir: &Path, mode: &str, s: &mut Samples) -> Result<(
         .output()
         .map_err(|e| format!("cannot spawn: {e}"))?;
     let exited = monotonic_ns();
-    let j: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap_or_default();
-    if j["status"] != "ok" {
-        return Err(format!("{mode} restore failed: {}", j["error"]));
-    }
+    let j = ok_report(&out.stdout).map_err(|e| format!("{mode} restore failed: {e}"))?;
     let since_spawn = |key: &str| {
         j["restore"][key]
             .as_u64()
@@ -175,7 +172,6 @@ fn bench(args: &RestoreBenchArgs) -> Result<Vec<RestoreRow>, String> {
             let _ = std::fs::remove_dir_all(&dir);
             outcome?;
             for (mode, s) in MODES.iter().zip(&samples) {
-                let median = |v: &[f64]| min_median(v).map_or(0.0, |m| m.1);
                 let min = |v: &[f64]| min_median(v).map_or(0.0, |m| m.0);
                 rows.push(RestoreRow {
                     mem_bytes: mem,

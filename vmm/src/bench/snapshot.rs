@@ -8,7 +8,7 @@
 //!   (labelled), with a memcpy of the same bytes into a fresh tmpfs file in
 //!   the same run.
 
-use super::min_median;
+use super::median;
 use crate::config::VmConfig;
 use crate::report::EXIT_ERROR;
 use crate::runner::{run, HookError, RunHooks, SerialSink, VmHandle};
@@ -269,7 +269,7 @@ pub fn main(args: &SnapshotBenchArgs) -> i32 {
                     bytes,
                     thp,
                     method: method.into(),
-                    us: min_median(&samples).map_or(0.0, |m| m.1),
+                    us: median(&samples),
                 });
             }
         }
@@ -320,7 +320,7 @@ pub fn main(args: &SnapshotBenchArgs) -> i32 {
         }
     }
     let snaps: Vec<SnapRow> = rounds.into_iter().filter_map(median_round).collect();
-    let memcpy = min_median(&memcpy_us).map_or(0.0, |m| m.1);
+    let memcpy = median(&memcpy_us);
     let result = SnapshotBench {
         write_protect: wp,
         snapshots: snaps,
