@@ -7,6 +7,7 @@
 //! loads eagerly say nothing about what the guest needs first.
 
 use crate::entry::PAGE_SIZE;
+use crate::sync::LockOrRecover;
 use std::sync::Mutex;
 
 /// Most pages recorded (4 GiB of guest memory); later first touches are
@@ -28,7 +29,7 @@ impl AccessOrder {
         let rest = (start..end)
             .step_by(PAGE_SIZE as usize)
             .filter(|gpa| Some(*gpa) != touched);
-        let mut pages = self.pages.lock().unwrap_or_else(|e| e.into_inner());
+        let mut pages = self.pages.lock_or_recover();
         let room = MAX_TRACE_PAGES.saturating_sub(pages.len());
         pages.extend(
             touched
@@ -41,7 +42,7 @@ impl AccessOrder {
 
     /// The guest page numbers recorded, first touch first, each once.
     pub fn pages(&self) -> Vec<u64> {
-        let pages = self.pages.lock().unwrap_or_else(|e| e.into_inner());
+        let pages = self.pages.lock_or_recover();
         let mut seen = std::collections::HashSet::with_capacity(pages.len());
         pages
             .iter()

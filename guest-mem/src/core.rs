@@ -3,6 +3,7 @@
 
 use crate::fault::stats::FaultCounters;
 use crate::region::{BackingKind, HostMapping, Region, RegionError, RegionFlags};
+use crate::sync::LockOrRecover;
 use crate::table::Stage2Table;
 use crate::uffd::sys::{UFFDIO_REGISTER_MODE_MISSING, UFFDIO_REGISTER_MODE_WP};
 use crate::uffd::{UffdError, Userfaultfd};
@@ -162,12 +163,7 @@ impl MemoryCore {
                 gpa += crate::entry::PAGE_SIZE;
             }
         }
-        if let Some(w) = self
-            .live_window
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .as_mut()
-        {
+        if let Some(w) = self.live_window.lock_or_recover().as_mut() {
             let mut gpa = start;
             while gpa < end {
                 w.push(gpa);
@@ -209,7 +205,7 @@ impl MemoryCore {
         {
             return Err(RegionError::Unaligned { gpa, size }.into());
         }
-        let _g = self.global.lock().unwrap_or_else(|e| e.into_inner());
+        let _g = self.global.lock_or_recover();
         let current = self.regions.load_full();
         if let Some(o) = current
             .iter()
@@ -264,7 +260,7 @@ impl MemoryCore {
     /// waits for a fault in flight on it, unregisters it from userfaultfd
     /// and frees its tables without per-entry locking.
     pub(crate) fn remove_region(&self, id: u64) -> Result<(), CoreError> {
-        let _g = self.global.lock().unwrap_or_else(|e| e.into_inner());
+        let _g = self.global.lock_or_recover();
         let current = self.regions.load_full();
         let region = current
             .iter()
@@ -275,7 +271,7 @@ impl MemoryCore {
         let list: Vec<Arc<Region>> = current.iter().filter(|r| r.id != id).cloned().collect();
         self.regions.store(Arc::new(list));
         // A fault that found the region before it was isolated holds its lock.
-        drop(region.lock.lock().unwrap_or_else(|e| e.into_inner()));
+        drop(region.lock.lock_or_recover());
         if region.backing.uses_fault_engine() {
             if let Some(u) = &self.uffd {
                 if let Err(e) = u.unregister(region.mapping.addr(), region.size) {

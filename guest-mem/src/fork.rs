@@ -6,6 +6,7 @@ use crate::core::WpMode;
 use crate::entry::{Flag, PAGE_SIZE};
 use crate::ram::{GuestRam, RamError};
 use crate::region::BackingKind;
+use crate::sync::LockOrRecover;
 use crate::uffd::sys::{UFFDIO_REGISTER_MODE_MISSING, UFFDIO_REGISTER_MODE_WP};
 
 impl GuestRam {
@@ -74,7 +75,7 @@ impl GuestRam {
             return self.freeze_private_image(region);
         }
         // No fault is served on the region while its mapping changes.
-        let _g = region.lock.lock().unwrap_or_else(|e| e.into_inner());
+        let _g = region.lock.lock_or_recover();
         // Rule 13: pinned pages stay this VM's (shared with the device,
         // never with a child): their mapping stays as it is, and the
         // children get copies of their content now.
@@ -122,7 +123,7 @@ impl GuestRam {
             .try_clone()
             .map_err(|e| refuse(&format!("sharing guest RAM's image: {e}")))?;
         let own = self.own_pages()?;
-        let _g = region.lock.lock().unwrap_or_else(|e| e.into_inner());
+        let _g = region.lock.lock_or_recover();
         let mut copies = Vec::with_capacity(own.len());
         for gpa in own {
             let mut page = vec![0u8; PAGE_SIZE as usize];

@@ -11,6 +11,7 @@
 //! the pages: its cost does not grow with memory size.
 
 use crate::entry::PAGE_SIZE;
+use crate::sync::LockOrRecover;
 use std::fs::File;
 use std::os::unix::fs::FileExt;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -138,7 +139,7 @@ impl LiveCopy {
                     self.stored.fetch_add((i - first) as u64, Ordering::Relaxed);
                 }
                 Err(e) => {
-                    let mut err = self.error.lock().unwrap_or_else(|p| p.into_inner());
+                    let mut err = self.error.lock_or_recover();
                     err.get_or_insert_with(|| {
                         format!(
                             "writing page {:#x} to the snapshot: {e}",
@@ -160,7 +161,7 @@ impl LiveCopy {
 
     /// The first error any copy hit.
     pub fn error(&self) -> Option<String> {
-        self.error.lock().unwrap_or_else(|p| p.into_inner()).clone()
+        self.error.lock_or_recover().clone()
     }
 
     /// Counters so far.

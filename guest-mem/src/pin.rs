@@ -12,6 +12,7 @@
 
 use crate::entry::{Flag, PAGE_SIZE};
 use crate::ram::{GuestRam, RamError};
+use crate::sync::LockOrRecover;
 use crate::table::{WalkAction, Walker};
 use std::collections::HashMap;
 use std::sync::Mutex;
@@ -56,7 +57,7 @@ impl PinCounts {
     /// The counts, locked (a panic elsewhere leaves them consistent: every
     /// change is one map operation).
     fn lock(&self) -> std::sync::MutexGuard<'_, HashMap<u64, u32>> {
-        self.counts.lock().unwrap_or_else(|e| e.into_inner())
+        self.counts.lock_or_recover()
     }
 
     /// True when `page` (a guest page number) is pinned.
@@ -125,7 +126,7 @@ impl GuestRam {
         if rc != 0 {
             return Err(RamError::Pin(std::io::Error::last_os_error()));
         }
-        let _g = region.lock.lock().unwrap_or_else(|e| e.into_inner());
+        let _g = region.lock.lock_or_recover();
         let mut counts = self.core.pins.lock();
         for page in gpa / PAGE_SIZE..end / PAGE_SIZE {
             *counts.entry(page).or_insert(0) += 1;
@@ -144,7 +145,7 @@ impl GuestRam {
     pub fn unpin(&self, pin: Pin) -> Result<(), RamError> {
         let end = pin.gpa + pin.len;
         let region = self.region_for(pin.gpa, pin.len)?;
-        let _g = region.lock.lock().unwrap_or_else(|e| e.into_inner());
+        let _g = region.lock.lock_or_recover();
         let mut counts = self.core.pins.lock();
         for page in pin.gpa / PAGE_SIZE..end / PAGE_SIZE {
             let last = match counts.get_mut(&page) {
@@ -182,7 +183,7 @@ impl GuestRam {
             if lo >= hi {
                 continue;
             }
-            let _g = region.lock.lock().unwrap_or_else(|e| e.into_inner());
+            let _g = region.lock.lock_or_recover();
             let mut page = lo;
             while page < hi {
                 if self.core.table.get(page).is_present() && lc.claim(page / PAGE_SIZE) {
@@ -222,15 +223,11 @@ impl GuestRam {
             .uffd
             .as_ref()
             .ok_or(RamError::Device(gpa, "guest RAM has no fault engine"))?;
-        let _g = region.lock.lock().unwrap_or_else(|e| e.into_inner());
+        let _g = region.lock.lock_or_recover();
         if !self.core.pins.is_pinned(gpa / PAGE_SIZE) {
             return Err(RamError::Device(gpa, "a device holds only pages it pinned"));
         }
-        let mut held = self
-            .core
-            .device_held
-            .lock()
-            .unwrap_or_else(|e| e.into_inner());
+        let mut held = self.core.device_held.lock_or_recover();
         if held.contains_key(&gpa) {
             return Err(RamError::Device(gpa, "already held by a device"));
         }
@@ -250,12 +247,11 @@ impl GuestRam {
     pub fn release_exclusive(&self, gpa: u64) -> Result<(), RamError> {
         let gpa = gpa & !(PAGE_SIZE - 1);
         let region = self.region_for(gpa, PAGE_SIZE)?;
-        let _g = region.lock.lock().unwrap_or_else(|e| e.into_inner());
+        let _g = region.lock.lock_or_recover();
         let waiting = self
             .core
             .device_held
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
+            .lock_or_recover()
             .remove(&gpa)
             .ok_or(RamError::Device(gpa, "not held by a device"))?;
         let entry = self.core.table.get(gpa);

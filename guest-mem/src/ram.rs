@@ -8,6 +8,7 @@ use crate::entry::PAGE_SIZE;
 use crate::fault::stats::FaultStats;
 use crate::fault::FaultEngine;
 use crate::region::{BackingKind, Region, RegionFlags};
+use crate::sync::LockOrRecover;
 use crate::table::{Stage2Table, WalkAction, Walker};
 use crate::tracking::HostDirtyLog;
 use crate::uffd::sys::{
@@ -383,13 +384,7 @@ impl GuestRam {
 
     /// Memory errors met while serving faults (ranges poisoned), drained.
     pub fn take_memory_errors(&self) -> Vec<String> {
-        std::mem::take(
-            &mut *self
-                .core
-                .memory_errors
-                .lock()
-                .unwrap_or_else(|e| e.into_inner()),
-        )
+        std::mem::take(&mut *self.core.memory_errors.lock_or_recover())
     }
 
     /// Records that the calling thread runs vCPU `vcpu`, so faults it takes

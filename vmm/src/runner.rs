@@ -19,6 +19,7 @@ use crate::vstate::control::{PauseTimeout, VcpuControl};
 use crate::vstate::vcpu::{MsgSender, VcpuMsg, VcpuOutcome, VcpuRunner};
 use crate::vstate::vm::{create_vm, open_kvm, VmError};
 use event_manager::{EventManager, EventOps, Events, MutEventSubscriber, SubscriberOps};
+use guest_mem::LockOrRecover;
 use guest_mem::{GuestRam, RamError};
 use guest_protocol::boot_info::BOOT_INFO_VERSION;
 use guest_protocol::control::Event;
@@ -686,7 +687,7 @@ fn event_loop(supervisor: &Arc<Mutex<Supervisor>>) -> Result<(), RunError> {
     loop {
         em.run_with_timeout(20)
             .map_err(|e| RunError::Runtime(format!("event loop: {e:?}")))?;
-        let mut sup = supervisor.lock().unwrap_or_else(PoisonError::into_inner);
+        let mut sup = supervisor.lock_or_recover();
         sup.tick();
         if sup.finished() {
             // Messages sent just before the last exit are still queued.

@@ -5,6 +5,7 @@ use crate::core::{MemoryCore, WpMode};
 use crate::entry::{Entry, Flag, Frame, Marker, PAGE_SIZE};
 use crate::fault::stats::FaultCounters;
 use crate::region::{BackingKind, Region};
+use crate::sync::LockOrRecover;
 use crate::table::LEAF_TABLE_SPAN;
 use crate::uffd::sys::{
     UffdMsg, UFFDIO_CONTINUE_MODE_DONTWAKE, UFFDIO_CONTINUE_MODE_WP, UFFDIO_COPY_MODE_DONTWAKE,
@@ -46,9 +47,8 @@ impl MemoryCore {
             };
             let gpa = region.gpa_of(addr);
             let needs_table = !self.table.has_leaf_table(gpa);
-            let _global =
-                needs_table.then(|| self.global.lock().unwrap_or_else(|e| e.into_inner()));
-            let _region = region.lock.lock().unwrap_or_else(|e| e.into_inner());
+            let _global = needs_table.then(|| self.global.lock_or_recover());
+            let _region = region.lock.lock_or_recover();
             if !region.is_live() {
                 // Removed meanwhile: look again (it is gone from the list).
                 FaultCounters::add(&c.retries, 1);
@@ -76,22 +76,12 @@ impl MemoryCore {
                 // waits (its thread stays blocked in the kernel) until the
                 // device lets go, which re-resolves it from the entry as it
                 // is then.
-                if let Some(waiting) = self
-                    .device_held
-                    .lock()
-                    .unwrap_or_else(|e| e.into_inner())
-                    .get_mut(&gpa)
-                {
+                if let Some(waiting) = self.device_held.lock_or_recover().get_mut(&gpa) {
                     waiting.push(addr);
                     return;
                 }
                 // A write-sampling window: note who wrote.
-                if let Some(users) = self
-                    .samples
-                    .lock()
-                    .unwrap_or_else(|e| e.into_inner())
-                    .get_mut(&gpa)
-                {
+                if let Some(users) = self.samples.lock_or_recover().get_mut(&gpa) {
                     if let Some(v) = vcpu {
                         *users |= 1 << (v % 64);
                     }
@@ -349,8 +339,7 @@ impl MemoryCore {
             gpa += PAGE_SIZE;
         }
         self.memory_errors
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
+            .lock_or_recover()
             .push(format!("{start:#x}..{end:#x}: {why}"));
         if let Err(e) = uffd.wake(region.host_of(start), end - start) {
             log::error!("waking after poisoning {start:#x}: {e}");
@@ -373,7 +362,7 @@ impl MemoryCore {
             if lo >= hi {
                 continue;
             }
-            let _g = region.lock.lock().unwrap_or_else(|e| e.into_inner());
+            let _g = region.lock.lock_or_recover();
             let mut gpa = lo & !(PAGE_SIZE - 1);
             while gpa < hi {
                 if !self.table.get(gpa).is_empty() {
@@ -474,12 +463,7 @@ impl MemoryCore {
                 lc.by_faults
                     .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
             }
-        } else if let Some(w) = self
-            .live_window
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .as_mut()
-        {
+        } else if let Some(w) = self.live_window.lock_or_recover().as_mut() {
             // Written between a live snapshot's protect and its freeze.
             w.push(gpa);
         }

@@ -7,6 +7,7 @@
 use crate::core::WpMode;
 use crate::entry::PAGE_SIZE;
 use crate::ram::{GuestRam, RamError};
+use crate::sync::LockOrRecover;
 use std::collections::HashMap;
 
 impl GuestRam {
@@ -45,8 +46,8 @@ impl GuestRam {
             if mine.is_empty() {
                 continue;
             }
-            let _g = region.lock.lock().unwrap_or_else(|e| e.into_inner());
-            let mut samples = self.core.samples.lock().unwrap_or_else(|e| e.into_inner());
+            let _g = region.lock.lock_or_recover();
+            let mut samples = self.core.samples.lock_or_recover();
             if !tracking {
                 for (s, e) in crate::tracking::runs(&mine) {
                     uffd.write_protect(region.host_of(s), e - s, true)?;
@@ -87,8 +88,7 @@ impl GuestRam {
     /// protection lifted (unless a write-protect tracker or a live snapshot
     /// wants them protected).
     pub fn take_write_samples(&self) -> Result<HashMap<u64, u64>, RamError> {
-        let samples =
-            std::mem::take(&mut *self.core.samples.lock().unwrap_or_else(|e| e.into_inner()));
+        let samples = std::mem::take(&mut *self.core.samples.lock_or_recover());
         let keep = self.core.wp_mode() != WpMode::Off || self.core.live_copy.load().is_some();
         if !keep {
             if let Some(uffd) = &self.core.uffd {
@@ -103,7 +103,7 @@ impl GuestRam {
                     }
                     let mut idle = idle;
                     idle.sort_unstable();
-                    let _g = region.lock.lock().unwrap_or_else(|e| e.into_inner());
+                    let _g = region.lock.lock_or_recover();
                     let writable = !region.flags.read_only;
                     for (s, e) in crate::tracking::runs(&idle) {
                         uffd.write_protect(region.host_of(s), e - s, false)?;

@@ -3,6 +3,7 @@
 //! logic runs the same on both.
 
 use crate::entry::PAGE_SIZE;
+use crate::sync::LockOrRecover;
 use std::collections::HashMap;
 use std::sync::Mutex;
 
@@ -109,7 +110,7 @@ impl Topology for SimulatedTopology {
     }
 
     fn nodes_of(&self, hosts: &[u64]) -> Vec<Option<u32>> {
-        let p = self.placement.lock().unwrap_or_else(|e| e.into_inner());
+        let p = self.placement.lock_or_recover();
         hosts
             .iter()
             .map(|h| {
@@ -127,7 +128,7 @@ impl Topology for SimulatedTopology {
         if node >= self.nodes {
             return 0;
         }
-        let mut p = self.placement.lock().unwrap_or_else(|e| e.into_inner());
+        let mut p = self.placement.lock_or_recover();
         for h in hosts {
             p.insert(h / PAGE_SIZE, node);
         }

@@ -10,6 +10,7 @@ pub mod soft_dirty;
 use crate::core::WpMode;
 use crate::entry::{Entry, Flag, PAGE_SIZE};
 use crate::ram::GuestRam;
+use crate::sync::LockOrRecover;
 use crate::table::{WalkAction, Walker, LEAF_TABLE_SPAN};
 use crate::uffd::UffdError;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -75,7 +76,7 @@ impl HostDirtyLog {
         if !self.enabled.load(Ordering::Acquire) || len == 0 {
             return;
         }
-        let mut pages = self.pages.lock().unwrap_or_else(|e| e.into_inner());
+        let mut pages = self.pages.lock_or_recover();
         for page in gpa / PAGE_SIZE..=(gpa + len - 1) / PAGE_SIZE {
             if pages.last() != Some(&page) {
                 pages.push(page);
@@ -85,7 +86,7 @@ impl HostDirtyLog {
 
     /// Takes (and clears) the logged page numbers, sorted and unique.
     pub fn take(&self) -> Vec<u64> {
-        let mut out = std::mem::take(&mut *self.pages.lock().unwrap_or_else(|e| e.into_inner()));
+        let mut out = std::mem::take(&mut *self.pages.lock_or_recover());
         out.sort_unstable();
         out.dedup();
         out
@@ -93,11 +94,7 @@ impl HostDirtyLog {
 
     /// Bytes the log occupies now.
     pub fn bytes(&self) -> u64 {
-        self.pages
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .capacity() as u64
-            * 8
+        self.pages.lock_or_recover().capacity() as u64 * 8
     }
 }
 
@@ -161,7 +158,7 @@ impl GuestRam {
             .as_ref()
             .ok_or(TrackError::NoFaultEngine("write-protect tracking"))?;
         for r in self.regions() {
-            let _g = r.lock.lock().unwrap_or_else(|e| e.into_inner());
+            let _g = r.lock.lock_or_recover();
             uffd.write_protect(r.mapping.addr(), r.size, true)?;
             let mut c = Collect(Vec::new(), |e: Entry| e.is_present() && !e.is_uffd_wp());
             self.core.table.walk_range(r.gpa, r.gpa + r.size, &mut c);
@@ -181,7 +178,7 @@ impl GuestRam {
             .wp_mode
             .store(WpMode::Off as u8, Ordering::Release);
         for r in self.regions() {
-            let _g = r.lock.lock().unwrap_or_else(|e| e.into_inner());
+            let _g = r.lock.lock_or_recover();
             uffd.write_protect(r.mapping.addr(), r.size, false)?;
             let mut c = Collect(Vec::new(), |e: Entry| e.is_uffd_wp());
             self.core.table.walk_range(r.gpa, r.gpa + r.size, &mut c);
@@ -207,11 +204,7 @@ impl GuestRam {
             });
         }
         {
-            let mut window = self
-                .core
-                .live_window
-                .lock()
-                .unwrap_or_else(|e| e.into_inner());
+            let mut window = self.core.live_window.lock_or_recover();
             if window.is_some() || self.core.live_copy.load().is_some() {
                 return Err(TrackError::LiveSnapshotBusy);
             }
@@ -219,11 +212,7 @@ impl GuestRam {
         }
         let r = self.protect_all();
         if r.is_err() {
-            *self
-                .core
-                .live_window
-                .lock()
-                .unwrap_or_else(|e| e.into_inner()) = None;
+            *self.core.live_window.lock_or_recover() = None;
         }
         r
     }
@@ -245,14 +234,13 @@ impl GuestRam {
         let mut window = self
             .core
             .live_window
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
+            .lock_or_recover()
             .take()
             .unwrap_or_default();
         window.sort_unstable();
         window.dedup();
         for r in self.regions() {
-            let _g = r.lock.lock().unwrap_or_else(|e| e.into_inner());
+            let _g = r.lock.lock_or_recover();
             let mine: Vec<u64> = window
                 .iter()
                 .copied()
@@ -294,7 +282,7 @@ impl GuestRam {
                     // on these pages waits, then finds them claimed); store
                     // after it, so faults wait for a memcpy, not a pwrite.
                     let claimed_runs = {
-                        let _g = r.lock.lock().unwrap_or_else(|e| e.into_inner());
+                        let _g = r.lock.lock_or_recover();
                         let claimed: Vec<u64> =
                             c.0.into_iter()
                                 .filter(|gpa| lc.claim(gpa / PAGE_SIZE))
@@ -322,11 +310,7 @@ impl GuestRam {
     /// removed everywhere.
     pub fn live_finish(&self) -> Result<(), TrackError> {
         self.core.live_copy.store(None);
-        *self
-            .core
-            .live_window
-            .lock()
-            .unwrap_or_else(|e| e.into_inner()) = None;
+        *self.core.live_window.lock_or_recover() = None;
         self.stop_wp_tracking()
     }
 
@@ -349,7 +333,7 @@ impl GuestRam {
             .ok_or(TrackError::NoFaultEngine("uffd-wp"))?;
         let mut out = Vec::new();
         for r in self.regions() {
-            let _g = r.lock.lock().unwrap_or_else(|e| e.into_inner());
+            let _g = r.lock.lock_or_recover();
             let mut c = Collect(Vec::new(), |e: Entry| e.is_present() && !e.is_uffd_wp());
             self.core.table.walk_range(r.gpa, r.gpa + r.size, &mut c);
             for (s, e) in runs(&c.0) {
@@ -443,7 +427,7 @@ impl GuestRam {
             .checked_add(len)
             .ok_or(RamError::OutOfRange { addr: gpa, len })?;
         let region = self.region_for(gpa, len)?;
-        let _g = region.lock.lock().unwrap_or_else(|e| e.into_inner());
+        let _g = region.lock.lock_or_recover();
         // A device holds pinned pages: dropping them would leave it
         // writing to frames the guest no longer sees (rule 13).
         if self.core.pins.any_in(gpa, end) {

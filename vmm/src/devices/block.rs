@@ -26,6 +26,7 @@
 //! lost write could happen.
 
 use guest_mem::pin::{Pin, PinAccess};
+use guest_mem::LockOrRecover;
 use guest_mem::{GuestRam, RamError};
 use io_uring::{opcode, types, IoUring};
 use std::fs::File;
@@ -400,7 +401,7 @@ impl BlockDevice {
                 path: "(disk copy)".into(),
                 source,
             })?;
-        let mut r = self.ring.lock().unwrap_or_else(|e| e.into_inner());
+        let mut r = self.ring.lock_or_recover();
         if r.disk_copy.is_some() {
             return Err(BlockError::BadRequest(
                 "a copy of the disk is already being taken".into(),
@@ -418,7 +419,7 @@ impl BlockDevice {
     /// in between), fsyncs the copy and returns its CRC32.
     pub fn finish_disk_copy(&self) -> Result<u32, BlockError> {
         for b in 0..self.blocks {
-            let mut r = self.ring.lock().unwrap_or_else(|e| e.into_inner());
+            let mut r = self.ring.lock_or_recover();
             let Some(dc) = &mut r.disk_copy else {
                 return Err(BlockError::BadRequest(
                     "no copy of the disk in progress".into(),
@@ -431,8 +432,7 @@ impl BlockDevice {
         }
         let dc = self
             .ring
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
+            .lock_or_recover()
             .disk_copy
             .take()
             .ok_or_else(|| BlockError::BadRequest("no copy of the disk in progress".into()))?;
@@ -446,10 +446,7 @@ impl BlockDevice {
 
     /// Drops a copy of the disk in progress (the snapshot failed).
     pub fn abort_disk_copy(&self) {
-        self.ring
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .disk_copy = None;
+        self.ring.lock_or_recover().disk_copy = None;
     }
 
     /// Blocks of the disk.
@@ -459,13 +456,13 @@ impl BlockDevice {
 
     /// What the device did so far.
     pub fn stats(&self) -> BlockStats {
-        *self.stats.lock().unwrap_or_else(|e| e.into_inner())
+        *self.stats.lock_or_recover()
     }
 
     /// Pins guest page `gpa` for `access` and registers it as fixed buffer
     /// `slot` (a long-term pin in the kernel).
     pub fn map(&self, slot: u32, gpa: u64, access: PinAccess) -> Result<(), BlockError> {
-        let mut r = self.ring.lock().unwrap_or_else(|e| e.into_inner());
+        let mut r = self.ring.lock_or_recover();
         let Some(entry) = r.slots.get(slot as usize) else {
             return Err(BlockError::BadRequest(format!("no slot {slot}")));
         };
@@ -507,7 +504,7 @@ impl BlockDevice {
 
     /// Unregisters fixed buffer `slot` and drops its pin.
     pub fn unmap(&self, slot: u32) -> Result<(), BlockError> {
-        let mut r = self.ring.lock().unwrap_or_else(|e| e.into_inner());
+        let mut r = self.ring.lock_or_recover();
         let pin = r
             .slots
             .get_mut(slot as usize)
@@ -540,7 +537,7 @@ impl BlockDevice {
     /// One fixed-buffer transfer on `slot` and waits for it.
     fn transfer(&self, slot: u32, block: u64, to_file: bool) -> Result<(), BlockError> {
         self.check_block(block)?;
-        let mut r = self.ring.lock().unwrap_or_else(|e| e.into_inner());
+        let mut r = self.ring.lock_or_recover();
         let pin = r
             .slots
             .get(slot as usize)
@@ -676,7 +673,7 @@ impl BlockDevice {
             .iter()
             .rev()
             .fold(0u32, |acc, b| (acc << 8) | *b as u32);
-        let mut regs = self.regs.lock().unwrap_or_else(|e| e.into_inner());
+        let mut regs = self.regs.lock_or_recover();
         let Some(r) = regs.get_mut(vcpu as usize) else {
             return;
         };
@@ -687,7 +684,7 @@ impl BlockDevice {
                 let (page, block) = (r.0 as u64, r.1 as u64);
                 drop(regs);
                 let outcome = self.command(vcpu, value as u8, page, block);
-                let mut stats = self.stats.lock().unwrap_or_else(|e| e.into_inner());
+                let mut stats = self.stats.lock_or_recover();
                 let status = match &outcome {
                     Ok(()) => {
                         if value as u8 == CMD_WRITE {
@@ -703,7 +700,7 @@ impl BlockDevice {
                         e.status()
                     }
                 };
-                let mut regs = self.regs.lock().unwrap_or_else(|e| e.into_inner());
+                let mut regs = self.regs.lock_or_recover();
                 if let Some(r) = regs.get_mut(vcpu as usize) {
                     r.2 = status as u8;
                 }
@@ -718,8 +715,7 @@ impl BlockDevice {
             return 0xff;
         }
         self.regs
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
+            .lock_or_recover()
             .get(vcpu as usize)
             .map_or(0xff, |r| r.2)
     }

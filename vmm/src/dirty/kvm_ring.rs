@@ -6,6 +6,7 @@
 //! Rings tell which vCPU wrote which page: the attribution is kept.
 
 use super::{DirtyTracker, Harvest, RingFullHandler, TrackCtx, TrackError, TrackerKind};
+use guest_mem::LockOrRecover;
 use kvm_bindings::{
     kvm_dirty_gfn, kvm_enable_cap, KVM_CAP_DIRTY_LOG_RING, KVM_CAP_DIRTY_LOG_RING_ACQ_REL,
     KVM_DIRTY_LOG_PAGE_OFFSET, KVM_MEM_LOG_DIRTY_PAGES,
@@ -81,13 +82,10 @@ impl RingSet {
 
     /// Collects every ring (and what full rings left pending), then resets.
     fn harvest(&self) -> Result<Vec<Vec<u64>>, TrackError> {
-        let mut per_vcpu =
-            std::mem::take(&mut *self.pending.lock().unwrap_or_else(|e| e.into_inner()));
+        let mut per_vcpu = std::mem::take(&mut *self.pending.lock_or_recover());
         per_vcpu.resize(self.rings.len(), Vec::new());
         for (v, ring) in self.rings.iter().enumerate() {
-            ring.lock()
-                .unwrap_or_else(|e| e.into_inner())
-                .collect(&mut per_vcpu[v]);
+            ring.lock_or_recover().collect(&mut per_vcpu[v]);
         }
         self.reset()?;
         Ok(per_vcpu)
@@ -98,12 +96,10 @@ impl RingFullHandler for RingSet {
     fn ring_full(&self, vcpu: u32) -> Result<(), TrackError> {
         let mut got = Vec::new();
         if let Some(r) = self.rings.get(vcpu as usize) {
-            r.lock()
-                .unwrap_or_else(|e| e.into_inner())
-                .collect(&mut got);
+            r.lock_or_recover().collect(&mut got);
         }
         {
-            let mut p = self.pending.lock().unwrap_or_else(|e| e.into_inner());
+            let mut p = self.pending.lock_or_recover();
             p.resize(self.rings.len(), Vec::new());
             p[vcpu as usize].extend(got);
         }

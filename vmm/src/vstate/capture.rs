@@ -3,6 +3,7 @@
 //! it parks for the pause that follows, saves its state into its slot first.
 
 use crate::snapshot::state::SavedVcpu;
+use guest_mem::LockOrRecover;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Mutex;
 
@@ -34,7 +35,7 @@ impl CaptureSlots {
     /// The epoch a vCPU must capture for, if it has not yet.
     pub fn pending(&self, vcpu: u32) -> Option<u64> {
         let epoch = self.epoch.load(Ordering::Acquire);
-        let slots = self.slots.lock().unwrap_or_else(|e| e.into_inner());
+        let slots = self.slots.lock_or_recover();
         let done = slots
             .get(vcpu as usize)
             .and_then(|s| s.as_ref())
@@ -44,7 +45,7 @@ impl CaptureSlots {
 
     /// Stores vCPU `vcpu`'s capture for `epoch`.
     pub fn store(&self, vcpu: u32, epoch: u64, state: Result<SavedVcpu, String>) {
-        let mut slots = self.slots.lock().unwrap_or_else(|e| e.into_inner());
+        let mut slots = self.slots.lock_or_recover();
         if let Some(s) = slots.get_mut(vcpu as usize) {
             *s = Some((epoch, state));
         }
@@ -52,7 +53,7 @@ impl CaptureSlots {
 
     /// True when every vCPU has answered request `epoch`.
     pub fn complete(&self, epoch: u64) -> bool {
-        let slots = self.slots.lock().unwrap_or_else(|e| e.into_inner());
+        let slots = self.slots.lock_or_recover();
         slots
             .iter()
             .all(|s| s.as_ref().is_some_and(|s| s.0 == epoch))
@@ -60,7 +61,7 @@ impl CaptureSlots {
 
     /// Takes the captures of `epoch`, one per vCPU, in index order.
     pub fn take(&self, epoch: u64) -> Result<Vec<SavedVcpu>, String> {
-        let mut slots = self.slots.lock().unwrap_or_else(|e| e.into_inner());
+        let mut slots = self.slots.lock_or_recover();
         let mut out = Vec::with_capacity(slots.len());
         for (v, s) in slots.iter_mut().enumerate() {
             match s.take() {

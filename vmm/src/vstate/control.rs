@@ -5,6 +5,7 @@
 //! threads with a signal (which makes a running `KVM_RUN` return `EINTR`)
 //! until every live vCPU has parked at its checkpoint.
 
+use guest_mem::LockOrRecover;
 use std::sync::{Condvar, Mutex, MutexGuard, PoisonError};
 use std::time::{Duration, Instant};
 
@@ -48,9 +49,7 @@ impl VcpuControl {
     }
 
     fn lock(&self) -> MutexGuard<'_, State> {
-        // A poisoned lock only means another thread panicked while holding it;
-        // the counters are still consistent (every update is a single step).
-        self.state.lock().unwrap_or_else(PoisonError::into_inner)
+        self.state.lock_or_recover()
     }
 
     /// Called by a vCPU thread before each `KVM_RUN`: parks while a pause is

@@ -1,6 +1,7 @@
 //! Opening KVM, creating the VM, and giving it guest RAM.
 
 use guest_mem::GuestRam;
+use guest_mem::LockOrRecover;
 use kvm_bindings::kvm_userspace_memory_region;
 use kvm_ioctls::{Kvm, VmFd};
 use std::sync::Arc;
@@ -77,7 +78,7 @@ impl LazySlot {
 
     /// Adds the slot unless it is there already.
     pub fn ensure(&self) -> Result<(), VmError> {
-        let mut added = self.added.lock().unwrap_or_else(|e| e.into_inner());
+        let mut added = self.added.lock_or_recover();
         if *added {
             return Ok(());
         }
