@@ -54,8 +54,7 @@ pub(crate) struct PinCounts {
 }
 
 impl PinCounts {
-    /// The counts, locked (a panic elsewhere leaves them consistent: every
-    /// change is one map operation).
+    /// The counts, locked.
     fn lock(&self) -> std::sync::MutexGuard<'_, HashMap<u64, u32>> {
         self.counts.lock_or_recover()
     }
