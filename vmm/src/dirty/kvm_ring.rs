@@ -19,8 +19,11 @@ use vmm_sys_util::ioctl_io_nr;
 
 ioctl_io_nr!(KVM_RESET_DIRTY_RINGS, kvm_bindings::KVMIO, 0xc7);
 
-/// Entries per ring (16 bytes each: 64 KiB per vCPU).
-pub const RING_ENTRIES: u32 = 4096;
+/// Entries per ring (16 bytes each: 256 KiB per vCPU). This host's KVM
+/// logs every emulated write, not each page's first: a pass of a few
+/// hundred page stores fills about 4500 entries, so a ring holds a round
+/// without a ring-full exit.
+pub const RING_ENTRIES: u32 = 16384;
 const GFN_DIRTY: u32 = 1 << 0;
 const GFN_RESET: u32 = 1 << 1;
 
@@ -35,24 +38,50 @@ struct Ring {
 unsafe impl Send for Ring {}
 
 impl Ring {
-    /// Collects published entries as guest page numbers (slot 0 only).
+    /// Takes entry `i` if KVM published it: its page number (slot 0 only)
+    /// goes to `out` and it is marked for reset. False when it is not
+    /// published.
+    fn take(&mut self, i: u32, out: &mut Vec<u64>) -> bool {
+        // SAFETY: i % RING_ENTRIES < RING_ENTRIES, inside the mapping made
+        // in `after_vcpus`, which lives as long as the tracker.
+        let entry = unsafe { self.base.add((i % RING_ENTRIES) as usize) };
+        // SAFETY: `flags` is the first u32 of the entry, 4-aligned; KVM
+        // publishes an entry by setting DIRTY with release ordering.
+        let flags = unsafe { &*(entry as *const AtomicU32) };
+        if flags.load(Ordering::Acquire) & GFN_DIRTY == 0 {
+            return false;
+        }
+        // SAFETY: the entry is published (acquire above).
+        let (slot, offset) = unsafe { ((*entry).slot, (*entry).offset) };
+        if slot == 0 {
+            out.push(offset);
+        }
+        flags.store(GFN_RESET, Ordering::Release);
+        true
+    }
+
+    /// Collects published entries as guest page numbers, in ring order
+    /// from where the last collection stopped.
     fn collect(&mut self, out: &mut Vec<u64>) {
-        loop {
-            let i = (self.next % RING_ENTRIES) as usize;
-            // SAFETY: i < RING_ENTRIES, inside the mapping made in
-            // `after_vcpus`, which lives as long as the tracker.
-            let entry = unsafe { self.base.add(i) };
-            // SAFETY: `flags` is the first u32 of the entry, 4-aligned;
-            // KVM publishes an entry by setting DIRTY with release ordering.
-            let flags = unsafe { &*(entry as *const AtomicU32) };
-            if flags.load(Ordering::Acquire) & GFN_DIRTY == 0 {
-                return;
-            }
-            // SAFETY: the entry is published (acquire above).
-            let (slot, offset) = unsafe { ((*entry).slot, (*entry).offset) };
-            if slot == 0 {
-                out.push(offset);
-            }
+        while self.take(self.next, out) {
+            self.next = self.next.wrapping_add(1);
+        }
+    }
+
+    /// A ring KVM says is full but that holds nothing to collect: KVM
+    /// pushed past the ring's end (this host's KVM logs every emulated
+    /// write, and can overrun the ring between its full checks), so it
+    /// counts entries that were overwritten. Marks the next entry for
+    /// reset, so the reset that follows moves KVM's reset index on by one;
+    /// the ring-full exits that follow repeat it until KVM's count is
+    /// back under its limit (one entry at a time, so the reset index
+    /// never passes KVM's dirty index).
+    fn skip_lost_entry(&mut self) {
+        // SAFETY: as in `take`.
+        let entry = unsafe { self.base.add((self.next % RING_ENTRIES) as usize) };
+        // SAFETY: as in `take`.
+        let flags = unsafe { &*(entry as *const AtomicU32) };
+        if flags.load(Ordering::Acquire) == 0 {
             flags.store(GFN_RESET, Ordering::Release);
             self.next = self.next.wrapping_add(1);
         }
@@ -62,6 +91,8 @@ impl Ring {
 /// The rings of every vCPU, shared with the vCPU threads for ring-full exits.
 pub struct RingSet {
     rings: Vec<Mutex<Ring>>,
+    /// Ring-full exits that found nothing to collect (KVM overran a ring).
+    overruns: std::sync::atomic::AtomicU64,
     pending: Mutex<Vec<Vec<u64>>>,
     vm_fd: RawFd,
 }
@@ -96,7 +127,14 @@ impl RingFullHandler for RingSet {
     fn ring_full(&self, vcpu: u32) -> Result<(), TrackError> {
         let mut got = Vec::new();
         if let Some(r) = self.rings.get(vcpu as usize) {
-            r.lock_or_recover().collect(&mut got);
+            let mut ring = r.lock_or_recover();
+            ring.collect(&mut got);
+            if got.is_empty() {
+                // Overrun: the pages of the overwritten entries are lost
+                // to this round (the accuracy check reports them).
+                ring.skip_lost_entry();
+                self.overruns.fetch_add(1, Ordering::Relaxed);
+            }
         }
         {
             let mut p = self.pending.lock_or_recover();
@@ -183,6 +221,7 @@ impl DirtyTracker for KvmRingTracker {
         debug_assert_eq!(rings.len(), self.vcpus as usize);
         self.set = Some(Arc::new(RingSet {
             rings,
+            overruns: Default::default(),
             pending: Mutex::new(Vec::new()),
             vm_fd: vm.as_raw_fd(),
         }));
@@ -199,6 +238,12 @@ impl DirtyTracker for KvmRingTracker {
             .as_ref()
             .ok_or_else(|| TrackError::Unsupported("dirty rings were not mapped".into()))?;
         let per_vcpu = set.harvest()?;
+        let overruns = set.overruns.swap(0, Ordering::Relaxed);
+        if overruns > 0 {
+            log::warn!(
+                "KVM overran a dirty ring ({overruns} entries lost): the round may miss pages"
+            );
+        }
         let mut pages: Vec<u64> = per_vcpu.iter().flatten().copied().collect();
         pages.sort_unstable();
         pages.dedup();

@@ -285,6 +285,7 @@ impl VcpuRunner {
                 }
             };
             if !control.checkpoint_with(&mut before_park) {
+                log::debug!("vCPU {vcpu} stopped at {}", describe_registers(&self.fd));
                 return VcpuOutcome::Stopped;
             }
             if let Some(t) = &self.first_run {
