@@ -82,6 +82,8 @@ pub(crate) struct MemoryCore {
     /// Write-sampling windows (the NUMA scanner): armed guest pages, each
     /// with the vCPUs (bit = id % 64) whose writes faulted on it.
     pub(crate) samples: Mutex<HashMap<u64, u64>>,
+    /// Windows armed to be read from the KVM dirty rings are open.
+    pub(crate) ring_sampling: AtomicBool,
     /// Pages a device holds exclusively (rule 6), each with the host
     /// addresses of the write faults waiting for it.
     pub(crate) device_held: Mutex<HashMap<u64, Vec<u64>>>,
@@ -139,6 +141,7 @@ impl MemoryCore {
             pins: Default::default(),
             device_held: Mutex::new(HashMap::new()),
             samples: Mutex::new(HashMap::new()),
+            ring_sampling: AtomicBool::new(false),
             minor_faults: false,
             shared_cache: std::sync::OnceLock::new(),
             vcpu_tids: RwLock::new(HashMap::new()),
@@ -242,9 +245,10 @@ impl MemoryCore {
             gpa,
             size,
             flags,
-            numa_node: None,
+            guest_node: None,
             backing,
-            mapping,
+            mapping: Arc::new(mapping),
+            offset: 0,
             accessors: AtomicU64::new(0),
             lock: Mutex::new(()),
             live: AtomicBool::new(true),
@@ -254,6 +258,57 @@ impl MemoryCore {
         list.sort_by_key(|r| r.gpa);
         self.regions.store(Arc::new(list));
         Ok(region)
+    }
+
+    /// Replaces region `id` by consecutive regions of `sizes` bytes (which
+    /// add up to its size), guest node `i` each, sharing its mapping and
+    /// its userfaultfd registration: one region per guest NUMA node over
+    /// one host mapping (and one KVM memory slot). Call before any fault
+    /// is served on the region.
+    pub(crate) fn split_region(
+        &self,
+        id: u64,
+        sizes: &[u64],
+    ) -> Result<Vec<Arc<Region>>, CoreError> {
+        let _g = self.global.lock_or_recover();
+        let current = self.regions.load_full();
+        let old = current
+            .iter()
+            .find(|r| r.id == id)
+            .ok_or(CoreError::NoSuchRegion(id))?;
+        let page = crate::entry::PAGE_SIZE;
+        if sizes.iter().any(|s| *s == 0 || !s.is_multiple_of(page))
+            || sizes.iter().try_fold(0u64, |a, s| a.checked_add(*s)) != Some(old.size)
+        {
+            return Err(RegionError::Unaligned {
+                gpa: old.gpa,
+                size: old.size,
+            }
+            .into());
+        }
+        let mut parts = Vec::with_capacity(sizes.len());
+        let mut offset = old.offset;
+        for (node, size) in sizes.iter().enumerate() {
+            parts.push(Arc::new(Region {
+                id: self.next_id.fetch_add(1, Ordering::Relaxed),
+                gpa: old.gpa + (offset - old.offset),
+                size: *size,
+                flags: old.flags,
+                guest_node: Some(node as u32),
+                backing: old.backing,
+                mapping: old.mapping.clone(),
+                offset,
+                accessors: AtomicU64::new(0),
+                lock: Mutex::new(()),
+                live: AtomicBool::new(true),
+            }));
+            offset += size;
+        }
+        let mut list: Vec<Arc<Region>> = current.iter().filter(|r| r.id != id).cloned().collect();
+        list.extend(parts.iter().cloned());
+        list.sort_by_key(|r| r.gpa);
+        self.regions.store(Arc::new(list));
+        Ok(parts)
     }
 
     /// Removes a region: isolates it (no new fault can find it, rule 3),
@@ -274,7 +329,7 @@ impl MemoryCore {
         drop(region.lock.lock_or_recover());
         if region.backing.uses_fault_engine() {
             if let Some(u) = &self.uffd {
-                if let Err(e) = u.unregister(region.mapping.addr(), region.size) {
+                if let Err(e) = u.unregister(region.host_start(), region.size) {
                     log::warn!("unregistering region {id}: {e}");
                 }
             }

@@ -26,7 +26,7 @@ impl GuestRam {
             // its page table entries loses no data (the memfd keeps it).
             let rc = unsafe {
                 libc::madvise(
-                    region.mapping.addr() as *mut libc::c_void,
+                    region.host_start() as *mut libc::c_void,
                     region.size as usize,
                     libc::MADV_DONTNEED,
                 )
@@ -46,7 +46,8 @@ impl GuestRam {
     /// and the VM sees the same bytes). Returns the memfd, for the
     /// children to map privately ([`GuestRam::from_file_private`]).
     ///
-    /// Call with the vCPUs paused. Needs one `memfd` region, and no
+    /// Call with the vCPUs paused. Needs one `memfd` mapping (one region,
+    /// or the regions of guest NUMA nodes sharing it), and no
     /// write-protect tracking or live snapshot running (their protection
     /// would not survive the new mapping). A VM whose RAM already is a
     /// private image (restored by `mmap`, cloned, forked before) keeps its
@@ -54,9 +55,15 @@ impl GuestRam {
     pub fn freeze_for_fork(&self) -> Result<ForkImage, RamError> {
         let refuse = |why: &str| RamError::Describe(format!("cannot fork: {why}"));
         let regions = self.regions();
-        let [region] = regions.as_slice() else {
-            return Err(refuse("guest RAM has more than one region"));
+        let Some(region) = regions.first() else {
+            return Err(refuse("guest RAM has no region"));
         };
+        if regions
+            .iter()
+            .any(|r| !std::sync::Arc::ptr_eq(&r.mapping, &region.mapping))
+        {
+            return Err(refuse("guest RAM has more than one mapping"));
+        }
         if region.backing != BackingKind::Memfd {
             return Err(refuse("guest RAM must be a memfd (--backing memfd)"));
         }
@@ -72,10 +79,19 @@ impl GuestRam {
             .as_ref()
             .ok_or_else(|| refuse("guest RAM has no fault engine"))?;
         if region.mapping.is_private_image() {
-            return self.freeze_private_image(region);
+            return self.freeze_private_image(&regions);
         }
-        // No fault is served on the region while its mapping changes.
-        let _g = region.lock.lock_or_recover();
+        // No fault is served on the regions while their mapping changes
+        // (locks taken in address order).
+        let _g: Vec<_> = regions.iter().map(|r| r.lock.lock_or_recover()).collect();
+        let host_of = |gpa: u64| {
+            regions
+                .iter()
+                .find(|r| r.contains_gpa(gpa))
+                .map_or(0, |r| r.host_of(gpa))
+        };
+        // The regions lie back to back in the mapping.
+        let base = region.gpa - region.offset;
         // Rule 13: pinned pages stay this VM's (shared with the device,
         // never with a child): their mapping stays as it is, and the
         // children get copies of their content now.
@@ -83,12 +99,12 @@ impl GuestRam {
         let mut copies = Vec::with_capacity(pinned.len());
         for &gpa in &pinned {
             let mut page = vec![0u8; PAGE_SIZE as usize];
-            crate::live_copy::read_run(region.host_of(gpa), &mut page);
+            crate::live_copy::read_run(host_of(gpa), &mut page);
             copies.push((gpa, page));
         }
         let keep: Vec<(u64, u64)> = crate::tracking::runs(&pinned)
             .into_iter()
-            .map(|(s, e)| (s - region.gpa, e - region.gpa))
+            .map(|(s, e)| (s - base, e - base))
             .collect();
         let file = region
             .mapping
@@ -96,7 +112,7 @@ impl GuestRam {
             .map_err(|e| refuse(&e.to_string()))?;
         uffd.register(
             region.mapping.addr(),
-            region.size,
+            region.mapping.len(),
             UFFDIO_REGISTER_MODE_MISSING | UFFDIO_REGISTER_MODE_WP,
         )
         .map_err(|e| refuse(&format!("re-registering guest RAM with userfaultfd: {e}")))?;
@@ -114,18 +130,24 @@ impl GuestRam {
     /// change, so the children map it too, and the pages that are this
     /// VM's own (written, or populated privately) are copied for them now.
     /// The pause grows with those pages, not with guest RAM.
-    fn freeze_private_image(&self, region: &crate::region::Region) -> Result<ForkImage, RamError> {
+    fn freeze_private_image(
+        &self,
+        regions: &[std::sync::Arc<crate::region::Region>],
+    ) -> Result<ForkImage, RamError> {
         let refuse = |why: &str| RamError::Describe(format!("cannot fork: {why}"));
-        let file = region
+        let file = regions[0]
             .mapping
             .image_file()
             .ok_or_else(|| refuse("guest RAM's image file is not known"))?
             .try_clone()
             .map_err(|e| refuse(&format!("sharing guest RAM's image: {e}")))?;
         let own = self.own_pages()?;
-        let _g = region.lock.lock_or_recover();
+        let _g: Vec<_> = regions.iter().map(|r| r.lock.lock_or_recover()).collect();
         let mut copies = Vec::with_capacity(own.len());
         for gpa in own {
+            let Some(region) = regions.iter().find(|r| r.contains_gpa(gpa)) else {
+                continue;
+            };
             let mut page = vec![0u8; PAGE_SIZE as usize];
             crate::live_copy::read_run(region.host_of(gpa), &mut page);
             copies.push((gpa, page));

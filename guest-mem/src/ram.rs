@@ -238,6 +238,25 @@ impl GuestRam {
         })
     }
 
+    /// Splits boot RAM into one region per guest NUMA node, of `sizes`
+    /// bytes each (page multiples adding up to the RAM size), in order
+    /// from guest-physical 0. The regions share the one host mapping (so
+    /// one KVM memory slot, one backing file, one snapshot image) and each
+    /// gets its own lock, accessor bitmap and host memory policy. Call
+    /// before the guest runs; one size leaves RAM as it is.
+    pub fn split_into_nodes(&mut self, sizes: &[u64]) -> Result<(), RamError> {
+        if sizes.len() <= 1 && sizes.iter().all(|s| *s == self.size) {
+            return Ok(());
+        }
+        let [boot] = self.boot_regions.as_slice() else {
+            return Err(RamError::Describe(
+                "guest RAM is split into NUMA nodes already".into(),
+            ));
+        };
+        self.boot_regions = self.core.split_region(boot.id, sizes)?;
+        Ok(())
+    }
+
     /// Anonymous RAM without the fault engine (kernel-managed).
     pub fn new_anonymous(size: u64) -> Result<GuestRam, RamError> {
         GuestRam::new(
@@ -327,7 +346,7 @@ impl GuestRam {
                         addr: gpa,
                         len: PAGE_SIZE,
                     })?;
-            let frame = crate::entry::Frame((gpa - region.gpa) / PAGE_SIZE);
+            let frame = crate::entry::Frame(region.mapping_offset(gpa) / PAGE_SIZE);
             // The image's page until the guest writes it (then the kernel
             // copies it; `refresh_sharing` records that).
             let entry =
@@ -652,7 +671,7 @@ fn resident_pages(r: &Region) -> Vec<u64> {
     // SAFETY: the mapping is live and `vec` has one byte per page.
     let rc = unsafe {
         libc::mincore(
-            r.mapping.addr() as *mut libc::c_void,
+            r.host_start() as *mut libc::c_void,
             r.size as usize,
             vec.as_mut_ptr(),
         )
@@ -672,7 +691,7 @@ fn thp_bytes(r: &Region) -> u64 {
     let Ok(smaps) = std::fs::read_to_string("/proc/self/smaps") else {
         return 0;
     };
-    let start = format!("{:x}-", r.mapping.addr());
+    let start = format!("{:x}-", r.host_start());
     let mut inside = false;
     let mut total = 0;
     for line in smaps.lines() {

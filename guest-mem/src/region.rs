@@ -4,7 +4,7 @@
 use std::fs::File;
 use std::os::fd::{AsRawFd, FromRawFd};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
-use std::sync::Mutex;
+use std::sync::{Arc, Mutex};
 
 /// How a region's memory is provided.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
@@ -345,12 +345,16 @@ pub struct Region {
     pub size: u64,
     /// Flags.
     pub flags: RegionFlags,
-    /// Host NUMA node, when placed.
-    pub numa_node: Option<u32>,
+    /// The guest NUMA node this region is, when boot RAM is split into
+    /// one region per node.
+    pub guest_node: Option<u32>,
     /// The backing kind.
     pub backing: BackingKind,
-    /// The host mapping.
-    pub mapping: HostMapping,
+    /// The host mapping (boot RAM split into NUMA node regions: one
+    /// mapping shared by all of them).
+    pub mapping: Arc<HostMapping>,
+    /// Where the region starts in `mapping`.
+    pub(crate) offset: u64,
     /// vCPUs that faulted or dirtied it (bit = vCPU id % 64).
     pub accessors: AtomicU64,
     /// Taken by faults on this region (rule 2).
@@ -365,19 +369,30 @@ impl Region {
         gpa >= self.gpa && gpa - self.gpa < self.size
     }
 
-    /// True when the host address lies inside the mapping.
+    /// Host address of the region's first byte.
+    pub fn host_start(&self) -> u64 {
+        self.mapping.addr() + self.offset
+    }
+
+    /// True when the host address lies inside the region.
     pub fn contains_host(&self, addr: u64) -> bool {
-        addr >= self.mapping.addr() && addr - self.mapping.addr() < self.size
+        addr >= self.host_start() && addr - self.host_start() < self.size
     }
 
     /// Host address of guest-physical `gpa` (inside the region).
     pub fn host_of(&self, gpa: u64) -> u64 {
-        self.mapping.addr() + (gpa - self.gpa)
+        self.host_start() + (gpa - self.gpa)
     }
 
-    /// Guest-physical address of host address `addr` (inside the mapping).
+    /// Guest-physical address of host address `addr` (inside the region).
     pub fn gpa_of(&self, addr: u64) -> u64 {
-        self.gpa + (addr - self.mapping.addr())
+        self.gpa + (addr - self.host_start())
+    }
+
+    /// Offset of guest-physical `gpa` (inside the region) in the mapping
+    /// and its backing file: the frame the table records.
+    pub fn mapping_offset(&self, gpa: u64) -> u64 {
+        self.offset + (gpa - self.gpa)
     }
 
     /// Records that vCPU `vcpu` touched the region.

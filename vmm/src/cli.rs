@@ -415,14 +415,79 @@ pub struct RunArgs {
     /// Fork flags.
     #[command(flatten)]
     pub fork: ForkArgs,
-    /// A host memory policy for guest RAM over every host node: bind,
-    /// preferred or interleave (`mbind`); the report gives the policy the
-    /// kernel holds and the pages per host node.
-    #[arg(long, value_parser = parse_numa_policy)]
-    pub numa_policy: Option<guest_mem::numa::policy::NumaPolicy>,
+    /// NUMA flags.
+    #[command(flatten)]
+    pub numa: NumaArgs,
     /// Print exactly one JSON object on stdout; serial output goes to stderr.
     #[arg(long)]
     pub json: bool,
+}
+
+/// NUMA flags of `vmm run`.
+#[derive(Args, Debug, Clone)]
+pub struct NumaArgs {
+    /// Give the guest N NUMA nodes (1 to 8): its RAM split evenly into
+    /// one region per node, its vCPUs in consecutive blocks; the guest
+    /// learns the topology from its boot-info page.
+    #[arg(long, conflicts_with = "numa_layout")]
+    pub numa_nodes: Option<u32>,
+    /// The guest's NUMA nodes one by one: SIZE[:VCPUS],... where VCPUS is
+    /// a `+`-separated list of vCPUs and ranges (e.g. 64M:0+2,192M:1-3);
+    /// the sizes add up to --mem.
+    #[arg(long, value_parser = parse_numa_layout)]
+    pub numa_layout: Option<crate::numa::topology::NodeLayout>,
+    /// A host memory policy for each node's region (`mbind`): bind or
+    /// preferred on the node's host node, or interleave over every host
+    /// node; the report gives the policy the kernel holds and the pages
+    /// per host node.
+    #[arg(long, value_parser = parse_numa_policy)]
+    pub numa_policy: Option<guest_mem::numa::policy::NumaPolicy>,
+    /// The host node of each guest node, comma-separated (default: guest
+    /// node k on host node k modulo the host's nodes). vCPU threads run on
+    /// their node's host node's CPUs.
+    #[arg(long, value_delimiter = ',')]
+    pub numa_host_nodes: Option<Vec<u32>>,
+    /// Percent of the mixed workload's reads that go to another node's
+    /// vCPUs' pages (the rest to the own node's).
+    #[arg(long)]
+    pub numa_remote_reads: Option<u32>,
+    /// Run the NUMA scanner every this many milliseconds: it samples which
+    /// vCPU writes which page (write-protect windows, or the KVM dirty
+    /// rings with --track kvm-ring) and moves pages to their writers' host
+    /// node.
+    #[arg(long)]
+    pub numa_scan_ms: Option<u64>,
+    /// Run the scanner on this many simulated host nodes instead of the
+    /// host's (for hosts with one node: pages start on node 0, and a move
+    /// changes only the page's recorded node).
+    #[arg(long, requires = "numa_scan_ms", value_parser = clap::value_parser!(u32).range(1..=64))]
+    pub numa_scan_simulated_nodes: Option<u32>,
+}
+
+impl NumaArgs {
+    /// The NUMA settings these flags describe (not yet validated).
+    pub fn to_config(&self) -> crate::numa::NumaConfig {
+        use crate::numa::topology::NumaSpec;
+        crate::numa::NumaConfig {
+            spec: match (&self.numa_layout, self.numa_nodes) {
+                (Some(l), _) => Some(NumaSpec::Layout(l.0.clone())),
+                (None, Some(n)) => Some(NumaSpec::Nodes(n)),
+                (None, None) => None,
+            },
+            policy: self.numa_policy,
+            host_nodes: self.numa_host_nodes.clone(),
+            remote_reads: self.numa_remote_reads,
+            scan_ms: self.numa_scan_ms,
+            scan_simulated_nodes: self.numa_scan_simulated_nodes,
+            recorded_host_nodes: None,
+        }
+    }
+}
+
+fn parse_numa_layout(s: &str) -> Result<crate::numa::topology::NodeLayout, String> {
+    crate::numa::topology::parse_layout(s)
+        .map(crate::numa::topology::NodeLayout)
+        .map_err(|e| e.to_string())
 }
 
 /// Fork flags shared by `vmm run` and `vmm restore`.
@@ -471,7 +536,7 @@ impl RunArgs {
                 .block_file
                 .clone()
                 .map_or_else(Default::default, crate::devices::block::DiskSource::File),
-            numa_policy: self.numa_policy,
+            numa: self.numa.to_config(),
         }
     }
 }

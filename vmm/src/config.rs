@@ -3,6 +3,7 @@
 use crate::size::format_size;
 use guest_mem::RamConfig;
 use guest_protocol::layout::{WorkArea, MAX_MEM_BYTES, MAX_VCPUS, PAGE_SIZE, WORK_GPA};
+use guest_protocol::numa::NumaLayout;
 use guest_protocol::Workload;
 use std::path::PathBuf;
 
@@ -46,8 +47,8 @@ pub struct VmConfig {
     pub track: Option<crate::dirty::TrackerKind>,
     /// Where the block device's disk comes from (`io` workload).
     pub disk: crate::devices::block::DiskSource,
-    /// A host memory policy for guest RAM over every host node.
-    pub numa_policy: Option<guest_mem::numa::policy::NumaPolicy>,
+    /// The guest's NUMA nodes, their host placement and the scanner.
+    pub numa: crate::numa::NumaConfig,
 }
 
 impl Default for VmConfig {
@@ -67,7 +68,7 @@ impl Default for VmConfig {
             round_per_pass: false,
             track: None,
             disk: Default::default(),
-            numa_policy: None,
+            numa: Default::default(),
         }
     }
 }
@@ -122,18 +123,93 @@ pub enum ConfigError {
     /// A fork was asked for with flags it cannot run with.
     #[error("{0}")]
     Fork(String),
+    /// A NUMA topology or placement the VM cannot have.
+    #[error("{0}")]
+    Numa(String),
+    /// A NUMA node too small for its vCPUs' pages.
+    #[error("NUMA node {node} is {} but its vCPUs' pages and scratch need {}: give it more memory (--numa-layout) or use fewer --pages", format_size(*size), format_size(*needed))]
+    NodeTooSmall {
+        /// The node.
+        node: u32,
+        /// Bytes needed from its start.
+        needed: u64,
+        /// Its bytes.
+        size: u64,
+    },
     /// `--pages` beyond what a word can encode.
     #[error("--pages {0} is too large: a page index must fit in 24 bits")]
     PagesTooLarge(u64),
 }
 
 impl VmConfig {
+    /// The guest's NUMA topology (one node unless asked otherwise; call
+    /// after `validate`).
+    pub fn numa_layout(&self) -> NumaLayout {
+        self.numa
+            .spec
+            .as_ref()
+            .and_then(|s| s.resolve(self.mem_bytes, self.vcpus).ok())
+            .unwrap_or(NumaLayout::single(self.mem_bytes))
+    }
+
     /// The work area this configuration lays out.
     pub fn work_area(&self) -> WorkArea {
-        WorkArea {
-            vcpus: self.vcpus as u64,
-            pages_per_vcpu: self.pages,
+        WorkArea::new(self.vcpus as u64, self.pages, self.numa_layout())
+    }
+
+    fn validate_numa(&self) -> Result<(), ConfigError> {
+        let numa = &self.numa;
+        let layout = match &numa.spec {
+            Some(s) => s
+                .resolve(self.mem_bytes, self.vcpus)
+                .map_err(|e| ConfigError::Numa(e.to_string()))?,
+            None => NumaLayout::single(self.mem_bytes),
+        };
+        if let Some(r) = numa.remote_reads {
+            if r > 100 {
+                return Err(ConfigError::Numa(format!(
+                    "--numa-remote-reads {r} is not a percentage (0 to 100)"
+                )));
+            }
+            if self.workload != Workload::Mixed {
+                return Err(ConfigError::Numa(
+                    "--numa-remote-reads steers the mixed workload's reads: use --workload mixed"
+                        .into(),
+                ));
+            }
+            if layout.nodes < 2 {
+                return Err(ConfigError::Numa(
+                    "--numa-remote-reads needs --numa-nodes 2 or more".into(),
+                ));
+            }
         }
+        if let Some(h) = &numa.host_nodes {
+            if h.len() != layout.nodes as usize {
+                return Err(ConfigError::Numa(format!(
+                    "--numa-host-nodes names {} host node(s), but the guest has {} NUMA node(s)",
+                    h.len(),
+                    layout.nodes
+                )));
+            }
+        }
+        if numa.scan_ms == Some(0) {
+            return Err(ConfigError::Numa(
+                "--numa-scan-ms must be at least 1".into(),
+            ));
+        }
+        if numa.scan_ms.is_some() && self.track != Some(crate::dirty::TrackerKind::KvmRing) {
+            if !self.ram.backing.uses_fault_engine() {
+                return Err(ConfigError::Numa(
+                    "the NUMA scanner samples writes with userfaultfd: use --backing memfd or anon, or --track kvm-ring".into(),
+                ));
+            }
+            if self.track == Some(crate::dirty::TrackerKind::UffdAsync) {
+                return Err(ConfigError::Numa(
+                    "the NUMA scanner cannot sample writes beside --track uffd-async (the kernel resolves its faults): use another tracker, or kvm-ring".into(),
+                ));
+            }
+        }
+        Ok(())
     }
 
     /// Checks the configuration against the layout and the host.
@@ -172,17 +248,21 @@ impl VmConfig {
         if self.write_ratio > 100 {
             return Err(ConfigError::WriteRatio(self.write_ratio));
         }
+        self.validate_numa()?;
+        if self.numa.spec.as_ref().is_some_and(|s| s.nodes() > 1) {
+            if let Some((node, needed, size)) = self.work_area().overflow() {
+                return Err(ConfigError::NodeTooSmall { node, needed, size });
+            }
+            return Ok(());
+        }
         let needed = self.work_area().required_mem_bytes();
         if needed > self.mem_bytes {
             // Each page needs 4 KiB of work area plus 8 bytes of scratch.
             let per_vcpu = (self.mem_bytes - WORK_GPA) / self.vcpus as u64;
             let mut max_pages = per_vcpu / (PAGE_SIZE + 8);
             while max_pages > 0
-                && (WorkArea {
-                    vcpus: self.vcpus as u64,
-                    pages_per_vcpu: max_pages,
-                })
-                .required_mem_bytes()
+                && WorkArea::single_node(self.vcpus as u64, max_pages, self.mem_bytes)
+                    .required_mem_bytes()
                     > self.mem_bytes
             {
                 max_pages -= 1;

@@ -228,7 +228,8 @@ pub fn fork_vm(vm: &mut VmHandle, opts: ForkOptions) -> Result<PendingFork, RunE
     // runs, and the parent runs on with its content unchanged (rule 7).
     let mut machines = Vec::with_capacity(opts.count as usize);
     for i in 0..opts.count {
-        let ram = GuestRam::from_file_private(config.mem_bytes, config.ram, &image.file)?;
+        let mut ram = GuestRam::from_file_private(config.mem_bytes, config.ram, &image.file)?;
+        crate::numa::split(&config, &mut ram)?;
         if opts.fail_setup_at == Some(i) {
             return Err(fail(format!(
                 "child {i}: injected failure after mapping its memory"

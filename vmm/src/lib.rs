@@ -4,6 +4,7 @@
 //! * [`config`]: the VM and workload to run, validated.
 //! * [`vstate`]: KVM VM and vCPUs, long-mode boot state, the vCPU run loop.
 //! * [`devices`]: serial line and control port.
+//! * [`numa`]: the guest's NUMA nodes, their host placement, the scanner.
 //! * [`fork`]: forking a running VM into children that share its memory.
 //! * [`runner`]: boots a VM and supervises it from an event loop.
 //! * [`oracle`]: the host-side consistency check of guest memory.
@@ -20,6 +21,7 @@ pub mod devices;
 pub mod dirty;
 pub mod fork;
 pub mod guest_image;
+pub mod numa;
 pub mod oracle;
 pub mod report;
 pub mod runner;

@@ -64,18 +64,19 @@ fn read_params(image: &dyn MemoryImage) -> Result<(ScheduleParams, WorkArea), Or
     if info.pages_per_vcpu > 1 << 24 {
         return Err(OracleError::BootInfo("bad page count"));
     }
+    if info.numa.check(info.num_vcpus as u64).is_err() {
+        return Err(OracleError::BootInfo("bad NUMA layout"));
+    }
     let params = ScheduleParams {
         workload,
         vcpus: info.num_vcpus as u64,
         pages: info.pages_per_vcpu,
         passes: info.passes,
         write_ratio: info.write_ratio as u64,
+        remote_reads: info.remote_read_share(),
+        numa: info.numa,
     };
-    let area = WorkArea {
-        vcpus: params.vcpus,
-        pages_per_vcpu: params.pages,
-    };
-    Ok((params, area))
+    Ok((params, params.work_area()))
 }
 
 /// Guest page numbers the schedules of all vCPUs write in pass `pass`
@@ -88,7 +89,7 @@ pub fn pages_written_in_pass(image: &dyn MemoryImage, pass: u64) -> Result<Vec<u
     }
     for v in 0..params.vcpus {
         let state: VcpuState = read_struct(image, state_gpa(v))?;
-        let mut steps = PassSteps::new(params, v, pass, state.seed_for_pass(pass));
+        let mut steps = PassSteps::new(&params, v, pass, state.seed_for_pass(pass));
         for _ in 0..params.pages {
             if let Step::Write { page } = steps.step() {
                 out.push(area.page_gpa(v, page) / PAGE_SIZE);
@@ -108,7 +109,7 @@ pub fn first_touch_order(image: &dyn MemoryImage, vcpu: u64) -> Result<Vec<u64>,
     let mut seen = std::collections::HashSet::new();
     let mut out = Vec::new();
     for pass in 0..params.passes {
-        let mut steps = PassSteps::new(params, vcpu, pass, state.seed_for_pass(pass));
+        let mut steps = PassSteps::new(&params, vcpu, pass, state.seed_for_pass(pass));
         for _ in 0..params.pages {
             let gpa = match steps.step() {
                 Step::Write { page } => area.page_gpa(vcpu, page),
@@ -134,11 +135,30 @@ pub fn seed_history(image: &dyn MemoryImage, vcpu: u64) -> Result<Vec<(u64, u64)
         .collect())
 }
 
-/// The guest page numbers of the work area.
-pub fn work_area_pages(image: &dyn MemoryImage) -> Result<std::ops::Range<u64>, OracleError> {
-    let (params, area) = read_params(image)?;
-    let first = area.page_gpa(0, 0) / PAGE_SIZE;
-    Ok(first..first + params.vcpus * params.pages)
+/// The guest page numbers of the work area: one range per NUMA node.
+pub fn work_area_pages(image: &dyn MemoryImage) -> Result<WorkPages, OracleError> {
+    let (_, area) = read_params(image)?;
+    Ok(WorkPages(
+        area.node_work_ranges()
+            .map(|(s, e)| s / PAGE_SIZE..e / PAGE_SIZE)
+            .collect(),
+    ))
+}
+
+/// The work area's guest page numbers, as ranges.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct WorkPages(pub Vec<std::ops::Range<u64>>);
+
+impl WorkPages {
+    /// True when guest page `page` is a work page.
+    pub fn contains(&self, page: &u64) -> bool {
+        self.0.iter().any(|r| r.contains(page))
+    }
+
+    /// How many work pages there are.
+    pub fn count(&self) -> u64 {
+        self.0.iter().map(|r| r.end - r.start).sum()
+    }
 }
 
 /// Replays every vCPU's schedule against `image` and counts the pages that

@@ -213,9 +213,9 @@ pub struct RunReport {
     /// Snapshots taken during the run.
     #[serde(skip_serializing_if = "Vec::is_empty")]
     pub snapshots: Vec<crate::snapshot::writer::SnapshotReport>,
-    /// Host memory policy and placement (with `--numa-policy`).
+    /// NUMA placement and the scanner (with `--numa-*`).
     #[serde(skip_serializing_if = "Option::is_none")]
-    pub numa: Option<NumaReport>,
+    pub numa: Option<crate::numa::placement::NumaReport>,
     /// The block device's work (`io` workload).
     #[serde(skip_serializing_if = "Option::is_none")]
     pub block: Option<crate::devices::block::BlockStats>,
@@ -225,30 +225,6 @@ pub struct RunReport {
     /// Serial lines, when the caller asked to capture them.
     #[serde(skip)]
     pub serial: Vec<String>,
-}
-
-/// Guest RAM's host memory policy and where its pages are.
-#[derive(Clone, Debug, Serialize)]
-pub struct NumaReport {
-    /// Host NUMA nodes (from sysfs).
-    pub host_nodes: u32,
-    /// Each region.
-    pub regions: Vec<NumaRegionReport>,
-}
-
-/// One region's policy and placement.
-#[derive(Clone, Debug, Serialize)]
-pub struct NumaRegionReport {
-    /// First guest-physical address.
-    pub gpa: u64,
-    /// Bytes.
-    pub size: u64,
-    /// The policy the kernel reports for it (`get_mempolicy`).
-    pub policy: String,
-    /// That policy's nodes.
-    pub nodes: Vec<u32>,
-    /// Resident pages per host node (`move_pages` queries).
-    pub pages_per_node: Vec<u64>,
 }
 
 /// How one VM of a clone set or a fork ended, and what of its memory it

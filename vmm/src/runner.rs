@@ -417,6 +417,8 @@ pub struct Machine {
     pub restored: bool,
     /// Guest RAM whose KVM memory slot is added on first use.
     pub lazy_slot: Option<Arc<crate::vstate::vm::LazySlot>>,
+    /// Where the guest's NUMA nodes go on this host, if placed.
+    pub placement: Option<Arc<crate::numa::placement::Placement>>,
 }
 
 /// Per-process set-up every run needs: the vCPU kick handler and the
@@ -428,16 +430,24 @@ pub fn prepare_process() -> Result<TerminationSignals, RunError> {
 }
 
 /// The machine description of a configuration.
-pub fn describe(config: &VmConfig, kernel_hash: String) -> MachineDesc {
+pub fn describe(
+    config: &VmConfig,
+    kernel_hash: String,
+    placement: Option<&crate::numa::placement::Placement>,
+) -> MachineDesc {
+    let layout = config.numa_layout();
     MachineDesc {
         vcpus: config.vcpus,
         mem_bytes: config.mem_bytes,
-        regions: vec![RegionDesc {
-            gpa: 0,
-            size: config.mem_bytes,
-            shared: false,
-            read_only: false,
-        }],
+        regions: layout.ranges[..layout.nodes as usize]
+            .iter()
+            .map(|r| RegionDesc {
+                gpa: r.gpa,
+                size: r.bytes,
+                shared: false,
+                read_only: false,
+            })
+            .collect(),
         backing: config.ram.backing.name().into(),
         fault_around_pages: config.ram.fault_around_pages,
         workload: config.workload.name().into(),
@@ -446,6 +456,14 @@ pub fn describe(config: &VmConfig, kernel_hash: String) -> MachineDesc {
         write_ratio: config.write_ratio,
         round_per_pass: config.round_per_pass,
         kernel_hash,
+        numa: crate::snapshot::state::NumaDesc {
+            vcpu_node: (0..config.vcpus as u64)
+                .map(|v| layout.node_of_vcpu(v))
+                .collect(),
+            placed: placement.is_some(),
+            policy: config.numa.policy.map(|p| p.name().into()),
+            host_nodes: placement.map(|p| p.host_node.clone()).unwrap_or_default(),
+        },
     }
 }
 
@@ -459,13 +477,10 @@ pub fn run(config: &VmConfig, hooks: RunHooks, sink: SerialSink) -> Result<RunRe
         check_combination(kind, config.ram.backing)?;
     }
     let kvm = open_kvm()?;
-    let ram = Arc::new(GuestRam::new(config.mem_bytes, config.ram)?);
-    let topology = guest_mem::numa::topology::HostTopology::detect();
-    if let Some(policy) = config.numa_policy {
-        use guest_mem::numa::topology::Topology;
-        let nodes: Vec<u32> = (0..topology.nodes()).collect();
-        ram.apply_numa_policy(policy, &nodes)?;
-    }
+    let mut ram = GuestRam::new(config.mem_bytes, config.ram)?;
+    crate::numa::split(config, &mut ram)?;
+    let placement = crate::numa::place(config, &ram)?;
+    let ram = Arc::new(ram);
     let created = Instant::now();
     let vm = Arc::new(create_vm(&kvm, &ram, config.vcpus)?);
     let mut tracking = config
@@ -495,7 +510,6 @@ pub fn run(config: &VmConfig, hooks: RunHooks, sink: SerialSink) -> Result<RunRe
         t.tracker_mut().after_vcpus(&vm, &fds)?;
         t.start(&TrackCtx { vm: &vm, ram: &ram })?;
     }
-    let numa = config.numa_policy.map(|_| ram.clone());
     let machine = Machine {
         ram,
         vm,
@@ -504,29 +518,12 @@ pub fn run(config: &VmConfig, hooks: RunHooks, sink: SerialSink) -> Result<RunRe
         tracking,
         command_seq: vec![0; config.vcpus as usize],
         cpuid,
-        machine: describe(config, fnv1a_hex(&image.bytes)),
+        machine: describe(config, fnv1a_hex(&image.bytes), placement.as_deref()),
         restored: false,
         lazy_slot: None,
+        placement,
     };
-    let mut report = supervise(config, machine, hooks, sink, signals, None)?;
-    if let Some(ram) = numa {
-        use guest_mem::numa::topology::Topology;
-        report.numa = Some(crate::report::NumaReport {
-            host_nodes: topology.nodes(),
-            regions: ram
-                .numa_placement(&topology)
-                .into_iter()
-                .map(|p| crate::report::NumaRegionReport {
-                    gpa: p.gpa,
-                    size: p.size,
-                    policy: p.policy,
-                    nodes: p.nodes,
-                    pages_per_node: p.pages_per_node,
-                })
-                .collect(),
-        });
-    }
-    Ok(report)
+    supervise(config, machine, hooks, sink, signals, None)
 }
 
 /// Runs a prepared machine's vCPU threads under the supervisor's event loop
@@ -552,6 +549,7 @@ pub fn supervise(
         machine: desc,
         restored,
         lazy_slot,
+        placement,
     } = machine;
     let ring_full = tracking
         .as_ref()
@@ -597,9 +595,13 @@ pub fn supervise(
         .with_block(block.clone())
         .with_lazy_slot(lazy_slot.clone());
         let exited = exited.clone();
+        let placement = placement.clone();
         let t = std::thread::Builder::new()
             .name(format!("vcpu{i}"))
             .spawn(move || {
+                if let Some(p) = placement {
+                    p.pin_vcpu_thread(i as u32);
+                }
                 runner.run();
                 exited[i].store(true, Ordering::Release);
             })
@@ -645,6 +647,7 @@ pub fn supervise(
         .or((config.workload == guest_protocol::Workload::Idle).then_some(IDLE_DEFAULT));
     let rounds = tracking.map(|t| RoundDriver::new(t, vm.clone(), vcpu_count));
     let mut sup = Supervisor::new(handle, rx, wake, signals, sink, hooks, stop_after, rounds);
+    sup.scan = crate::numa::scan_driver(config, placement.as_deref(), vcpu_count);
     if restored {
         sup.speaks_protocol = true;
         sup.first_boot = Some(Instant::now());
@@ -666,6 +669,7 @@ pub fn supervise(
         return Err(e);
     }
     sup.join_threads();
+    let scanner = sup.scan.take().map(|s| s.finish(&ram, &config.work_area()));
     sup.stop_tracking();
     sup.run_exit_hooks();
 
@@ -676,6 +680,7 @@ pub fn supervise(
     let mut report = sup.into_report(config, &ram, since_created(&first_io));
     report.first_run_us = since_created(&first_run);
     report.block = block.map(|b| b.stats());
+    report.numa = crate::numa::report(placement.as_deref(), &ram, scanner);
     drop(vm);
     Ok(report)
 }
@@ -729,7 +734,7 @@ impl RoundDriver {
             .max(1);
         let pass = (cursor / pages_per_vcpu).saturating_sub(1);
         let expected = pages_written_in_pass(ram.as_ref(), pass).unwrap_or_default();
-        let work = work_area_pages(ram.as_ref()).unwrap_or(0..0);
+        let work = work_area_pages(ram.as_ref()).unwrap_or_default();
         let missed: Vec<u64> = expected
             .iter()
             .filter(|p| round.pages.binary_search(p).is_err())
@@ -782,6 +787,7 @@ struct Supervisor {
     started: Instant,
     panic_line: Option<String>,
     serial: Vec<String>,
+    scan: Option<crate::numa::scan::ScanDriver>,
 }
 
 impl Supervisor {
@@ -822,6 +828,7 @@ impl Supervisor {
             started: Instant::now(),
             panic_line: None,
             serial: Vec::new(),
+            scan: None,
         }
     }
 
@@ -880,6 +887,9 @@ impl Supervisor {
     /// snapshots that completed.
     fn tick(&mut self) {
         self.handle.collect_snapshots(false);
+        if let Some(scan) = &mut self.scan {
+            scan.tick(&self.handle.ram);
+        }
         if self.hook_error.is_none() {
             let failed = self
                 .fail_on

@@ -269,7 +269,7 @@ impl MemoryCore {
         let Some(uffd) = &self.uffd else {
             return Ok(0);
         };
-        if let Err(e) = cache.write_all_at(bytes, gpa - region.gpa) {
+        if let Err(e) = cache.write_all_at(bytes, region.mapping_offset(gpa)) {
             return Err((
                 crate::uffd::UffdError::Ioctl {
                     op: "filling the shared page cache",
@@ -428,7 +428,7 @@ impl MemoryCore {
         let writable = !region.flags.read_only;
         for i in 0..pages {
             let gpa = start + i * PAGE_SIZE;
-            let frame = Frame((gpa - region.gpa) / PAGE_SIZE);
+            let frame = Frame(region.mapping_offset(gpa) / PAGE_SIZE);
             let mut e = if protected {
                 Entry::page(frame, writable)
                     .with(Flag::Exclusive)
@@ -468,7 +468,7 @@ impl MemoryCore {
             w.push(gpa);
         }
         let writable = !region.flags.read_only;
-        let frame = Frame((gpa - region.gpa) / PAGE_SIZE);
+        let frame = Frame(region.mapping_offset(gpa) / PAGE_SIZE);
         let _ = self.table.update(gpa, |e| {
             // A protected zero page is copied by the kernel once the write
             // goes ahead: from then on it is a private page.

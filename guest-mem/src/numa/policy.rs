@@ -8,6 +8,9 @@ use crate::ram::{GuestRam, RamError};
 
 /// MPOL_F_ADDR: get_mempolicy reports the policy at an address.
 const MPOL_F_ADDR: libc::c_ulong = 1 << 1;
+/// MPOL_MF_MOVE: mbind also moves the pages already there that only this
+/// process maps.
+const MPOL_MF_MOVE: libc::c_uint = 1 << 1;
 
 /// A host memory policy.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -53,6 +56,8 @@ impl NumaPolicy {
 /// One region's policy and placement.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct RegionPlacement {
+    /// The guest NUMA node the region is, if RAM is split per node.
+    pub guest_node: Option<u32>,
     /// First guest-physical address.
     pub gpa: u64,
     /// Bytes.
@@ -64,6 +69,8 @@ pub struct RegionPlacement {
     pub nodes: Vec<u32>,
     /// Resident pages per host node (index = node).
     pub pages_per_node: Vec<u64>,
+    /// The vCPUs its accessor bitmap holds (bit = vCPU id % 64).
+    pub accessors: u64,
 }
 
 /// A node bitmask of `nodes` in the kernel's format (one word is enough for
@@ -76,28 +83,34 @@ fn mask(nodes: &[u32]) -> libc::c_ulong {
 }
 
 impl GuestRam {
-    /// Applies `policy` over `nodes` to every region of guest RAM. Pages
-    /// allocated from now on follow it (the fault engine allocates through
-    /// the same mappings); pages already there stay where they are.
-    pub fn apply_numa_policy(&self, policy: NumaPolicy, nodes: &[u32]) -> Result<(), RamError> {
-        let m = mask(nodes);
-        if m == 0 {
-            return Err(RamError::Describe(
-                "a NUMA policy needs at least one node".into(),
-            ));
-        }
+    /// Applies `policy` to every region of guest RAM, over the host nodes
+    /// `nodes_for` gives for the region's guest node. Pages allocated from
+    /// now on follow it (the fault engine allocates through the same
+    /// mappings), and pages already there (a restored image) move where it
+    /// says, unless another process maps them too.
+    pub fn apply_numa_policy(
+        &self,
+        policy: NumaPolicy,
+        nodes_for: &dyn Fn(Option<u32>) -> Vec<u32>,
+    ) -> Result<(), RamError> {
         for r in self.regions() {
+            let m = mask(&nodes_for(r.guest_node));
+            if m == 0 {
+                return Err(RamError::Describe(
+                    "a NUMA policy needs at least one node".into(),
+                ));
+            }
             // SAFETY: mbind over the region's own live mapping with a
             // one-word node mask that outlives the call.
             let rc = unsafe {
                 libc::syscall(
                     libc::SYS_mbind,
-                    r.mapping.addr(),
+                    r.host_start(),
                     r.size,
                     policy.mode(),
                     &m as *const libc::c_ulong,
                     64 as libc::c_ulong,
-                    0 as libc::c_uint,
+                    MPOL_MF_MOVE,
                 )
             };
             if rc != 0 {
@@ -133,7 +146,7 @@ impl GuestRam {
                         &mut mode as *mut libc::c_int,
                         &mut m as *mut libc::c_ulong,
                         64 as libc::c_ulong,
-                        r.mapping.addr(),
+                        r.host_start(),
                         MPOL_F_ADDR,
                     )
                 };
@@ -157,11 +170,13 @@ impl GuestRam {
                     }
                 }
                 RegionPlacement {
+                    guest_node: r.guest_node,
                     gpa: r.gpa,
                     size: r.size,
                     policy: policy.into(),
                     nodes: (0..64).filter(|n| m & (1 << n) != 0).collect(),
                     pages_per_node,
+                    accessors: r.accessors.load(std::sync::atomic::Ordering::Relaxed),
                 }
             })
             .collect()

@@ -33,6 +33,29 @@ pub struct ScannerConfig {
     pub filter_accessors: bool,
     /// Rounds per accessor window.
     pub accessor_window: u32,
+    /// Where the sampled writes come from.
+    pub signal: SampleSignal,
+}
+
+/// How a sampling window learns who writes its pages.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub enum SampleSignal {
+    /// Write-protect the window; each write fault names its vCPU thread.
+    #[default]
+    WriteProtect,
+    /// Read the per-vCPU KVM dirty rings at their harvests (the ring
+    /// tracker must be on); nothing is protected.
+    DirtyRing,
+}
+
+impl SampleSignal {
+    /// The name reports use.
+    pub fn name(self) -> &'static str {
+        match self {
+            SampleSignal::WriteProtect => "write-protect",
+            SampleSignal::DirtyRing => "dirty-ring",
+        }
+    }
 }
 
 /// What one round did.
@@ -152,6 +175,18 @@ impl NumaScanner {
         window
     }
 
+    /// Ends the windows armed in the last round without acting on them
+    /// (the scanner stops).
+    pub fn disarm(&mut self, ram: &GuestRam) -> Result<(), RamError> {
+        match self.cfg.signal {
+            SampleSignal::WriteProtect => ram.take_write_samples().map(drop),
+            SampleSignal::DirtyRing => {
+                ram.take_ring_samples(true);
+                Ok(())
+            }
+        }
+    }
+
     /// One round: harvest the windows armed in the last round (who wrote
     /// which page), move pages towards their writers' node (rate limited,
     /// dirty state first), then arm the next windows in every region some
@@ -161,7 +196,10 @@ impl NumaScanner {
         let mut stats = RoundStats::default();
         let regions = ram.regions();
         // Who wrote what since the last round.
-        let samples = ram.take_write_samples()?;
+        let samples = match self.cfg.signal {
+            SampleSignal::WriteProtect => ram.take_write_samples()?,
+            SampleSignal::DirtyRing => ram.take_ring_samples(false),
+        };
         let mut wanted: Vec<(u64, u64, u32)> = Vec::new(); // (gpa, host, node)
         for (gpa, users) in samples {
             let (Some(node), Some(r)) = (
@@ -221,7 +259,10 @@ impl NumaScanner {
         }
         arm.sort_unstable();
         arm.dedup();
-        stats.pages_sampled = ram.arm_write_samples(&arm)?;
+        stats.pages_sampled = match self.cfg.signal {
+            SampleSignal::WriteProtect => ram.arm_write_samples(&arm)?,
+            SampleSignal::DirtyRing => ram.arm_ring_samples(&arm),
+        };
         stats.scan_us = start.elapsed().as_micros() as u64;
         Ok(stats)
     }

@@ -26,6 +26,7 @@ fn run(s: &Drill, filter: bool, rounds: u32) -> Vec<DrillRound> {
         max_moves: 4096,
         filter_accessors: filter,
         accessor_window: 4,
+        signal: Default::default(),
     };
     s.run(cfg, rounds).expect("drill")
 }
@@ -137,5 +138,54 @@ fn dirty_ring_style_writer_lists_mark_the_regions_accessors() {
             .load(std::sync::atomic::Ordering::Relaxed)
             & (1 << 5),
         0
+    );
+}
+
+#[test]
+fn ring_windows_name_writers_and_stay_armed_until_a_ring_reports() {
+    let ram = GuestRam::new(4 << 20, RamConfig::default()).expect("ram");
+    for p in 0..4u64 {
+        ram.store_u64(p * PAGE_SIZE, 1).expect("store");
+    }
+    // Nothing is protected: the window only notes the pages.
+    assert_eq!(ram.arm_ring_samples(&[0, PAGE_SIZE, 64 * PAGE_SIZE]), 2);
+    ram.note_writers(3, &[1, 9]);
+    let got = ram.take_ring_samples(false);
+    assert_eq!(got.len(), 1);
+    assert_eq!(got[&PAGE_SIZE], 1 << 3);
+    // Page 0 stays armed until a ring reports it.
+    ram.note_writers(1, &[0]);
+    assert_eq!(ram.take_ring_samples(true)[&0], 1 << 1);
+    assert!(ram.take_ring_samples(true).is_empty());
+}
+
+#[test]
+fn boot_ram_splits_into_node_regions_over_one_mapping() {
+    let mut ram = GuestRam::new(8 << 20, RamConfig::default()).expect("ram");
+    assert!(
+        ram.split_into_nodes(&[3 << 20, 4 << 20]).is_err(),
+        "sizes must add up"
+    );
+    ram.split_into_nodes(&[2 << 20, 6 << 20]).expect("split");
+    let regions = ram.regions();
+    assert_eq!(regions.len(), 2);
+    assert_eq!(ram.boot_regions().len(), 2);
+    let (a, b) = (&regions[0], &regions[1]);
+    assert_eq!((a.guest_node, b.guest_node), (Some(0), Some(1)));
+    assert_eq!((b.gpa, b.size), (2 << 20, 6 << 20));
+    assert!(std::sync::Arc::ptr_eq(&a.mapping, &b.mapping));
+    assert_eq!(b.host_start(), ram.host_addr() + (2 << 20));
+    // A fault in node 1 is served there, recorded with its frame in the
+    // shared backing, and attributed to the faulting vCPU's region only.
+    ram.register_vcpu_thread(2);
+    ram.store_u64((3 << 20) + 8, 7).expect("store");
+    assert_eq!(ram.load_u64((3 << 20) + 8).expect("load"), 7);
+    let e = ram.table().get(3 << 20);
+    assert_eq!(e.frame(), Some(crate::entry::Frame((3 << 20) / PAGE_SIZE)));
+    let bits = |r: &crate::region::Region| r.accessors.load(std::sync::atomic::Ordering::Relaxed);
+    assert_eq!((bits(a), bits(b)), (0, 1 << 2));
+    assert!(
+        ram.split_into_nodes(&[4 << 20, 4 << 20]).is_err(),
+        "split once"
     );
 }

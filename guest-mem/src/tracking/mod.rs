@@ -159,7 +159,7 @@ impl GuestRam {
             .ok_or(TrackError::NoFaultEngine("write-protect tracking"))?;
         for r in self.regions() {
             let _g = r.lock.lock_or_recover();
-            uffd.write_protect(r.mapping.addr(), r.size, true)?;
+            uffd.write_protect(r.host_start(), r.size, true)?;
             let mut c = Collect(Vec::new(), |e: Entry| e.is_present() && !e.is_uffd_wp());
             self.core.table.walk_range(r.gpa, r.gpa + r.size, &mut c);
             for gpa in c.0 {
@@ -179,7 +179,7 @@ impl GuestRam {
             .store(WpMode::Off as u8, Ordering::Release);
         for r in self.regions() {
             let _g = r.lock.lock_or_recover();
-            uffd.write_protect(r.mapping.addr(), r.size, false)?;
+            uffd.write_protect(r.host_start(), r.size, false)?;
             let mut c = Collect(Vec::new(), |e: Entry| e.is_uffd_wp());
             self.core.table.walk_range(r.gpa, r.gpa + r.size, &mut c);
             let writable = !r.flags.read_only;
@@ -443,7 +443,7 @@ impl GuestRam {
                 Some(f) => libc::fallocate(
                     std::os::fd::AsRawFd::as_raw_fd(f),
                     libc::FALLOC_FL_PUNCH_HOLE | libc::FALLOC_FL_KEEP_SIZE,
-                    (gpa - region.gpa) as libc::off_t,
+                    region.mapping_offset(gpa) as libc::off_t,
                     len as libc::off_t,
                 ),
                 None => libc::madvise(host as *mut libc::c_void, len as usize, libc::MADV_DONTNEED),

@@ -196,21 +196,24 @@ pub fn run(vcpu: u64, boot_info: *const BootInfo) -> ! {
     if vcpu >= bi.num_vcpus as u64 || bi.pages_per_vcpu == 0 && workload != Workload::Idle {
         fail(vcpu, "boot info: bad vCPU count or page count");
     }
+    if bi.numa.check(bi.num_vcpus as u64).is_err() {
+        fail(vcpu, "boot info: bad NUMA layout");
+    }
+    let params = ScheduleParams {
+        workload,
+        vcpus: bi.num_vcpus as u64,
+        pages: bi.pages_per_vcpu,
+        passes: bi.passes,
+        write_ratio: bi.write_ratio as u64,
+        remote_reads: bi.remote_read_share(),
+        numa: bi.numa,
+    };
     let ctx = Ctx {
         vcpu,
         boot_info,
         state: (bi.state_gpa + vcpu * PAGE_SIZE) as *mut VcpuState,
-        params: ScheduleParams {
-            workload,
-            vcpus: bi.num_vcpus as u64,
-            pages: bi.pages_per_vcpu,
-            passes: bi.passes,
-            write_ratio: bi.write_ratio as u64,
-        },
-        area: WorkArea {
-            vcpus: bi.num_vcpus as u64,
-            pages_per_vcpu: bi.pages_per_vcpu,
-        },
+        params,
+        area: params.work_area(),
         verify_at_end: bi.verify_at_end != 0,
         round_per_pass: bi.flags & FLAG_ROUND_PER_PASS != 0,
     };
@@ -221,7 +224,15 @@ pub fn run(vcpu: u64, boot_info: *const BootInfo) -> ! {
     io::print_u64(bi.pages_per_vcpu);
     io::print(" pages x ");
     io::print_u64(bi.passes);
-    io::print(" passes\n");
+    io::print(" passes");
+    if bi.numa.nodes > 1 {
+        io::print(", on NUMA node ");
+        io::print_u64(bi.numa.node_of_vcpu(vcpu) as u64);
+    }
+    io::print("\n");
+    if vcpu == 0 && bi.numa.nodes > 1 {
+        print_topology(&bi);
+    }
 
     if workload == Workload::Idle {
         while ctx.poll() == Poll::Continue {
@@ -241,8 +252,30 @@ pub fn run(vcpu: u64, boot_info: *const BootInfo) -> ! {
     io::halt()
 }
 
+/// What the guest learnt of its NUMA topology: one line per node.
+fn print_topology(bi: &BootInfo) {
+    for node in 0..bi.numa.nodes {
+        let r = bi.numa.ranges[node as usize];
+        io::prefix(0);
+        io::print("numa: node ");
+        io::print_u64(node as u64);
+        io::print(" memory ");
+        io::print_u64(r.gpa >> 20);
+        io::print("-");
+        io::print_u64(r.end() >> 20);
+        io::print(" MiB, vCPUs");
+        for v in 0..bi.num_vcpus as u64 {
+            if bi.numa.node_of_vcpu(v) == node {
+                io::print(" ");
+                io::print_u64(v);
+            }
+        }
+        io::print("\n");
+    }
+}
+
 fn run_steps(ctx: &Ctx) {
-    let params = ctx.params;
+    let params = &ctx.params;
     let total = params.total_steps();
     let mut current: Option<(u64, PassSteps)> = None;
     loop {
@@ -259,7 +292,7 @@ fn run_steps(ctx: &Ctx) {
         let steps = match &mut current {
             Some((p, steps)) if *p == pass => steps,
             _ => {
-                let mut steps = PassSteps::new(params, ctx.vcpu, pass, seed);
+                let mut steps = PassSteps::new(&ctx.params, ctx.vcpu, pass, seed);
                 steps.skip_to(index);
                 &mut current.insert((pass, steps)).1
             }

@@ -6,16 +6,19 @@
 //! vCPU runs and afterwards writes only the command slots.
 
 use crate::layout::MAX_VCPUS;
+use crate::numa::NumaLayout;
 
 /// `BootInfo::magic`: "VMMBOOT1" in little-endian ASCII.
 pub const BOOT_INFO_MAGIC: u64 = u64::from_le_bytes(*b"VMMBOOT1");
 /// `BootInfo::version` of this protocol.
-pub const BOOT_INFO_VERSION: u32 = 1;
+pub const BOOT_INFO_VERSION: u32 = 2;
 /// Most seed changes a vCPU's history can hold.
 pub const MAX_SEEDS: usize = 200;
 /// `BootInfo::flags`: end a dirty-tracking round after every pass — report
 /// `RoundEnd` and wait on the command word until the VMM has harvested.
 pub const FLAG_ROUND_PER_PASS: u32 = 1 << 0;
+/// `BootInfo::remote_reads` when `mixed`'s reads pick any vCPU.
+pub const REMOTE_READS_ANY: u32 = u32::MAX;
 /// A vCPU polls its command word at least once every this many page steps.
 pub const POLL_INTERVAL: u64 = 64;
 
@@ -171,6 +174,13 @@ pub struct BootInfo {
     pub flags: u32,
     /// One command slot per vCPU.
     pub commands: [Command; MAX_VCPUS],
+    /// Percent of `mixed`'s reads that target another NUMA node's vCPUs,
+    /// or [`REMOTE_READS_ANY`].
+    pub remote_reads: u32,
+    /// Zero.
+    pub reserved: u32,
+    /// The guest's NUMA topology; the work area is laid out over it.
+    pub numa: NumaLayout,
 }
 
 /// A seed change in a vCPU's history: passes from `from_pass` on use `seed`.
@@ -201,6 +211,13 @@ pub struct VcpuState {
     pub seed_count: u64,
     /// Seed history, ordered by `from_pass`; entry 0 has `from_pass` 0.
     pub seeds: [SeedEntry; MAX_SEEDS],
+}
+
+impl BootInfo {
+    /// The `mixed` workload's remote-read share (`None`: any vCPU).
+    pub fn remote_read_share(&self) -> Option<u64> {
+        (self.remote_reads != REMOTE_READS_ANY).then_some(self.remote_reads as u64)
+    }
 }
 
 impl VcpuState {
@@ -285,7 +302,11 @@ unsafe impl PageStruct for BootInfo {}
 // SAFETY: as above.
 unsafe impl PageStruct for VcpuState {}
 
-const _: () = assert!(core::mem::size_of::<BootInfo>() == 88 + 16 * MAX_VCPUS);
+const _: () = assert!(
+    core::mem::size_of::<BootInfo>() == 96 + 16 * MAX_VCPUS + core::mem::size_of::<NumaLayout>()
+);
+const _: () =
+    assert!(core::mem::size_of::<NumaLayout>() == 8 + 16 * crate::numa::MAX_NODES + MAX_VCPUS);
 const _: () = assert!(core::mem::size_of::<VcpuState>() == 40 + 16 * MAX_SEEDS);
 
 #[cfg(test)]

@@ -4,6 +4,7 @@
 //! * [`layout`]: where things live in guest-physical memory.
 //! * [`boot_info`]: the boot-info page the VMM fills and each vCPU reads, with
 //!   the per-vCPU **command word** the VMM writes and the guest polls.
+//! * [`numa`]: the guest's NUMA topology (node ranges, each vCPU's node).
 //! * [`control`]: the guest-to-VMM channel (serial port, control port, event
 //!   codes).
 //! * [`schedule`]: the deterministic write schedule of every workload and the
@@ -19,6 +20,7 @@
 pub mod boot_info;
 pub mod control;
 pub mod layout;
+pub mod numa;
 pub mod oracle;
 pub mod schedule;
 

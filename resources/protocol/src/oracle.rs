@@ -47,7 +47,7 @@ pub fn replay_expected(
     let mut pass = first_visible_pass(params, cursor);
     while pass <= last_pass {
         let seed = state.seed_for_pass(pass);
-        let mut steps = PassSteps::new(*params, vcpu, pass, seed);
+        let mut steps = PassSteps::new(params, vcpu, pass, seed);
         let end = if pass == last_pass {
             cursor % params.pages
         } else {
@@ -127,7 +127,7 @@ mod tests {
         for _ in 0..steps {
             let pass = state.cursor / params.pages;
             let seed = state.seed_for_pass(pass);
-            let mut s = PassSteps::new(*params, 0, pass, seed);
+            let mut s = PassSteps::new(params, 0, pass, seed);
             s.skip_to(state.cursor % params.pages);
             if let Step::Write { page } = s.step() {
                 mem[page as usize] = word(seed, 0, pass, page);
@@ -143,6 +143,8 @@ mod tests {
             pages: 32,
             passes: 4,
             write_ratio: 60,
+            remote_reads: None,
+            numa: crate::numa::NumaLayout::single(1 << 30),
         }
     }
 

@@ -8,6 +8,8 @@
 //! after a snapshot, restore or fork.
 
 use crate::boot_info::Workload;
+use crate::layout::WorkArea;
+use crate::numa::NumaLayout;
 
 /// What one step of the schedule does.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -44,6 +46,11 @@ pub struct ScheduleParams {
     pub passes: u64,
     /// Percent of writes in `mixed`.
     pub write_ratio: u64,
+    /// Percent of `mixed`'s reads that target another node's vCPUs (the
+    /// rest read from the own node's); `None`: reads pick any vCPU.
+    pub remote_reads: Option<u64>,
+    /// The guest's NUMA topology.
+    pub numa: NumaLayout,
 }
 
 impl ScheduleParams {
@@ -53,6 +60,27 @@ impl ScheduleParams {
             Workload::Idle => 0,
             _ => self.pages.saturating_mul(self.passes),
         }
+    }
+
+    /// Where the work pages lie.
+    pub fn work_area(&self) -> WorkArea {
+        WorkArea::new(self.vcpus, self.pages, self.numa)
+    }
+
+    /// The vCPU whose range a `mixed` read with random bits `r` targets.
+    fn read_target(&self, vcpu: u64, r: u64) -> u64 {
+        let vcpus = self.vcpus.max(1);
+        let Some(remote) = self.remote_reads else {
+            return (r >> 32) % vcpus;
+        };
+        let node = self.numa.node_of_vcpu(vcpu);
+        let local = self.numa.vcpus_on(node, vcpus);
+        let far = ((r >> 16) & 0xffff) % 100 < remote && local < vcpus;
+        let count = if far { vcpus - local } else { local.max(1) };
+        let nth = (r >> 32) % count;
+        self.numa
+            .nth_vcpu(nth, vcpus, |n| (n == node) != far)
+            .unwrap_or(vcpu)
     }
 }
 
@@ -102,17 +130,17 @@ pub const fn word(seed: u64, vcpu: u64, pass: u64, page: u64) -> u64 {
 }
 
 /// Iterates the steps of one pass of one vCPU, in order.
-pub struct PassSteps {
-    params: ScheduleParams,
+pub struct PassSteps<'a> {
+    params: &'a ScheduleParams,
     rng: XorShift64,
     vcpu: u64,
     pass: u64,
     index: u64,
 }
 
-impl PassSteps {
+impl<'a> PassSteps<'a> {
     /// The steps of pass `pass` of vCPU `vcpu`, which uses `seed`.
-    pub fn new(params: ScheduleParams, vcpu: u64, pass: u64, seed: u64) -> PassSteps {
+    pub fn new(params: &'a ScheduleParams, vcpu: u64, pass: u64, seed: u64) -> PassSteps<'a> {
         PassSteps {
             params,
             rng: XorShift64::for_pass(seed, vcpu, pass),
@@ -156,7 +184,7 @@ impl PassSteps {
                     Step::Write { page: r1 % p.pages }
                 } else {
                     Step::Read {
-                        vcpu: (r2 >> 32) % p.vcpus.max(1),
+                        vcpu: p.read_target(self.vcpu, r2),
                         page: r1 % p.pages,
                         expect_from_pass0: false,
                     }
@@ -178,6 +206,8 @@ mod tests {
             pages: 16,
             passes: 3,
             write_ratio: 50,
+            remote_reads: None,
+            numa: NumaLayout::single(1 << 30),
         }
     }
 
@@ -192,7 +222,7 @@ mod tests {
     #[test]
     fn seq_write_visits_every_page() {
         let p = params(Workload::SeqWrite);
-        let mut s = PassSteps::new(p, 0, 0, 1);
+        let mut s = PassSteps::new(&p, 0, 0, 1);
         for i in 0..16 {
             assert_eq!(s.step(), Step::Write { page: i });
         }
@@ -202,9 +232,9 @@ mod tests {
     #[test]
     fn read_writes_first_then_reads() {
         let p = params(Workload::Read);
-        let mut s = PassSteps::new(p, 1, 0, 1);
+        let mut s = PassSteps::new(&p, 1, 0, 1);
         assert_eq!(s.step(), Step::Write { page: 0 });
-        let mut s = PassSteps::new(p, 1, 1, 1);
+        let mut s = PassSteps::new(&p, 1, 1, 1);
         assert_eq!(
             s.step(),
             Step::Read {
@@ -219,7 +249,7 @@ mod tests {
     fn random_schedules_depend_on_seed_vcpu_and_pass() {
         let p = params(Workload::RandWrite);
         let collect = |vcpu, pass, seed| {
-            let mut s = PassSteps::new(p, vcpu, pass, seed);
+            let mut s = PassSteps::new(&p, vcpu, pass, seed);
             let mut v = [0u64; 16];
             for x in v.iter_mut() {
                 if let Step::Write { page } = s.step() {
@@ -235,13 +265,37 @@ mod tests {
     }
 
     #[test]
+    fn remote_reads_target_the_other_node() {
+        let numa = NumaLayout::new(&[1 << 30, 1 << 30], &[0, 0, 1, 1]).unwrap();
+        for (remote, want_far) in [(0, false), (100, true)] {
+            let p = ScheduleParams {
+                vcpus: 4,
+                write_ratio: 0,
+                remote_reads: Some(remote),
+                numa,
+                ..params(Workload::Mixed)
+            };
+            let mut s = PassSteps::new(&p, 1, 0, 3);
+            let mut seen = [false; 4];
+            for _ in 0..16 {
+                let Step::Read { vcpu, .. } = s.step() else {
+                    panic!("a read")
+                };
+                assert_eq!(numa.node_of_vcpu(vcpu) != 0, want_far);
+                seen[vcpu as usize] = true;
+            }
+            assert_eq!(seen.iter().filter(|x| **x).count(), 2);
+        }
+    }
+
+    #[test]
     fn mixed_respects_write_ratio_bounds() {
         for (ratio, want_writes) in [(0, false), (100, true)] {
             let p = ScheduleParams {
                 write_ratio: ratio,
                 ..params(Workload::Mixed)
             };
-            let mut s = PassSteps::new(p, 0, 0, 3);
+            let mut s = PassSteps::new(&p, 0, 0, 3);
             for _ in 0..16 {
                 let st = s.step();
                 assert_eq!(matches!(st, Step::Write { .. }), want_writes);

@@ -58,6 +58,7 @@ fn one_run(filter: bool, rounds: u32) -> Result<Vec<NumaRound>, String> {
         max_moves: 2048,
         filter_accessors: filter,
         accessor_window: 4,
+        signal: Default::default(),
     };
     let rounds = drill.run(cfg, rounds).map_err(|e| e.to_string())?;
     Ok(rounds

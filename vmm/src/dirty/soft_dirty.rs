@@ -27,7 +27,7 @@ impl DirtyTracker for SoftDirtyTracker {
         let mut scanned = 0;
         for r in ctx.ram.boot_regions() {
             let n = (r.size / 4096) as usize;
-            let entries = pagemap_entries(r.mapping.addr(), n)
+            let entries = pagemap_entries(r.host_start(), n)
                 .map_err(|e| TrackError::Mem(MemError::Proc(e)))?;
             scanned += r.size;
             for (i, e) in entries.iter().enumerate() {

@@ -201,7 +201,8 @@ fn shared_cache_ram(
     config.ram.backing = guest_mem::BackingKind::Memfd;
     config.ram.shared_cache = true;
     let file = cache.file();
-    let ram = GuestRam::from_file_private(config.mem_bytes, config.ram, file)?;
+    let mut ram = GuestRam::from_file_private(config.mem_bytes, config.ram, file)?;
+    crate::numa::split(config, &mut ram)?;
     let dup = file
         .try_clone()
         .map_err(|e| RunError::Runtime(format!("sharing the page cache: {e}")))?;

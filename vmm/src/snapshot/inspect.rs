@@ -79,6 +79,33 @@ pub fn main(dir: &Path, json: bool) -> i32 {
             "  workload: {} {} pages x {} passes",
             m.workload, m.pages, m.passes
         );
+        if m.regions.len() > 1 || m.numa.placed {
+            let nodes: Vec<String> = m
+                .regions
+                .iter()
+                .enumerate()
+                .map(|(k, r)| {
+                    let vcpus: Vec<String> = (0..m.vcpus as usize)
+                        .filter(|v| m.numa.vcpu_node.get(*v) == Some(&(k as u32)))
+                        .map(|v| v.to_string())
+                        .collect();
+                    format!(
+                        "node {k} {}-{} MiB, vCPUs [{}]",
+                        r.gpa >> 20,
+                        (r.gpa + r.size) >> 20,
+                        vcpus.join(" ")
+                    )
+                })
+                .collect();
+            println!("  numa: {}", nodes.join("; "));
+            if m.numa.placed {
+                println!(
+                    "  placed on host nodes {:?}, policy {}",
+                    m.numa.host_nodes,
+                    m.numa.policy.as_deref().unwrap_or("default")
+                );
+            }
+        }
         println!(
             "  memory.bin: {} pages stored, {} chunks, every checksum verified",
             state.memory.pages_stored,

@@ -14,10 +14,13 @@ use super::SnapshotError;
 use crate::clock::MonotonicAnchor;
 use crate::config::{KernelSource, VmConfig};
 use crate::devices::block::DiskSource;
+use crate::numa::topology::{NodeSpec, NumaSpec};
+use crate::numa::NumaConfig;
 use crate::oracle::MemoryImage;
 use crate::report::RunReport;
 use crate::runner::{prepare_process, supervise, Machine, RunError, RunHooks, SerialSink};
 use crate::vstate::vm::{create_vm_lazy, open_kvm};
+use guest_mem::numa::policy::NumaPolicy;
 use guest_mem::{BackingKind, GuestRam, RamConfig};
 use guest_protocol::{CommandOp, Workload};
 use kvm_ioctls::Kvm;
@@ -226,7 +229,59 @@ pub(crate) fn config_of(state: &SnapshotState) -> Result<VmConfig, SnapshotError
         round_per_pass: m.round_per_pass,
         track: None,
         disk: Default::default(),
-        numa_policy: None,
+        numa: numa_of(m)?,
+    })
+}
+
+/// The NUMA settings a snapshot's machine ran with: its nodes (one region
+/// each) and vCPUs as they were, placed again where it was placed (mapped
+/// onto this host by `Placement::plan`).
+fn numa_of(m: &crate::snapshot::state::MachineDesc) -> Result<NumaConfig, SnapshotError> {
+    let bad = |why: &str| SnapshotError::Incompatible(format!("the NUMA layout: {why}"));
+    let n = &m.numa;
+    if n.vcpu_node.len() != m.vcpus as usize {
+        return Err(bad("one node per vCPU is not recorded"));
+    }
+    let mut at = 0;
+    for r in &m.regions {
+        if r.gpa != at {
+            return Err(bad("the node regions do not lie back to back from 0"));
+        }
+        at = r.gpa.saturating_add(r.size);
+    }
+    if n.vcpu_node.iter().any(|v| *v as usize >= m.regions.len()) {
+        return Err(bad("a vCPU is on a node that has no region"));
+    }
+    let policy = n
+        .policy
+        .as_deref()
+        .map(|p| NumaPolicy::from_name(p).ok_or_else(|| bad(&format!("unknown policy {p:?}"))))
+        .transpose()?;
+    let spec = (n.placed || m.regions.len() > 1).then(|| {
+        NumaSpec::Layout(
+            m.regions
+                .iter()
+                .enumerate()
+                .map(|(k, r)| NodeSpec {
+                    bytes: r.size,
+                    vcpus: Some(
+                        (0..m.vcpus)
+                            .filter(|v| n.vcpu_node[*v as usize] == k as u32)
+                            .collect(),
+                    ),
+                })
+                .collect(),
+        )
+    });
+    if let Some(s) = &spec {
+        s.resolve(m.mem_bytes, m.vcpus)
+            .map_err(|e| bad(&e.to_string()))?;
+    }
+    Ok(NumaConfig {
+        spec,
+        policy,
+        recorded_host_nodes: n.placed.then(|| n.host_nodes.clone()),
+        ..NumaConfig::default()
     })
 }
 
@@ -282,6 +337,8 @@ pub(crate) fn machine_from_state(
     state: &SnapshotState,
     ram: Arc<GuestRam>,
 ) -> Result<Machine, RunError> {
+    // The guest's nodes go where they were (mapped onto this host).
+    let placement = crate::numa::place(&config_of(state)?, &ram)?;
     // Rule 12: poisoned pages stay poisoned across a restore or a clone.
     for m in &state.markers {
         if m.kind == 2 {
@@ -332,6 +389,7 @@ pub(crate) fn machine_from_state(
         machine: state.machine.clone(),
         restored: true,
         lazy_slot,
+        placement,
     })
 }
 
@@ -387,7 +445,8 @@ impl MappableImage {
         } else {
             BackingKind::Plain
         };
-        let ram = GuestRam::from_file_private(config.mem_bytes, config.ram, image.file())?;
+        let mut ram = GuestRam::from_file_private(config.mem_bytes, config.ram, image.file())?;
+        crate::numa::split(config, &mut ram)?;
         if config.ram.backing.uses_fault_engine() {
             // The file's data pages are populated already: recorded, live
             // and diff snapshots copy them and fault-around zeroes only the
@@ -440,7 +499,9 @@ pub fn restore(
             "{} backing through the fault engine",
             config.ram.backing.name()
         );
-        (Arc::new(GuestRam::new(config.mem_bytes, config.ram)?), note)
+        let mut ram = GuestRam::new(config.mem_bytes, config.ram)?;
+        crate::numa::split(&config, &mut ram)?;
+        (Arc::new(ram), note)
     };
     phases.mark("memory_mapped");
 

@@ -21,7 +21,7 @@ use serde::{Deserialize, Serialize};
 /// File magic.
 pub const STATE_MAGIC: &[u8; 8] = b"VMMSNAP1";
 /// Format version this VMM writes and reads.
-pub const STATE_VERSION: u32 = 2;
+pub const STATE_VERSION: u32 = 3;
 /// Largest `state.bin` accepted.
 pub const MAX_STATE_BYTES: u64 = 64 << 20;
 /// Bytes covered by one memory checksum.
@@ -113,6 +113,23 @@ pub struct MachineDesc {
     pub round_per_pass: bool,
     /// Hash of the guest kernel image (FNV-1a 64, hex).
     pub kernel_hash: String,
+    /// The guest's NUMA layout and its placement on the host.
+    pub numa: NumaDesc,
+}
+
+/// The guest's NUMA nodes (`regions` holds one region per node) and where
+/// they were placed on the host the snapshot was taken on.
+#[derive(Clone, Debug, Default, Serialize, Deserialize, PartialEq, Eq)]
+pub struct NumaDesc {
+    /// Each vCPU's guest node.
+    pub vcpu_node: Vec<u32>,
+    /// Whether the nodes were placed on host nodes (policy, affinity).
+    pub placed: bool,
+    /// The memory policy each node's region had (`bind`, `preferred`,
+    /// `interleave`), if any.
+    pub policy: Option<String>,
+    /// The host node of each guest node.
+    pub host_nodes: Vec<u32>,
 }
 
 /// Device state.

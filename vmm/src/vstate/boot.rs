@@ -91,7 +91,7 @@ pub fn write_boot_structures(ram: &GuestRam, config: &VmConfig) -> Result<(), Bo
         mem_bytes: mem,
         work_gpa: layout::WORK_GPA,
         pages_per_vcpu: config.pages,
-        scratch_gpa: area.scratch_gpa(),
+        scratch_gpa: area.vcpu_scratch_gpa(0),
         scratch_bytes_per_vcpu: area.scratch_bytes_per_vcpu(),
         state_gpa: STATE_GPA,
         workload: config.workload as u32,
@@ -104,6 +104,12 @@ pub fn write_boot_structures(ram: &GuestRam, config: &VmConfig) -> Result<(), Bo
             0
         },
         commands: [Command::default(); layout::MAX_VCPUS],
+        remote_reads: config
+            .numa
+            .remote_reads
+            .unwrap_or(guest_protocol::boot_info::REMOTE_READS_ANY),
+        reserved: 0,
+        numa: area.numa,
     };
     ram.write(BOOT_INFO_GPA, info.as_bytes())?;
     for v in 0..config.vcpus as u64 {
