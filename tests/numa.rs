@@ -367,3 +367,41 @@ fn bad_numa_flags_are_usage_errors() {
         "NUMA node 0 is 8 MiB",
     );
 }
+
+#[test]
+fn bench_numa_compares_the_filter_and_the_signals() {
+    let path = std::env::temp_dir().join(format!("vmm-bench-numa-{}.json", std::process::id()));
+    let o = vmm(
+        &[
+            "bench",
+            "numa",
+            "--rounds",
+            "3",
+            "--json",
+            path.to_str().unwrap(),
+        ],
+        T,
+    );
+    assert_eq!(o.code, 0, "{}\n{}", o.stdout, o.stderr);
+    let j: Value = serde_json::from_str(&std::fs::read_to_string(&path).unwrap()).unwrap();
+    let drill = j["drill"].as_array().expect("drill rows");
+    assert_eq!(drill.len(), 8, "rounds 0-3, filter on and off");
+    let skipped = |filter: bool| {
+        drill
+            .iter()
+            .filter(|r| r["filter"] == filter)
+            .map(|r| r["regions_skipped"].as_u64().unwrap())
+            .sum::<u64>()
+    };
+    assert!(skipped(true) > 0 && skipped(false) == 0);
+    let guests = j["guests"].as_array().expect("guest rows");
+    let signals: Vec<&str> = guests
+        .iter()
+        .map(|g| g["scanner"].as_str().unwrap())
+        .collect();
+    assert_eq!(signals, ["off", "write-protect", "off", "dirty-ring"]);
+    assert!(guests[1]["wp_faults"].as_u64().unwrap() > 0);
+    assert_eq!(guests[3]["wp_faults"], 0, "ring samples take no fault");
+    assert!(guests[3]["pages_moved"].as_u64().unwrap() > 0);
+    let _ = std::fs::remove_file(path);
+}

@@ -6,6 +6,12 @@
 //! scan time, and the share of each vCPU's pages on its node. The vCPUs
 //! are host threads registered as vCPUs (host-driven, labelled): the
 //! sampling is real userfaultfd write-protect.
+//!
+//! Then the scanner inside real runs (KVM guest, emulated instructions on
+//! this host): 2 vCPUs on 2 guest nodes, the scanner every 2 ms on 2
+//! simulated host nodes, each signal next to the same run without it: the
+//! guest's workload time, the scanner's rounds, time and moves, and where
+//! each vCPU's pages ended up.
 
 use crate::report::EXIT_ERROR;
 use clap::Args;
@@ -77,6 +83,80 @@ fn one_run(filter: bool, rounds: u32) -> Result<Vec<NumaRound>, String> {
         .collect())
 }
 
+/// One guest run of the in-run comparison.
+#[derive(Debug, Serialize)]
+pub struct GuestRun {
+    /// `off`, `write-protect` or `dirty-ring` (the scanner's signal).
+    pub scanner: String,
+    /// The dirty tracker beside it, if any.
+    pub track: Option<String>,
+    /// µs of the guest's workload (first boot event to last end).
+    pub workload_us: u64,
+    /// Scanner rounds.
+    pub rounds: u64,
+    /// µs in scanner rounds, in all.
+    pub scan_us_total: u64,
+    /// Pages moved.
+    pub pages_moved: u64,
+    /// Write-protect faults the run took.
+    pub wp_faults: u64,
+    /// The worst vCPU's share of its pages on its node at the end (with
+    /// the scanner).
+    pub worst_placement: Option<f64>,
+}
+
+fn guest_run(scan: bool, track: Option<crate::dirty::TrackerKind>) -> Result<GuestRun, String> {
+    use crate::numa::{topology::NumaSpec, NumaConfig};
+    let cfg = crate::config::VmConfig {
+        vcpus: 2,
+        pages: 512,
+        passes: 6,
+        round_per_pass: track.is_some(),
+        track,
+        numa: NumaConfig {
+            spec: Some(NumaSpec::Nodes(2)),
+            scan_ms: scan.then_some(2),
+            scan_simulated_nodes: scan.then_some(2),
+            ..NumaConfig::default()
+        },
+        ..crate::config::VmConfig::default()
+    };
+    let r = crate::runner::run(
+        &cfg,
+        crate::runner::RunHooks::default(),
+        crate::runner::SerialSink::Capture,
+    )
+    .map_err(|e| e.to_string())?;
+    if r.status != crate::report::RunStatus::Ok {
+        return Err(format!("guest run: {:?}", r.error));
+    }
+    let s = r.numa.as_ref().and_then(|n| n.scanner.clone());
+    Ok(GuestRun {
+        scanner: s.as_ref().map_or("off".into(), |s| s.signal.clone()),
+        track: track.map(|t| t.name().into()),
+        workload_us: r.workload_us.unwrap_or(0),
+        rounds: s.as_ref().map_or(0, |s| s.rounds),
+        scan_us_total: s.as_ref().map_or(0, |s| s.scan_us_total),
+        pages_moved: s.as_ref().map_or(0, |s| s.pages_moved),
+        wp_faults: r.memory.faults.wp,
+        worst_placement: s
+            .as_ref()
+            .map(|s| s.vcpu_pages_on_node.iter().copied().fold(1.0, f64::min)),
+    })
+}
+
+/// The scanner inside guest runs, each signal beside the same run
+/// without the scanner.
+fn guest_runs() -> Result<Vec<GuestRun>, String> {
+    use crate::dirty::TrackerKind;
+    Ok(vec![
+        guest_run(false, None)?,
+        guest_run(true, None)?,
+        guest_run(false, Some(TrackerKind::KvmRing))?,
+        guest_run(true, Some(TrackerKind::KvmRing))?,
+    ])
+}
+
 /// Runs `vmm bench numa`; returns the exit code.
 pub fn main(args: &NumaBenchArgs) -> i32 {
     let runs = one_run(true, args.rounds).and_then(|on| Ok((on, one_run(false, args.rounds)?)));
@@ -116,6 +196,42 @@ pub fn main(args: &NumaBenchArgs) -> i32 {
         );
     }
     println!("(round 0 is the first scan after the vCPUs populated their pages; \"placed\": the worst vCPU's share of pages on its node)");
-    let rows: Vec<&NumaRound> = on.iter().chain(&off).collect();
-    super::write_json("numa", args.json.as_deref(), &rows)
+    let guests = match guest_runs() {
+        Ok(g) => g,
+        Err(e) => {
+            eprintln!("vmm bench numa: {e}");
+            return EXIT_ERROR;
+        }
+    };
+    println!(
+        "\nThe scanner in a run: 2 vCPUs x 512 pages x 6 passes on 2 guest nodes, every 2 ms on 2 simulated host nodes (guest instructions emulated here):"
+    );
+    println!(
+        "  {:<14} {:<9} {:>12} {:>7} {:>10} {:>7} {:>9} {:>7}",
+        "scanner", "tracker", "workload ms", "rounds", "scan ms", "moved", "wp faults", "placed"
+    );
+    for g in &guests {
+        println!(
+            "  {:<14} {:<9} {:>12.1} {:>7} {:>10.1} {:>7} {:>9} {:>7}",
+            g.scanner,
+            g.track.as_deref().unwrap_or("-"),
+            g.workload_us as f64 / 1e3,
+            g.rounds,
+            g.scan_us_total as f64 / 1e3,
+            g.pages_moved,
+            g.wp_faults,
+            g.worst_placement
+                .map_or("-".into(), |p| format!("{:.0}%", p * 100.0))
+        );
+    }
+    #[derive(Serialize)]
+    struct All<'a> {
+        drill: Vec<&'a NumaRound>,
+        guests: &'a [GuestRun],
+    }
+    let all = All {
+        drill: on.iter().chain(&off).collect(),
+        guests: &guests,
+    };
+    super::write_json("numa", args.json.as_deref(), &all)
 }
