@@ -303,69 +303,51 @@ fn the_scanner_samples_beside_a_tracker_without_hiding_writes() {
 
 #[test]
 fn bad_numa_flags_are_usage_errors() {
-    let run = |extra: &[&str], needle: &str| {
-        let pages = if extra.contains(&"8M:0,248M:1") {
-            "2000"
-        } else {
-            "64"
-        };
-        let mut args = vec!["run", "--pages", pages];
-        args.extend_from_slice(extra);
+    // (flags after `run --pages 64`, what the message must say)
+    let cases: [(&str, &str); 16] = [
+        ("--numa-nodes 0", "--numa-nodes 0 is out of range"),
+        ("--numa-nodes 9", "--numa-nodes 9 is out of range"),
+        ("--numa-layout 64Q", "--numa-layout"),
+        ("--numa-layout 64M,64M", "add up to"),
+        ("--numa-layout 128M:0,128M:0", "vCPU 0 is on nodes 0 and 1"),
+        (
+            "--numa-layout 128M:0,128M --vcpus 2",
+            "vCPU 1 is on no node",
+        ),
+        (
+            "--numa-nodes 2 --numa-layout 128M,128M",
+            "cannot be used with",
+        ),
+        ("--numa-policy everywhere", "NUMA policy"),
+        ("--numa-nodes 2 --numa-host-nodes 0", "names 1 host node(s)"),
+        (
+            "--numa-nodes 1 --numa-host-nodes 7",
+            "host node 7 does not exist",
+        ),
+        ("--numa-nodes 2 --numa-remote-reads 50", "--workload mixed"),
+        (
+            "--workload mixed --numa-remote-reads 50",
+            "--numa-nodes 2 or more",
+        ),
+        ("--numa-scan-ms 0", "at least 1"),
+        (
+            "--numa-scan-ms 5 --backing plain",
+            "--backing memfd or anon",
+        ),
+        ("--numa-scan-ms 5 --track uffd-async", "uffd-async"),
+        (
+            "--numa-layout 8M:0,248M:1 --vcpus 2 --pages 2000",
+            "NUMA node 0 is 8 MiB",
+        ),
+    ];
+    for (flags, needle) in cases {
+        let mut args = vec!["run", "--pages", "64"];
+        if flags.contains("--pages") {
+            args.truncate(1);
+        }
+        args.extend(flags.split(' '));
         assert_usage_error(&args, needle);
-    };
-    run(&["--numa-nodes", "0"], "--numa-nodes 0 is out of range");
-    run(&["--numa-nodes", "9"], "--numa-nodes 9 is out of range");
-    run(&["--numa-layout", "64Q"], "--numa-layout");
-    run(&["--numa-layout", "64M,64M"], "add up to");
-    run(
-        &["--numa-layout", "128M:0,128M:0", "--vcpus", "1"],
-        "vCPU 0 is on nodes 0 and 1",
-    );
-    run(
-        &["--numa-layout", "128M:0,128M", "--vcpus", "2"],
-        "vCPU 1 is on no node",
-    );
-    run(
-        &["--numa-nodes", "2", "--numa-layout", "128M,128M"],
-        "cannot be used with",
-    );
-    run(&["--numa-policy", "everywhere"], "NUMA policy");
-    run(
-        &["--numa-nodes", "2", "--numa-host-nodes", "0"],
-        "names 1 host node(s)",
-    );
-    run(
-        &["--numa-nodes", "1", "--numa-host-nodes", "7"],
-        "host node 7 does not exist",
-    );
-    run(
-        &["--numa-nodes", "2", "--numa-remote-reads", "50"],
-        "--workload mixed",
-    );
-    run(
-        &["--workload", "mixed", "--numa-remote-reads", "50"],
-        "--numa-nodes 2 or more",
-    );
-    run(&["--numa-scan-ms", "0"], "at least 1");
-    run(
-        &["--numa-scan-ms", "5", "--backing", "plain"],
-        "--backing memfd or anon",
-    );
-    run(
-        &["--numa-scan-ms", "5", "--track", "uffd-async"],
-        "uffd-async",
-    );
-    run(
-        &[
-            "--numa-layout",
-            "8M:0,248M:1",
-            "--vcpus",
-            "2",
-            "--mem",
-            "256M",
-        ],
-        "NUMA node 0 is 8 MiB",
-    );
+    }
 }
 
 #[test]

@@ -67,15 +67,7 @@ fn read_params(image: &dyn MemoryImage) -> Result<(ScheduleParams, WorkArea), Or
     if info.numa.check(info.num_vcpus as u64).is_err() {
         return Err(OracleError::BootInfo("bad NUMA layout"));
     }
-    let params = ScheduleParams {
-        workload,
-        vcpus: info.num_vcpus as u64,
-        pages: info.pages_per_vcpu,
-        passes: info.passes,
-        write_ratio: info.write_ratio as u64,
-        remote_reads: info.remote_read_share(),
-        numa: info.numa,
-    };
+    let params = info.schedule_params(workload);
     Ok((params, params.work_area()))
 }
 

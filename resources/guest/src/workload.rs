@@ -199,15 +199,7 @@ pub fn run(vcpu: u64, boot_info: *const BootInfo) -> ! {
     if bi.numa.check(bi.num_vcpus as u64).is_err() {
         fail(vcpu, "boot info: bad NUMA layout");
     }
-    let params = ScheduleParams {
-        workload,
-        vcpus: bi.num_vcpus as u64,
-        pages: bi.pages_per_vcpu,
-        passes: bi.passes,
-        write_ratio: bi.write_ratio as u64,
-        remote_reads: bi.remote_read_share(),
-        numa: bi.numa,
-    };
+    let params = bi.schedule_params(workload);
     let ctx = Ctx {
         vcpu,
         boot_info,

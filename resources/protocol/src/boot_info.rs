@@ -218,6 +218,21 @@ impl BootInfo {
     pub fn remote_read_share(&self) -> Option<u64> {
         (self.remote_reads != REMOTE_READS_ANY).then_some(self.remote_reads as u64)
     }
+
+    /// The schedule this page describes, for `workload` (decoded from
+    /// `self.workload` by the caller, which decides what an unknown one
+    /// means).
+    pub fn schedule_params(&self, workload: Workload) -> crate::schedule::ScheduleParams {
+        crate::schedule::ScheduleParams {
+            workload,
+            vcpus: self.num_vcpus as u64,
+            pages: self.pages_per_vcpu,
+            passes: self.passes,
+            write_ratio: self.write_ratio as u64,
+            remote_reads: self.remote_read_share(),
+            numa: self.numa,
+        }
+    }
 }
 
 impl VcpuState {
