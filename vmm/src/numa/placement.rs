@@ -93,8 +93,8 @@ pub enum PlacementError {
 }
 
 impl Placement {
-    /// Plans guest nodes `0..vcpu_node.max()+1` (`guest_nodes` of them)
-    /// on `host`: on `requested` host nodes (`--numa-host-nodes`), else on
+    /// Plans `guest_nodes` guest nodes (vCPU `v` on `vcpu_node[v]`) on
+    /// `host`: on `requested` host nodes (`--numa-host-nodes`), else on
     /// those `recorded` in a snapshot (a node this host lacks wraps round,
     /// and the note says so), else guest node `k` on host node `k % host
     /// nodes`.
