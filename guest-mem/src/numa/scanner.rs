@@ -5,6 +5,10 @@
 //! bitmaps (this window's and the last one's) lack `v`, except the first
 //! two scans of that region for `v`, which are unconditional; the bitmaps
 //! are renewed every `accessor_window` rounds, so stale accessors age out.
+//! Every `REFRESH_WINDOWS` windows one round scans every region again
+//! (as Linux later did for VMAs the PID bits had excluded): the bitmaps
+//! learn from the samples' own faults, so a vCPU that paused for two
+//! windows would otherwise never be sampled in its region again.
 //! Rule 9: in a region hinted sequential or random, the window rotates over
 //! every present page; elsewhere it prefers the pages the table has seen
 //! accessed. Rule 15: a page's dirty state is handed to the trackers before
@@ -57,6 +61,9 @@ impl SampleSignal {
         }
     }
 }
+
+/// Every this many accessor windows, one round scans every region.
+pub const REFRESH_WINDOWS: u32 = 4;
 
 /// What one round did.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
@@ -238,6 +245,10 @@ impl NumaScanner {
         self.round += 1;
         let renew =
             self.cfg.accessor_window > 0 && self.round.is_multiple_of(self.cfg.accessor_window);
+        let refresh = self.cfg.accessor_window > 0
+            && self
+                .round
+                .is_multiple_of(self.cfg.accessor_window * REFRESH_WINDOWS);
         let mut arm = Vec::new();
         for r in &regions {
             let prev = self.previous.get(&r.id).copied().unwrap_or(0);
@@ -248,7 +259,11 @@ impl NumaScanner {
             }
             for v in 0..self.cfg.vcpu_node.len() as u32 {
                 let scans = self.scans.entry((r.id, v)).or_insert(0);
-                if self.cfg.filter_accessors && *scans >= 2 && accessors & (1 << (v % 64)) == 0 {
+                if self.cfg.filter_accessors
+                    && !refresh
+                    && *scans >= 2
+                    && accessors & (1 << (v % 64)) == 0
+                {
                     stats.regions_skipped += 1;
                     continue;
                 }

@@ -189,3 +189,18 @@ fn boot_ram_splits_into_node_regions_over_one_mapping() {
         "split once"
     );
 }
+
+#[test]
+fn every_fourth_accessor_window_one_round_scans_every_region() {
+    // A vCPU whose region saw no sampled write for two windows would
+    // otherwise never be sampled there again.
+    let s = setup();
+    let rounds = run(&s, true, 17);
+    let skipped: Vec<u64> = rounds.iter().map(|r| r.0.regions_skipped).collect();
+    let refresh = (4 * super::scanner::REFRESH_WINDOWS) as usize;
+    assert_eq!(skipped[refresh - 1], 0, "{skipped:?}");
+    assert!(
+        skipped[refresh - 2] > 0 && skipped[refresh] > 0,
+        "{skipped:?}"
+    );
+}
