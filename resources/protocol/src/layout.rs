@@ -156,13 +156,15 @@ impl WorkArea {
     }
 
     /// The first node whose vCPUs' pages and scratch do not fit in its
-    /// memory: (node, bytes needed from the node's start, node bytes).
+    /// memory: (node, bytes needed from the node's start, node bytes). A
+    /// node without vCPUs (memory only) always fits.
     pub fn overflow(&self) -> Option<(u32, u64, u64)> {
         let per_vcpu = self.pages_per_vcpu * PAGE_SIZE + self.scratch_bytes_per_vcpu();
         (0..self.numa.nodes.clamp(1, MAX_NODES as u32)).find_map(|node| {
             let r = self.numa.ranges[node as usize];
-            let end = self.node_work_gpa(node) + self.numa.vcpus_on(node, self.vcpus) * per_vcpu;
-            (end > r.end()).then_some((node, end - r.gpa, r.bytes))
+            let on_node = self.numa.vcpus_on(node, self.vcpus);
+            let end = self.node_work_gpa(node) + on_node * per_vcpu;
+            (on_node > 0 && end > r.end()).then_some((node, end - r.gpa, r.bytes))
         })
     }
 
@@ -220,5 +222,9 @@ mod tests {
             WorkArea::new(2, 300, tight).overflow(),
             Some((1, 300 * PAGE_SIZE + PAGE_SIZE, 1 << 20))
         );
+        // A small memory-only node below the work area is fine.
+        let memory_only = NumaLayout::new(&[2 << 20, 30 << 20], &[1, 1]).unwrap();
+        assert_eq!(WorkArea::new(2, 300, memory_only).overflow(), None);
+        assert_eq!(WorkArea::new(2, 300, memory_only).page_gpa(0, 0), WORK_GPA);
     }
 }
