@@ -350,8 +350,7 @@ impl VmHandle {
         let Some(&prev) = self.command_seq.get(vcpu as usize) else {
             return Err(CommandError::NoSuchVcpu(vcpu));
         };
-        let taken_at =
-            state_gpa(vcpu as u64) + std::mem::offset_of!(VcpuState, last_command_seq) as u64;
+        let taken_at = guest_protocol::boot_info::last_command_seq_gpa(vcpu as u64);
         let start = Instant::now();
         while prev != 0 && self.ram.load_u64(taken_at)? < prev as u64 {
             if self
@@ -368,11 +367,10 @@ impl VmHandle {
         }
         let seq = &mut self.command_seq[vcpu as usize];
         *seq += 1;
-        let slot = BOOT_INFO_GPA
-            + std::mem::offset_of!(BootInfo, commands) as u64
-            + vcpu as u64 * std::mem::size_of::<Command>() as u64;
+        let slot = guest_protocol::boot_info::command_gpa(vcpu as u64);
         self.ram.store_u64(slot + 8, arg)?;
         self.ram.store_u64(slot, Command::pack(*seq, op))?;
+        self.control.notify_command();
         Ok(())
     }
 

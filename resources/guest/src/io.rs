@@ -45,6 +45,12 @@ pub fn event(event: Event, arg: u64) {
     outl(CONTROL_PORT, event as u32);
 }
 
+/// Waits for the next command: one exit, in which the VMM holds this vCPU
+/// until a command may have come (see `control::IDLE_PORT`).
+pub fn idle() {
+    outl(guest_protocol::control::IDLE_PORT, 0);
+}
+
 /// Writes text to COM1 with one `rep outsb`: KVM hands the whole string to
 /// the VMM in one exit instead of one exit per byte.
 pub fn print(s: &str) {

@@ -16,8 +16,33 @@ pub unsafe extern "C" fn memcpy(dest: *mut u8, src: *const u8, n: usize) -> *mut
 /// `dest` and `src` must be valid for `n` bytes.
 #[no_mangle]
 pub unsafe extern "C" fn memmove(dest: *mut u8, src: *const u8, n: usize) -> *mut u8 {
+    // Word moves where both ends are 8-aligned: guest instructions are
+    // emulated one by one here, and a struct copy byte by byte (a 1.3 KiB
+    // boot-info page: ~5000 instructions) took milliseconds. Moving a
+    // word at a time in the safe direction stays correct for overlapping
+    // ranges: each word is read whole before the write that may overlap
+    // it, and the write only reaches source bytes already read.
+    let words = (dest as usize | src as usize).is_multiple_of(8);
     if (dest as usize) <= (src as usize) {
         let mut i = 0;
+        if words && n >= 8 {
+            // One `rep movsq`: the emulator steps it once per word, a
+            // quarter of what a loop of moves costs.
+            let count = n / 8;
+            // SAFETY: both ranges are valid for `count` words, 8-aligned;
+            // a forward copy is safe when dest is below src; the direction
+            // flag is clear (the ABI guarantees it at calls).
+            unsafe {
+                core::arch::asm!(
+                    "rep movsq",
+                    inout("rcx") count => _,
+                    inout("rdi") dest => _,
+                    inout("rsi") src => _,
+                    options(nostack, preserves_flags)
+                );
+            }
+            i = count * 8;
+        }
         while i < n {
             // SAFETY: i < n, both ranges valid for n bytes; copying forward is
             // safe when dest is below src.
@@ -26,6 +51,23 @@ pub unsafe extern "C" fn memmove(dest: *mut u8, src: *const u8, n: usize) -> *mu
         }
     } else {
         let mut i = n;
+        if words {
+            while !i.is_multiple_of(8) {
+                i -= 1;
+                // SAFETY: i < n as below.
+                unsafe { write_volatile(dest.add(i), read_volatile(src.add(i))) };
+            }
+            while i >= 8 {
+                i -= 8;
+                // SAFETY: i + 8 <= n, 8-aligned; backward when dest is above src.
+                unsafe {
+                    write_volatile(
+                        dest.add(i) as *mut u64,
+                        read_volatile(src.add(i) as *const u64),
+                    )
+                };
+            }
+        }
         while i > 0 {
             i -= 1;
             // SAFETY: i < n as above; copying backward is safe when dest is above src.
@@ -40,15 +82,24 @@ pub unsafe extern "C" fn memmove(dest: *mut u8, src: *const u8, n: usize) -> *mu
 #[no_mangle]
 pub unsafe extern "C" fn memset(dest: *mut u8, c: i32, n: usize) -> *mut u8 {
     let mut i = 0;
-    // Word stores where aligned: guest instructions are emulated, so fewer is faster.
-    if (dest as usize).is_multiple_of(8) {
+    // One `rep stosq` where aligned: guest instructions are emulated, and
+    // the emulator steps it once per word.
+    if (dest as usize).is_multiple_of(8) && n >= 8 {
         let b = (c as u8) as u64;
         let w = b * 0x0101_0101_0101_0101;
-        while i + 8 <= n {
-            // SAFETY: dest is 8-aligned and i + 8 <= n.
-            unsafe { write_volatile(dest.add(i) as *mut u64, w) };
-            i += 8;
+        let count = n / 8;
+        // SAFETY: dest is 8-aligned and valid for `count` words; the
+        // direction flag is clear (the ABI guarantees it at calls).
+        unsafe {
+            core::arch::asm!(
+                "rep stosq",
+                inout("rcx") count => _,
+                inout("rdi") dest => _,
+                in("rax") w,
+                options(nostack, preserves_flags)
+            );
         }
+        i = count * 8;
     }
     while i < n {
         // SAFETY: i < n.

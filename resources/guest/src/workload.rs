@@ -134,7 +134,7 @@ impl Ctx {
     fn wait_at_doorbell(&self, seq: u32) {
         io::event(Event::RoundEnd, self.pages_written());
         while self.command().0 == seq {
-            core::hint::spin_loop();
+            io::idle();
         }
     }
 
@@ -185,21 +185,47 @@ impl Ctx {
     }
 }
 
+/// The boot-info page's header: what a vCPU needs of it to run.
+struct BootHeader {
+    state_gpa: u64,
+    verify_at_end: u32,
+    flags: u32,
+    params: Option<ScheduleParams>,
+}
+
+impl BootHeader {
+    /// # Safety
+    /// `bi` is the identity-mapped boot-info page.
+    unsafe fn read(bi: *const BootInfo) -> BootHeader {
+        // SAFETY: the caller's contract; each field is read on its own.
+        unsafe {
+            let workload = read_volatile(&raw const (*bi).workload);
+            BootHeader {
+                state_gpa: read_volatile(&raw const (*bi).state_gpa),
+                verify_at_end: read_volatile(&raw const (*bi).verify_at_end),
+                flags: read_volatile(&raw const (*bi).flags),
+                params: Workload::from_u32(workload).map(|w| BootInfo::read_schedule(bi, w)),
+            }
+        }
+    }
+}
+
 /// Runs the workload the boot-info page names on vCPU `vcpu`; never returns.
 pub fn run(vcpu: u64, boot_info: *const BootInfo) -> ! {
     // SAFETY: identity-mapped boot-info page; its header does not change
-    // after boot.
-    let bi = unsafe { core::ptr::read_volatile(boot_info) };
-    let Some(workload) = Workload::from_u32(bi.workload) else {
+    // after boot. Only the header is copied (the command slots are read
+    // volatile when polled): every copied word is an emulated instruction.
+    let bi = unsafe { BootHeader::read(boot_info) };
+    let Some(params) = bi.params else {
         fail(vcpu, "boot info: unknown workload");
     };
-    if vcpu >= bi.num_vcpus as u64 || bi.pages_per_vcpu == 0 && workload != Workload::Idle {
+    let workload = params.workload;
+    if vcpu >= params.vcpus || params.pages == 0 && workload != Workload::Idle {
         fail(vcpu, "boot info: bad vCPU count or page count");
     }
-    if bi.numa.check(bi.num_vcpus as u64).is_err() {
+    if params.numa.check(params.vcpus).is_err() {
         fail(vcpu, "boot info: bad NUMA layout");
     }
-    let params = bi.schedule_params(workload);
     let ctx = Ctx {
         vcpu,
         boot_info,
@@ -213,22 +239,22 @@ pub fn run(vcpu: u64, boot_info: *const BootInfo) -> ! {
     io::print("booted, workload ");
     io::print(workload.name());
     io::print(", ");
-    io::print_u64(bi.pages_per_vcpu);
+    io::print_u64(params.pages);
     io::print(" pages x ");
-    io::print_u64(bi.passes);
+    io::print_u64(params.passes);
     io::print(" passes");
-    if bi.numa.nodes > 1 {
+    if params.numa.nodes > 1 {
         io::print(", on NUMA node ");
-        io::print_u64(bi.numa.node_of_vcpu(vcpu) as u64);
+        io::print_u64(params.numa.node_of_vcpu(vcpu) as u64);
     }
     io::print("\n");
-    if vcpu == 0 && bi.numa.nodes > 1 {
-        print_topology(&bi);
+    if vcpu == 0 && params.numa.nodes > 1 {
+        print_topology(&params);
     }
 
     if workload == Workload::Idle {
         while ctx.poll() == Poll::Continue {
-            core::hint::spin_loop();
+            io::idle();
         }
     } else {
         run_steps(&ctx);
@@ -245,9 +271,9 @@ pub fn run(vcpu: u64, boot_info: *const BootInfo) -> ! {
 }
 
 /// What the guest learnt of its NUMA topology: one line per node.
-fn print_topology(bi: &BootInfo) {
-    for node in 0..bi.numa.nodes {
-        let r = bi.numa.ranges[node as usize];
+fn print_topology(params: &ScheduleParams) {
+    for node in 0..params.numa.nodes {
+        let r = params.numa.ranges[node as usize];
         io::prefix(0);
         io::print("numa: node ");
         io::print_u64(node as u64);
@@ -256,8 +282,8 @@ fn print_topology(bi: &BootInfo) {
         io::print("-");
         io::print_u64(r.end() >> 20);
         io::print(" MiB, vCPUs");
-        for v in 0..bi.num_vcpus as u64 {
-            if bi.numa.node_of_vcpu(v) == node {
+        for v in 0..params.vcpus {
+            if params.numa.node_of_vcpu(v) == node {
                 io::print(" ");
                 io::print_u64(v);
             }

@@ -213,6 +213,18 @@ pub struct VcpuState {
     pub seeds: [SeedEntry; MAX_SEEDS],
 }
 
+/// Guest-physical address of vCPU `vcpu`'s command slot.
+pub const fn command_gpa(vcpu: u64) -> u64 {
+    crate::layout::BOOT_INFO_GPA
+        + core::mem::offset_of!(BootInfo, commands) as u64
+        + vcpu * core::mem::size_of::<Command>() as u64
+}
+
+/// Guest-physical address of vCPU `vcpu`'s `VcpuState::last_command_seq`.
+pub const fn last_command_seq_gpa(vcpu: u64) -> u64 {
+    crate::layout::state_gpa(vcpu) + core::mem::offset_of!(VcpuState, last_command_seq) as u64
+}
+
 impl BootInfo {
     /// The `mixed` workload's remote-read share (`None`: any vCPU).
     pub fn remote_read_share(&self) -> Option<u64> {
@@ -223,14 +235,33 @@ impl BootInfo {
     /// `self.workload` by the caller, which decides what an unknown one
     /// means).
     pub fn schedule_params(&self, workload: Workload) -> crate::schedule::ScheduleParams {
-        crate::schedule::ScheduleParams {
-            workload,
-            vcpus: self.num_vcpus as u64,
-            pages: self.pages_per_vcpu,
-            passes: self.passes,
-            write_ratio: self.write_ratio as u64,
-            remote_reads: self.remote_read_share(),
-            numa: self.numa,
+        // SAFETY: a reference is valid for reads.
+        unsafe { BootInfo::read_schedule(self, workload) }
+    }
+
+    /// [`BootInfo::schedule_params`] of the page at `bi`, reading only the
+    /// fields it needs, each volatile (the guest reads its live page so:
+    /// every word it copies is an emulated instruction here).
+    ///
+    /// # Safety
+    /// `bi` is valid for reads of a `BootInfo`.
+    pub unsafe fn read_schedule(
+        bi: *const BootInfo,
+        workload: Workload,
+    ) -> crate::schedule::ScheduleParams {
+        use core::ptr::read_volatile;
+        // SAFETY: the caller's contract; each field is read on its own.
+        unsafe {
+            let remote_reads = read_volatile(&raw const (*bi).remote_reads);
+            crate::schedule::ScheduleParams {
+                workload,
+                vcpus: read_volatile(&raw const (*bi).num_vcpus) as u64,
+                pages: read_volatile(&raw const (*bi).pages_per_vcpu),
+                passes: read_volatile(&raw const (*bi).passes),
+                write_ratio: read_volatile(&raw const (*bi).write_ratio) as u64,
+                remote_reads: (remote_reads != REMOTE_READS_ANY).then_some(remote_reads as u64),
+                numa: read_volatile(&raw const (*bi).numa),
+            }
         }
     }
 }

@@ -7,6 +7,10 @@
 //!   [`CONTROL_PORT`], after its 64-bit argument has been written as two
 //!   32-bit halves to [`ARG_LO_PORT`] and [`ARG_HI_PORT`]. The latch is per
 //!   vCPU, so vCPUs never interleave.
+//! * Waiting: a vCPU with nothing to do until its next command (the `idle`
+//!   workload, a round's doorbell) writes [`IDLE_PORT`] between polls of its
+//!   command word instead of spinning; the VMM holds the vCPU there until a
+//!   command may have come, a pause or stop, or a few milliseconds pass.
 
 /// COM1 data register.
 pub const SERIAL_PORT: u16 = 0x3f8;
@@ -18,6 +22,8 @@ pub const CONTROL_PORT: u16 = 0x500;
 pub const ARG_LO_PORT: u16 = 0x504;
 /// High half of the next event's argument.
 pub const ARG_HI_PORT: u16 = 0x508;
+/// "Nothing to do until my next command" (any 32-bit out).
+pub const IDLE_PORT: u16 = 0x50c;
 
 /// Block device: argument A, a guest page number (32-bit out).
 pub const BLOCK_PAGE_PORT: u16 = 0x520;

@@ -21,6 +21,8 @@ struct State {
     request: Request,
     parked: usize,
     live: usize,
+    /// Commands sent so far (wakes vCPUs waiting idle).
+    commands: u64,
 }
 
 /// Shared run/pause/stop state of a VM's vCPU threads.
@@ -43,6 +45,7 @@ impl VcpuControl {
                 request: Request::Run,
                 parked: 0,
                 live: vcpus,
+                commands: 0,
             }),
             changed: Condvar::new(),
         }
@@ -112,6 +115,8 @@ impl VcpuControl {
         if s.request == Request::Run {
             s.request = Request::Pause;
         }
+        // vCPUs waiting idle (outside KVM_RUN) park at once.
+        self.changed.notify_all();
         while s.parked < s.live {
             if start.elapsed() > timeout {
                 let (parked, live) = (s.parked, s.live);
@@ -131,6 +136,40 @@ impl VcpuControl {
             }
         }
         Ok(start.elapsed())
+    }
+
+    /// Says a command word was written: wakes the vCPUs waiting idle.
+    pub fn notify_command(&self) {
+        let mut s = self.lock();
+        s.commands = s.commands.wrapping_add(1);
+        self.changed.notify_all();
+    }
+
+    /// A vCPU whose guest waits for its next command: returns when
+    /// `pending()` says one is there, when one is sent meanwhile
+    /// ([`VcpuControl::notify_command`]), on a pause or stop request, or
+    /// after `max`. The guest polls again after each return, so the bound
+    /// only matters for commands written without a notification.
+    pub fn idle_wait(&self, max: Duration, pending: &dyn Fn() -> bool) {
+        let deadline = Instant::now() + max;
+        let seen = self.lock().commands;
+        // Checked after `seen` is read: a command written after the check
+        // notifies, one written before it is seen here.
+        if pending() {
+            return;
+        }
+        let mut s = self.lock();
+        while s.request == Request::Run && s.commands == seen {
+            let now = Instant::now();
+            if now >= deadline {
+                return;
+            }
+            s = self
+                .changed
+                .wait_timeout(s, deadline - now)
+                .unwrap_or_else(PoisonError::into_inner)
+                .0;
+        }
     }
 
     /// Wakes parked vCPUs without releasing them (so they notice a new
@@ -194,5 +233,38 @@ mod tests {
             t.join().expect("thread");
         }
         assert_eq!(ctl.live(), 0);
+    }
+
+    #[test]
+    fn an_idle_wait_ends_on_a_command_a_pause_or_its_bound() {
+        let ctl = Arc::new(VcpuControl::new(1));
+        let t = Instant::now();
+        ctl.idle_wait(Duration::from_millis(30), &|| false);
+        assert!(t.elapsed() >= Duration::from_millis(30));
+        let t = Instant::now();
+        ctl.idle_wait(Duration::from_secs(5), &|| true);
+        assert!(t.elapsed() < Duration::from_secs(1), "a pending command");
+        for pause in [false, true] {
+            let waiter = {
+                let ctl = ctl.clone();
+                std::thread::spawn(move || {
+                    let t = Instant::now();
+                    ctl.idle_wait(Duration::from_secs(5), &|| false);
+                    let waited = t.elapsed();
+                    // Like a vCPU thread: its checkpoint comes next.
+                    ctl.checkpoint();
+                    waited
+                })
+            };
+            std::thread::sleep(Duration::from_millis(20));
+            if pause {
+                ctl.pause(|| {}, Duration::from_secs(5)).expect("parked");
+                ctl.resume();
+            } else {
+                ctl.notify_command();
+            }
+            let waited = waiter.join().expect("waiter");
+            assert!(waited < Duration::from_secs(2), "woken: {waited:?}");
+        }
     }
 }

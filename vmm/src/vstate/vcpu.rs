@@ -9,7 +9,7 @@ use crate::vstate::boot::describe_registers;
 use crate::vstate::capture::CaptureSlots;
 use crate::vstate::control::VcpuControl;
 use guest_mem::GuestRam;
-use guest_protocol::control::{Event, SERIAL_LSR_PORT, SERIAL_PORT};
+use guest_protocol::control::{Event, IDLE_PORT, SERIAL_LSR_PORT, SERIAL_PORT};
 use kvm_bindings::kvm_cpuid_entry2;
 use kvm_bindings::KVM_EXIT_DIRTY_RING_FULL;
 use kvm_ioctls::{VcpuExit, VcpuFd};
@@ -412,6 +412,10 @@ impl VcpuRunner {
 
     fn io_out(&mut self, port: u16, data: &[u8]) -> Next {
         let vcpu = self.index;
+        if port == IDLE_PORT {
+            self.idle_wait();
+            return Next::Run;
+        }
         if port == SERIAL_PORT {
             for b in data {
                 if let Some(line) = self.serial.push(*b) {
@@ -455,6 +459,31 @@ impl VcpuRunner {
         }
     }
 }
+
+impl VcpuRunner {
+    /// The guest waits for its next command (`IDLE_PORT`): hold this
+    /// thread, off the CPU, until one may be there. "There" is read from
+    /// guest memory: the command word's `seq` differs from the last one the
+    /// guest acted on (its state page).
+    fn idle_wait(&self) {
+        use guest_protocol::boot_info::{command_gpa, last_command_seq_gpa, Command};
+        let v = self.index as u64;
+        let pending = || {
+            match (
+                self.ram.load_u64(command_gpa(v)),
+                self.ram.load_u64(last_command_seq_gpa(v)),
+            ) {
+                (Ok(word), Ok(taken)) => Command::unpack(word).0 as u64 != taken,
+                // Unreadable: let the guest find out.
+                _ => true,
+            }
+        };
+        self.control.idle_wait(IDLE_WAIT_MAX, &pending);
+    }
+}
+
+/// The longest a vCPU is held at `IDLE_PORT` without news.
+const IDLE_WAIT_MAX: std::time::Duration = std::time::Duration::from_millis(10);
 
 /// An MMIO exit inside the lazy slot's memory: adds the slot and does the
 /// access on guest RAM (KVM completes the instruction with `data` for a
