@@ -77,10 +77,11 @@ pub struct WorkArea {
     pub pages_per_vcpu: u64,
     /// The guest's NUMA topology.
     pub numa: NumaLayout,
-    /// First work page of each vCPU.
-    base: [u64; MAX_VCPUS],
-    /// First scratch byte of each vCPU.
-    scratch: [u64; MAX_VCPUS],
+    /// Page number of each vCPU's first work page (32 bits: the layout
+    /// maps less than 16 TiB; half the bytes for the guest to fill in).
+    base: [u32; MAX_VCPUS],
+    /// Page number of each vCPU's first scratch page.
+    scratch: [u32; MAX_VCPUS],
 }
 
 impl WorkArea {
@@ -104,8 +105,10 @@ impl WorkArea {
             let mut i = 0;
             for v in 0..vcpus {
                 if numa.node_of_vcpu(v) == node {
-                    area.base[v as usize] = first.saturating_add(i * work_bytes);
-                    area.scratch[v as usize] = first_scratch.saturating_add(i * scratch_bytes);
+                    let base = first.saturating_add(i * work_bytes);
+                    let scratch = first_scratch.saturating_add(i * scratch_bytes);
+                    area.base[v as usize] = (base / PAGE_SIZE) as u32;
+                    area.scratch[v as usize] = (scratch / PAGE_SIZE) as u32;
                     i += 1;
                 }
             }
@@ -130,7 +133,7 @@ impl WorkArea {
 
     /// Guest-physical address of page `page` of vCPU `vcpu`'s range.
     pub fn page_gpa(&self, vcpu: u64, page: u64) -> u64 {
-        self.base[(vcpu as usize).min(MAX_VCPUS - 1)] + page * PAGE_SIZE
+        (self.base[(vcpu as usize).min(MAX_VCPUS - 1)] as u64 + page) * PAGE_SIZE
     }
 
     /// Bytes of verify scratch per vCPU (page-aligned).
@@ -140,7 +143,7 @@ impl WorkArea {
 
     /// Guest-physical address of vCPU `vcpu`'s scratch.
     pub fn vcpu_scratch_gpa(&self, vcpu: u64) -> u64 {
-        self.scratch[(vcpu as usize).min(MAX_VCPUS - 1)]
+        self.scratch[(vcpu as usize).min(MAX_VCPUS - 1)] as u64 * PAGE_SIZE
     }
 
     /// The guest-physical ranges `[start, end)` of each node's work pages.

@@ -68,6 +68,7 @@ impl ScheduleParams {
     }
 
     /// The vCPU whose range a `mixed` read with random bits `r` targets.
+    #[inline(never)]
     fn read_target(&self, vcpu: u64, r: u64) -> u64 {
         let vcpus = self.vcpus.max(1);
         let Some(remote) = self.remote_reads else {
@@ -159,6 +160,9 @@ impl<'a> PassSteps<'a> {
     }
 
     /// The next step of the pass (`Nothing` once the pass is over).
+    /// Inlined: it runs once per page step, and a call costs the guest
+    /// (whose instructions are emulated here) more than the step itself.
+    #[inline(always)]
     pub fn step(&mut self) -> Step {
         let p = &self.params;
         if self.index >= p.pages {
