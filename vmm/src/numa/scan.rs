@@ -143,7 +143,7 @@ impl ScanDriver {
             .map(|(v, node)| {
                 let hosts: Vec<u64> = (0..area.pages_per_vcpu)
                     .map(|p| area.page_gpa(v as u64, p))
-                    .filter(|g| populated.contains(&(g / 4096)))
+                    .filter(|g| populated.contains(&(g / guest_protocol::layout::PAGE_SIZE)))
                     .filter_map(|g| {
                         regions
                             .iter()
