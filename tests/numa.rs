@@ -200,6 +200,8 @@ fn a_restore_places_the_nodes_again() {
         "2",
         "--numa-policy",
         "preferred",
+        "--access-hint",
+        "random",
     ];
     take_snapshot(&dir, "200", &args);
     let o = vmm(&["inspect", dir.to_str().unwrap()], T);
@@ -232,6 +234,14 @@ fn a_restore_places_the_nodes_again() {
             assert_eq!(u64s(&r["cpus"]), node0_cpus(), "{mode}: {r}");
         }
         assert!(numa.get("note").is_none(), "same host: nothing remapped");
+        // The access hint (rule 9's, and the kernel's) travels too.
+        let hints: Vec<&str> = j["memory"]["regions"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|r| r["hint"].as_str().unwrap())
+            .collect();
+        assert_eq!(hints, ["random", "random"], "{mode}");
     }
     let _ = std::fs::remove_dir_all(dir);
 }
@@ -290,6 +300,11 @@ fn the_scanner_moves_pages_to_their_writers_node_inside_a_run() {
 fn the_scanner_samples_beside_a_tracker_without_hiding_writes() {
     // Beside uffd-wp tracking the samples must not hide a write from the
     // tracker (its accuracy check counts misses against the schedules).
+    // With the regions hinted sequential (rule 9: windows rotate over every
+    // present page, no recency) the scanner places the pages too.
+    let j = scanned_run(&["--access-hint", "sequential"]);
+    assert_eq!(j["memory"]["regions"][1]["hint"], "sequential");
+    assert!(j["numa"]["scanner"]["pages_moved"].as_u64().unwrap() >= 200);
     let j = scanned_run(&["--track", "uffd-wp"]);
     assert_eq!(j["tracking"]["missed_pages"], 0, "{}", j["tracking"]);
     assert!(j["numa"]["scanner"]["pages_moved"].as_u64().unwrap() > 0);
@@ -304,7 +319,7 @@ fn the_scanner_samples_beside_a_tracker_without_hiding_writes() {
 #[test]
 fn bad_numa_flags_are_usage_errors() {
     // (flags after `run --pages 64`, what the message must say)
-    let cases: [(&str, &str); 16] = [
+    let cases: [(&str, &str); 17] = [
         ("--numa-nodes 0", "--numa-nodes 0 is out of range"),
         ("--numa-nodes 9", "--numa-nodes 9 is out of range"),
         ("--numa-layout 64Q", "--numa-layout"),
@@ -330,6 +345,7 @@ fn bad_numa_flags_are_usage_errors() {
             "--numa-nodes 2 or more",
         ),
         ("--numa-scan-ms 0", "at least 1"),
+        ("--access-hint zigzag", "unknown access hint"),
         (
             "--numa-scan-ms 5 --backing plain",
             "--backing memfd or anon",

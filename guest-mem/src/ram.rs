@@ -91,6 +91,9 @@ pub struct RamConfig {
     /// [`GuestRam::set_shared_cache`]) and mapped from there, instead of
     /// being copied into this VM privately: registers minor faults too.
     pub shared_cache: bool,
+    /// How the guest will access its RAM: the boot regions' hint (the NUMA
+    /// scanner's rule 9) and the kernel's (`madvise`).
+    pub hint: crate::region::AccessHint,
 }
 
 impl Default for RamConfig {
@@ -102,6 +105,7 @@ impl Default for RamConfig {
             handler_threads: 1,
             wp_async: false,
             shared_cache: false,
+            hint: crate::region::AccessHint::Normal,
         }
     }
 }
@@ -136,6 +140,8 @@ pub struct RegionStats {
     pub size: u64,
     /// vCPUs that faulted on it (bit = vCPU id % 64).
     pub accessors: u64,
+    /// Its access hint.
+    pub hint: crate::region::AccessHint,
 }
 
 /// Guest RAM.
@@ -221,11 +227,32 @@ impl GuestRam {
         let region = core.add_region(
             0,
             size,
-            RegionFlags::default(),
+            RegionFlags {
+                hint: config.hint,
+                ..RegionFlags::default()
+            },
             config.backing,
             config.thp,
             mapping,
         )?;
+        if config.hint != crate::region::AccessHint::Normal {
+            // SAFETY: advice over the region's own live mapping; it changes
+            // no content.
+            let rc = unsafe {
+                libc::madvise(
+                    region.host_start() as *mut libc::c_void,
+                    size as usize,
+                    config.hint.advice(),
+                )
+            };
+            if rc != 0 {
+                log::warn!(
+                    "madvise({}) on guest RAM: {}",
+                    config.hint.name(),
+                    std::io::Error::last_os_error()
+                );
+            }
+        }
         let memory = vm_memory_view(std::slice::from_ref(&region))?;
         Ok(GuestRam {
             engine,
@@ -551,6 +578,7 @@ impl GuestRam {
                     gpa: r.gpa,
                     size: r.size,
                     accessors: r.accessors.load(Ordering::Relaxed),
+                    hint: r.flags.hint,
                 })
                 .collect(),
             thp_requested: self.config.thp,

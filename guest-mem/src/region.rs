@@ -53,6 +53,38 @@ pub enum AccessHint {
     Random,
 }
 
+impl AccessHint {
+    /// All hints, in CLI order.
+    pub const ALL: [AccessHint; 3] = [
+        AccessHint::Normal,
+        AccessHint::Sequential,
+        AccessHint::Random,
+    ];
+
+    /// The CLI name.
+    pub fn name(self) -> &'static str {
+        match self {
+            AccessHint::Normal => "normal",
+            AccessHint::Sequential => "sequential",
+            AccessHint::Random => "random",
+        }
+    }
+
+    /// Parses a CLI name.
+    pub fn from_name(s: &str) -> Option<AccessHint> {
+        AccessHint::ALL.into_iter().find(|h| h.name() == s)
+    }
+
+    /// The `madvise(2)` advice that tells the kernel the same.
+    pub(crate) fn advice(self) -> libc::c_int {
+        match self {
+            AccessHint::Normal => libc::MADV_NORMAL,
+            AccessHint::Sequential => libc::MADV_SEQUENTIAL,
+            AccessHint::Random => libc::MADV_RANDOM,
+        }
+    }
+}
+
 /// Region flags.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct RegionFlags {

@@ -48,6 +48,11 @@ fn parse_numa_policy(s: &str) -> Result<guest_mem::numa::policy::NumaPolicy, Str
         .ok_or_else(|| format!("unknown NUMA policy {s:?}; one of: bind, preferred, interleave"))
 }
 
+fn parse_access_hint(s: &str) -> Result<guest_mem::AccessHint, String> {
+    guest_mem::AccessHint::from_name(s)
+        .ok_or_else(|| format!("unknown access hint {s:?}; one of: normal, sequential, random"))
+}
+
 fn parse_clone_mode(s: &str) -> Result<crate::snapshot::clone::CloneMode, String> {
     match s {
         "mmap" => Ok(crate::snapshot::clone::CloneMode::Mmap),
@@ -400,6 +405,11 @@ pub struct RunArgs {
     /// Pages populated per missing fault (a power of two, 1 to 512).
     #[arg(long, default_value_t = 16)]
     pub fault_around: u64,
+    /// How the guest will access its RAM: normal, sequential or random.
+    /// Given to the kernel (`madvise`) and to the NUMA scanner, which
+    /// samples hinted regions without preferring recently accessed pages.
+    #[arg(long, default_value = "normal", value_parser = parse_access_hint)]
+    pub access_hint: guest_mem::AccessHint,
     /// Track dirty pages with this backend, one round per pass: kvm-bitmap,
     /// kvm-ring, uffd-wp, uffd-async or soft-dirty.
     #[arg(long, value_parser = parse_tracker)]
@@ -528,6 +538,7 @@ impl RunArgs {
                 thp: self.thp,
                 fault_around_pages: self.fault_around,
                 wp_async: self.track.is_some_and(TrackerKind::needs_wp_async),
+                hint: self.access_hint,
                 ..RamConfig::default()
             },
             round_per_pass: self.track.is_some(),

@@ -98,6 +98,8 @@ pub struct RegionReport {
     pub size: u64,
     /// vCPUs that faulted on it (bit = vCPU id % 64).
     pub accessors: u64,
+    /// Its access hint (`normal`, `sequential`, `random`).
+    pub hint: &'static str,
 }
 
 /// The `"memory"` object of a run report.
@@ -161,6 +163,7 @@ impl From<&guest_mem::MemoryStats> for MemoryReport {
                     gpa: r.gpa,
                     size: r.size,
                     accessors: r.accessors,
+                    hint: r.hint.name(),
                 })
                 .collect(),
         }

@@ -444,6 +444,7 @@ pub fn describe(
                 size: r.bytes,
                 shared: false,
                 read_only: false,
+                hint: config.ram.hint.name().into(),
             })
             .collect(),
         backing: config.ram.backing.name().into(),

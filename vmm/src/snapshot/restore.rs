@@ -21,7 +21,7 @@ use crate::report::RunReport;
 use crate::runner::{prepare_process, supervise, Machine, RunError, RunHooks, SerialSink};
 use crate::vstate::vm::{create_vm_lazy, open_kvm};
 use guest_mem::numa::policy::NumaPolicy;
-use guest_mem::{BackingKind, GuestRam, RamConfig};
+use guest_mem::{AccessHint, BackingKind, GuestRam, RamConfig};
 use guest_protocol::{CommandOp, Workload};
 use kvm_ioctls::Kvm;
 use serde::Serialize;
@@ -224,6 +224,12 @@ pub(crate) fn config_of(state: &SnapshotState) -> Result<VmConfig, SnapshotError
         ram: RamConfig {
             backing,
             fault_around_pages: m.fault_around_pages,
+            hint: match m.regions.first().map(|r| r.hint.as_str()) {
+                None => AccessHint::Normal,
+                Some(h) => AccessHint::from_name(h).ok_or_else(|| {
+                    SnapshotError::Incompatible(format!("unknown access hint {h:?}"))
+                })?,
+            },
             ..RamConfig::default()
         },
         round_per_pass: m.round_per_pass,

@@ -86,6 +86,8 @@ pub struct RegionDesc {
     pub shared: bool,
     /// Read-only.
     pub read_only: bool,
+    /// Access hint (`normal`, `sequential`, `random`).
+    pub hint: String,
 }
 
 /// What the snapshot's machine was.
