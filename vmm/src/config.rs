@@ -183,15 +183,6 @@ impl VmConfig {
                 ));
             }
         }
-        if let Some(h) = &numa.host_nodes {
-            if h.len() != layout.nodes as usize {
-                return Err(ConfigError::Numa(format!(
-                    "--numa-host-nodes names {} host node(s), but the guest has {} NUMA node(s)",
-                    h.len(),
-                    layout.nodes
-                )));
-            }
-        }
         if numa.scan_ms == Some(0) {
             return Err(ConfigError::Numa(
                 "--numa-scan-ms must be at least 1".into(),

@@ -226,11 +226,6 @@ pub const fn last_command_seq_gpa(vcpu: u64) -> u64 {
 }
 
 impl BootInfo {
-    /// The `mixed` workload's remote-read share (`None`: any vCPU).
-    pub fn remote_read_share(&self) -> Option<u64> {
-        (self.remote_reads != REMOTE_READS_ANY).then_some(self.remote_reads as u64)
-    }
-
     /// The schedule this page describes, for `workload` (decoded from
     /// `self.workload` by the caller, which decides what an unknown one
     /// means).

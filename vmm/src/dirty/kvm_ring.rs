@@ -38,16 +38,21 @@ struct Ring {
 unsafe impl Send for Ring {}
 
 impl Ring {
-    /// Takes entry `i` if KVM published it: its page number (slot 0 only)
-    /// goes to `out` and it is marked for reset. False when it is not
-    /// published.
-    fn take(&mut self, i: u32, out: &mut Vec<u64>) -> bool {
+    /// Entry `i` (modulo the ring) and its flags word.
+    fn entry(&self, i: u32) -> (*mut kvm_dirty_gfn, &AtomicU32) {
         // SAFETY: i % RING_ENTRIES < RING_ENTRIES, inside the mapping made
         // in `after_vcpus`, which lives as long as the tracker.
         let entry = unsafe { self.base.add((i % RING_ENTRIES) as usize) };
         // SAFETY: `flags` is the first u32 of the entry, 4-aligned; KVM
         // publishes an entry by setting DIRTY with release ordering.
-        let flags = unsafe { &*(entry as *const AtomicU32) };
+        (entry, unsafe { &*(entry as *const AtomicU32) })
+    }
+
+    /// Takes entry `i` if KVM published it: its page number (slot 0 only)
+    /// goes to `out` and it is marked for reset. False when it is not
+    /// published.
+    fn take(&mut self, i: u32, out: &mut Vec<u64>) -> bool {
+        let (entry, flags) = self.entry(i);
         if flags.load(Ordering::Acquire) & GFN_DIRTY == 0 {
             return false;
         }
@@ -77,10 +82,7 @@ impl Ring {
     /// back under its limit (one entry at a time, so the reset index
     /// never passes KVM's dirty index).
     fn skip_lost_entry(&mut self) {
-        // SAFETY: as in `take`.
-        let entry = unsafe { self.base.add((self.next % RING_ENTRIES) as usize) };
-        // SAFETY: as in `take`.
-        let flags = unsafe { &*(entry as *const AtomicU32) };
+        let (_, flags) = self.entry(self.next);
         if flags.load(Ordering::Acquire) == 0 {
             flags.store(GFN_RESET, Ordering::Release);
             self.next = self.next.wrapping_add(1);

@@ -125,6 +125,9 @@ pub fn report(
     ram: &guest_mem::GuestRam,
     scanner: Option<scan::ScanReport>,
 ) -> Option<placement::NumaReport> {
+    if placement.is_none() && scanner.is_none() {
+        return None;
+    }
     let host = guest_mem::numa::topology::HostTopology::detect();
     let mut report = match placement {
         Some(p) => p.report(ram, &host),
@@ -140,9 +143,6 @@ pub fn report(
             }
         }
     };
-    if placement.is_none() && scanner.is_none() {
-        return None;
-    }
     report.scanner = scanner;
     Some(report)
 }

@@ -41,7 +41,7 @@ pub struct ScanReport {
     pub pages_moved: u64,
     /// Moves the rate limit put off.
     pub moves_deferred: u64,
-    /// Microseconds spent in rounds, in all and the longest.
+    /// Microseconds spent in rounds, in all.
     pub scan_us_total: u64,
     /// The longest round, in microseconds.
     pub scan_us_max: u64,
