@@ -140,6 +140,10 @@ fn a_layout_sizes_the_nodes_and_assigns_the_vcpus() {
             "32M:0+2,64M:1-1+3",
             "--numa-policy",
             "bind",
+            // Both guest nodes on host node 0, as asked (this host's only
+            // node), not by the default mapping.
+            "--numa-host-nodes",
+            "0,0",
         ],
         T,
     );
