@@ -87,7 +87,8 @@ pub struct SnapshotArgs {
     /// guest has made --snapshot-after-pages page stores.
     #[arg(long, requires = "snapshot_after_pages")]
     pub snapshot: Option<PathBuf>,
-    /// Page stores (all vCPUs) after which the snapshot is taken.
+    /// Page stores (all vCPUs) after which the snapshot is taken (0: once
+    /// every vCPU has started; an idle guest, once it waits for commands).
     #[arg(long, requires = "snapshot")]
     pub snapshot_after_pages: Option<u64>,
     /// How the snapshot is taken: live (the guest keeps running; the pause
@@ -504,7 +505,8 @@ fn parse_numa_layout(s: &str) -> Result<crate::numa::topology::NodeLayout, Strin
 #[derive(Args, Debug, Clone)]
 pub struct ForkArgs {
     /// Fork the running VM once the guest has made this many page stores
-    /// (all vCPUs): children share its memory copy-on-write and run on.
+    /// (all vCPUs; 0: once every vCPU has started, an idle guest once it
+    /// waits): children share its memory copy-on-write and run on.
     #[arg(long, requires = "forks")]
     pub fork_after_pages: Option<u64>,
     /// How many children the fork makes (1 to 64); each uses its own seed

@@ -12,6 +12,7 @@ use crate::runner::{prepare_process, supervise, RunError, RunHooks, SerialSink, 
 use crate::snapshot::restore::{config_of, machine_from_state};
 use crate::snapshot::state::{save_vm, DeviceState, MemoryDesc, SnapshotState, CHUNK_BYTES};
 use crate::snapshot::writer::markers_of;
+use crate::vstate::start_gate::StartGate;
 use crate::vstate::vm::open_kvm;
 use guest_mem::GuestRam;
 use guest_protocol::CommandOp;
@@ -47,6 +48,10 @@ pub struct ForkChild {
     pub outcome: VmOutcome,
     /// µs from the fork request to its machine being ready.
     pub setup_us: u64,
+    /// µs from the fork request to its first `KVM_RUN` (the rest of
+    /// `first_io_us` is the guest's own time, emulated on hosts without
+    /// hardware virtualization).
+    pub first_run_us: Option<u64>,
     /// µs from the fork request to its first I/O exit.
     pub first_io_us: Option<u64>,
 }
@@ -107,6 +112,7 @@ impl PendingFork {
                     index: c.index,
                     seed: c.seed,
                     setup_us: c.setup_us,
+                    first_run_us: outcome.first_run_us.map(|b| c.created_after_us + b),
                     first_io_us: outcome.boot_us.map(|b| c.created_after_us + b),
                     outcome,
                 }
@@ -224,57 +230,109 @@ pub fn fork_vm(vm: &mut VmHandle, opts: ForkOptions) -> Result<PendingFork, RunE
     // a page the parent populated since is a hole in the memfd, which a
     // child that touches it reads as the zeros it held at the fork.
     let populated = vm.ram().populated_pages();
-    // Every child's machine first: a failure drops them all before any
-    // runs, and the parent runs on with its content unchanged (rule 7).
-    let mut machines = Vec::with_capacity(opts.count as usize);
+    let build = ChildBuild {
+        kvm: &kvm,
+        config: &config,
+        state: &state,
+        image: &image,
+        populated: &populated,
+    };
+    // Each child's threads start as soon as its machine is ready (their
+    // setup overlaps the building of the next), but its vCPUs wait at the
+    // gate until every child is built. A failure cancels the gate: the
+    // children started so far stop without running guest code and are
+    // dropped, and the parent runs on with its content unchanged (rule 7).
+    let (gate, guard) = StartGate::new();
+    let mut children: Vec<RunningChild> = Vec::with_capacity(opts.count as usize);
     for i in 0..opts.count {
-        let mut ram = GuestRam::from_file_private(config.mem_bytes, config.ram, &image.file)?;
-        crate::numa::split(&config, &mut ram)?;
-        if opts.fail_setup_at == Some(i) {
-            return Err(fail(format!(
-                "child {i}: injected failure after mapping its memory"
+        match build.machine(i, opts.fail_setup_at == Some(i)) {
+            Ok(m) => {
+                let seed = opts.seed_base.wrapping_add(i as u64);
+                children.push(start_child(i, seed, m, &config, &gate, start));
+            }
+            Err(e) => {
+                drop(guard);
+                for c in children {
+                    if let Ok(t) = c.thread {
+                        let _ = t.join();
+                    }
+                }
+                return Err(e);
+            }
+        }
+    }
+    guard.open();
+    Ok(PendingFork { pause_us, children })
+}
+
+/// What every child of one fork is built from.
+struct ChildBuild<'a> {
+    kvm: &'a kvm_ioctls::Kvm,
+    config: &'a crate::config::VmConfig,
+    state: &'a SnapshotState,
+    image: &'a guest_mem::fork::ForkImage,
+    populated: &'a [u64],
+}
+
+impl ChildBuild<'_> {
+    /// Child `i`'s machine: its private mapping of the image, its table
+    /// marked, the parent's pinned pages copied, its VM and vCPUs.
+    /// `inject_failure`: tests fail it once its memory is mapped.
+    fn machine(&self, i: u32, inject_failure: bool) -> Result<crate::runner::Machine, RunError> {
+        let config = self.config;
+        let mut ram = GuestRam::from_file_private(config.mem_bytes, config.ram, &self.image.file)?;
+        crate::numa::split(config, &mut ram)?;
+        if inject_failure {
+            return Err(RunError::Runtime(format!(
+                "fork: child {i}: injected failure after mapping its memory"
             )));
         }
-        ram.mark_file_backed(&populated)?;
+        ram.mark_file_backed(self.populated)?;
         // Rule 13: the parent's pinned pages are copied, never shared.
-        ram.adopt_pinned_copies(&image)?;
-        let machine = machine_from_state(&kvm, &state, Arc::new(ram))?;
-        machines.push((machine, start.elapsed().as_micros() as u64));
+        ram.adopt_pinned_copies(self.image)?;
+        machine_from_state(self.kvm, self.state, Arc::new(ram))
     }
-    let mut children = Vec::with_capacity(machines.len());
-    for (i, (machine, setup_us)) in machines.into_iter().enumerate() {
-        let index = i as u32;
-        let created_after_us = machine.created.duration_since(start).as_micros() as u64;
-        let ram = machine.ram.clone();
-        let seed = opts.seed_base.wrapping_add(i as u64);
-        let config = config.clone();
-        let thread = prepare_process()
-            .map_err(|e| e.to_string())
-            .and_then(|signals| {
-                std::thread::Builder::new()
-                    .name(format!("fork{i}"))
-                    .spawn(move || {
-                        supervise(
-                            &config,
-                            machine,
-                            RunHooks::default(),
-                            SerialSink::Capture,
-                            signals,
-                            Some((CommandOp::Forked, seed)),
-                        )
-                    })
-                    .map_err(|e| format!("cannot start fork child {i}: {e}"))
-            });
-        children.push(RunningChild {
-            index,
-            seed,
-            setup_us,
-            created_after_us,
-            ram,
-            thread,
+}
+
+/// Starts child `index` on its own thread.
+fn start_child(
+    index: u32,
+    seed: u64,
+    machine: crate::runner::Machine,
+    config: &crate::config::VmConfig,
+    gate: &Arc<StartGate>,
+    start: Instant,
+) -> RunningChild {
+    let setup_us = start.elapsed().as_micros() as u64;
+    let created_after_us = machine.created.duration_since(start).as_micros() as u64;
+    let ram = machine.ram.clone();
+    let config = config.clone();
+    let hooks = RunHooks::default().start_gate(gate.clone());
+    let thread = prepare_process()
+        .map_err(|e| e.to_string())
+        .and_then(|signals| {
+            std::thread::Builder::new()
+                .name(format!("fork{index}"))
+                .spawn(move || {
+                    supervise(
+                        &config,
+                        machine,
+                        hooks,
+                        SerialSink::Capture,
+                        signals,
+                        Some((CommandOp::Forked, seed)),
+                    )
+                })
+                .map_err(|e| format!("cannot start fork child {index}: {e}"))
         });
+    RunningChild {
+        index,
+        seed,
+        setup_us,
+        created_after_us,
+        ram,
+        thread,
     }
-    Ok(PendingFork { pause_us, children })
 }
 
 /// The worst outcome among a fork's children, as a run status for the

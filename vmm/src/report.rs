@@ -259,6 +259,9 @@ pub struct VmOutcome {
     /// µs from its machine's creation to its first I/O exit.
     #[serde(skip)]
     pub boot_us: Option<u64>,
+    /// µs from its machine's creation to its first `KVM_RUN`.
+    #[serde(skip)]
+    pub first_run_us: Option<u64>,
 }
 
 impl VmOutcome {
@@ -280,6 +283,7 @@ impl VmOutcome {
             zero_pages: sharing.zero_pages,
             poisoned_pages: ram.poisoned_pages(),
             boot_us: None,
+            first_run_us: None,
         };
         match result {
             Ok(r) => {
@@ -290,6 +294,7 @@ impl VmOutcome {
                 o.verify_mismatches = r.verify_mismatches;
                 o.host_verify_mismatches = r.host_verify_mismatches;
                 o.boot_us = r.boot_us;
+                o.first_run_us = r.first_run_us;
             }
             Err(e) => {
                 o.status = e.kind().into();

@@ -194,12 +194,14 @@ pub struct RunHooks {
     at_exit: Vec<HookAction>,
     on_round: Vec<RoundHook>,
     fail_on: Vec<Arc<Mutex<Option<String>>>>,
+    start_gate: Option<Arc<crate::vstate::start_gate::StartGate>>,
 }
 
 impl RunHooks {
     /// Runs `action` once the guest has made at least `pages` page stores in
     /// total (seen at the vCPUs' progress reports, every 64 steps; 0 means
-    /// at boot).
+    /// once every vCPU has booted, or for the idle workload, waits for
+    /// commands).
     pub fn after_pages(mut self, pages: u64, action: HookAction) -> Self {
         self.after_pages.push((pages, action));
         self.after_pages.sort_by_key(|(p, _)| *p);
@@ -210,6 +212,13 @@ impl RunHooks {
     /// error into `slot` (e.g. a background checksum verification).
     pub fn fail_on(mut self, slot: Arc<Mutex<Option<String>>>) -> Self {
         self.fail_on.push(slot);
+        self
+    }
+
+    /// Holds the vCPUs before their first `KVM_RUN` until `gate` opens; a
+    /// cancelled gate stops them without running guest code.
+    pub fn start_gate(mut self, gate: Arc<crate::vstate::start_gate::StartGate>) -> Self {
+        self.start_gate = Some(gate);
         self
     }
 
@@ -592,7 +601,8 @@ pub fn supervise(
         .with_capture(capture.clone(), cpuid.clone())
         .with_first_run(first_run.clone())
         .with_block(block.clone())
-        .with_lazy_slot(lazy_slot.clone());
+        .with_lazy_slot(lazy_slot.clone())
+        .with_start_gate(hooks.start_gate.clone());
         let exited = exited.clone();
         let placement = placement.clone();
         let t = std::thread::Builder::new()
@@ -647,7 +657,9 @@ pub fn supervise(
     let rounds = tracking.map(|t| RoundDriver::new(t, vm.clone(), vcpu_count));
     let mut sup = Supervisor::new(handle, rx, wake, signals, sink, hooks, stop_after, rounds);
     sup.scan = crate::numa::scan_driver(config, placement.as_deref(), vcpu_count);
+    sup.idle_workload = config.workload == guest_protocol::Workload::Idle;
     if restored {
+        sup.vcpu_started.iter_mut().for_each(|s| *s = true);
         sup.speaks_protocol = true;
         sup.first_boot = Some(Instant::now());
     }
@@ -774,6 +786,11 @@ struct Supervisor {
     rounds: Option<RoundDriver>,
     stop_after: Option<Duration>,
     progress: Vec<u64>,
+    /// Per vCPU: it has started its workload (booted, or for the idle
+    /// workload, reached its wait for commands).
+    vcpu_started: Vec<bool>,
+    /// The guest runs the idle workload: a vCPU has started once it waits.
+    idle_workload: bool,
     verify: Vec<Option<u64>>,
     outcomes: Vec<Option<VcpuOutcome>>,
     speaks_protocol: bool,
@@ -815,6 +832,8 @@ impl Supervisor {
             rounds,
             stop_after,
             progress: vec![0; n],
+            vcpu_started: vec![false; n],
+            idle_workload: false,
             verify: vec![None; n],
             outcomes: (0..n).map(|_| None).collect(),
             speaks_protocol: false,
@@ -969,10 +988,11 @@ impl Supervisor {
             Event::Boot => {
                 self.speaks_protocol |= arg == BOOT_INFO_VERSION as u64;
                 self.first_boot.get_or_insert_with(Instant::now);
-                // A threshold of 0 page stores is reached at boot (a
-                // snapshot of a guest that waits for requests).
-                self.run_page_hooks();
+                if !self.idle_workload {
+                    self.vcpu_started(v);
+                }
             }
+            Event::Waiting => self.vcpu_started(v),
             Event::Progress | Event::Done | Event::RoundEnd => {
                 if let Some(p) = self.progress.get_mut(v) {
                     *p = arg;
@@ -1063,9 +1083,25 @@ impl Supervisor {
         }
     }
 
+    /// vCPU `v` has started its workload: a threshold of 0 page stores is
+    /// reached once every vCPU has (for the idle workload, once every vCPU
+    /// waits for commands: a snapshot or fork then captures a guest in its
+    /// wait, not one still reading its boot-info page).
+    fn vcpu_started(&mut self, v: usize) {
+        if let Some(s) = self.vcpu_started.get_mut(v) {
+            *s = true;
+        }
+        self.run_page_hooks();
+    }
+
     fn run_page_hooks(&mut self) {
         let total: u64 = self.progress.iter().sum();
-        while self.hooks.first().is_some_and(|(n, _)| total >= *n) {
+        let all_started = self.vcpu_started.iter().all(|s| *s);
+        while self
+            .hooks
+            .first()
+            .is_some_and(|(n, _)| total >= *n && (*n > 0 || all_started))
+        {
             let (n, action) = self.hooks.remove(0);
             log::debug!("running the hook set for {n} page stores at {total}");
             if let Err(e) = action(&mut self.handle) {

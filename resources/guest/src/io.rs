@@ -51,8 +51,8 @@ pub fn idle() {
     outl(guest_protocol::control::IDLE_PORT, 0);
 }
 
-/// Writes text to COM1 with one `rep outsb`: KVM hands the whole string to
-/// the VMM in one exit instead of one exit per byte.
+/// Writes text to COM1 with one `rep outsb`: KVM may hand the whole string
+/// to the VMM in one exit (an instruction emulator may still exit per byte).
 pub fn print(s: &str) {
     if s.is_empty() {
         return;

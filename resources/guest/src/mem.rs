@@ -16,22 +16,24 @@ pub unsafe extern "C" fn memcpy(dest: *mut u8, src: *const u8, n: usize) -> *mut
 /// `dest` and `src` must be valid for `n` bytes.
 #[no_mangle]
 pub unsafe extern "C" fn memmove(dest: *mut u8, src: *const u8, n: usize) -> *mut u8 {
-    // Word moves where both ends are 8-aligned: guest instructions are
-    // emulated one by one here, and a struct copy byte by byte (a 1.3 KiB
-    // boot-info page: ~5000 instructions) took milliseconds. Moving a
-    // word at a time in the safe direction stays correct for overlapping
-    // ranges: each word is read whole before the write that may overlap
-    // it, and the write only reaches source bytes already read.
+    // Word moves where both ends are 8-aligned, each run of them one
+    // `rep movsq`: guest instructions are emulated one by one here, the
+    // emulator steps a `rep movsq` once per word, and a struct copy byte by
+    // byte (a 1.3 KiB boot-info page: ~5000 instructions) took
+    // milliseconds. The copy runs backward only when `dest` overlaps the
+    // source from above; every other copy (struct copies down or up the
+    // stack included) runs forward.
     let words = (dest as usize | src as usize).is_multiple_of(8);
-    if (dest as usize) <= (src as usize) {
+    let overlaps_from_above =
+        (dest as usize) > (src as usize) && (dest as usize) - (src as usize) < n;
+    if !overlaps_from_above {
         let mut i = 0;
         if words && n >= 8 {
-            // One `rep movsq`: the emulator steps it once per word, a
-            // quarter of what a loop of moves costs.
             let count = n / 8;
             // SAFETY: both ranges are valid for `count` words, 8-aligned;
-            // a forward copy is safe when dest is below src; the direction
-            // flag is clear (the ABI guarantees it at calls).
+            // a forward copy is safe when dest does not overlap src from
+            // above; the direction flag is clear (the ABI guarantees it
+            // at calls).
             unsafe {
                 core::arch::asm!(
                     "rep movsq",
@@ -45,7 +47,7 @@ pub unsafe extern "C" fn memmove(dest: *mut u8, src: *const u8, n: usize) -> *mu
         }
         while i < n {
             // SAFETY: i < n, both ranges valid for n bytes; copying forward is
-            // safe when dest is below src.
+            // safe when dest does not overlap src from above.
             unsafe { write_volatile(dest.add(i), read_volatile(src.add(i))) };
             i += 1;
         }
@@ -57,15 +59,24 @@ pub unsafe extern "C" fn memmove(dest: *mut u8, src: *const u8, n: usize) -> *mu
                 // SAFETY: i < n as below.
                 unsafe { write_volatile(dest.add(i), read_volatile(src.add(i))) };
             }
-            while i >= 8 {
-                i -= 8;
-                // SAFETY: i + 8 <= n, 8-aligned; backward when dest is above src.
+            let count = i / 8;
+            if count > 0 {
+                // SAFETY: both ranges are valid for the `count` words below
+                // `i`, 8-aligned; with the direction flag set the copy runs
+                // from the last word down, safe when dest is above src, and
+                // the flag is cleared again before anything else runs.
                 unsafe {
-                    write_volatile(
-                        dest.add(i) as *mut u64,
-                        read_volatile(src.add(i) as *const u64),
-                    )
-                };
+                    core::arch::asm!(
+                        "std",
+                        "rep movsq",
+                        "cld",
+                        inout("rcx") count => _,
+                        inout("rdi") dest.add(i - 8) => _,
+                        inout("rsi") src.add(i - 8) => _,
+                        options(nostack)
+                    );
+                }
+                i = 0;
             }
         }
         while i > 0 {

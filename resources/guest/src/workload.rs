@@ -253,6 +253,7 @@ pub fn run(vcpu: u64, boot_info: *const BootInfo) -> ! {
     }
 
     if workload == Workload::Idle {
+        io::event(Event::Waiting, 0);
         while ctx.poll() == Poll::Continue {
             io::idle();
         }

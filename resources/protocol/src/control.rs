@@ -58,6 +58,10 @@ pub enum Event {
     Panic = 7,
     /// The vCPU acted on a command; arg = the command's `seq`.
     CommandAck = 8,
+    /// The vCPU has started the `idle` workload and now waits for
+    /// commands; arg = 0. A guest that waits is what a snapshot or fork
+    /// "at 0 page stores" captures.
+    Waiting = 9,
 }
 
 impl Event {
@@ -72,6 +76,7 @@ impl Event {
             Event::Done,
             Event::Panic,
             Event::CommandAck,
+            Event::Waiting,
         ]
         .into_iter()
         .find(|e| *e as u32 == v)

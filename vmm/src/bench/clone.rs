@@ -86,6 +86,11 @@ pub struct ForkRow {
     pub first_io_max_us: f64,
     /// Median µs from the fork request to a child's machine being ready.
     pub ready_median_us: f64,
+    /// Median µs from the fork request to a child's first `KVM_RUN` (what
+    /// follows until its first I/O exit is guest time, emulated here).
+    pub first_run_median_us: f64,
+    /// The last child's first `KVM_RUN`, µs from the fork request.
+    pub first_run_max_us: f64,
 }
 
 /// Everything `vmm bench clone` measured.
@@ -217,7 +222,8 @@ fn fork_row(
         "--forks",
         &children.to_string(),
     ]));
-    let (mut pause, mut first, mut ready) = (Vec::new(), Vec::new(), Vec::new());
+    let (mut pause, mut first, mut ready, mut run) =
+        (Vec::new(), Vec::new(), Vec::new(), Vec::new());
     for _ in 0..runs.max(1) {
         let j = run_json(exe, &args)?;
         let f = &j["forks"][0];
@@ -225,6 +231,7 @@ fn fork_row(
         let kids = f["children"].as_array().cloned().unwrap_or_default();
         first.extend(kids.iter().filter_map(|c| c["first_io_us"].as_f64()));
         ready.extend(kids.iter().filter_map(|c| c["setup_us"].as_f64()));
+        run.extend(kids.iter().filter_map(|c| c["first_run_us"].as_f64()));
     }
     Ok(ForkRow {
         guest,
@@ -234,6 +241,8 @@ fn fork_row(
         first_io_max_us: first.iter().copied().fold(0.0, f64::max),
         first_io_median_us: median(&first),
         ready_median_us: median(&ready),
+        first_run_median_us: median(&run),
+        first_run_max_us: run.iter().copied().fold(0.0, f64::max),
     })
 }
 
@@ -338,6 +347,8 @@ fn bench(args: &CloneBenchArgs) -> Result<CloneBench, String> {
         first_io_median_us: 0.0,
         first_io_max_us: 0.0,
         ready_median_us: 0.0,
+        first_run_median_us: 0.0,
+        first_run_max_us: 0.0,
     });
     Ok(result)
 }
@@ -380,14 +391,16 @@ fn print(r: &CloneBench) {
         );
     }
     println!(
-        "forks of a running VM, medians of the runs (pause: longest; 1st I/O: last child), ms from the fork request:"
+        "forks of a running VM, medians of the runs (in parentheses: the longest pause, the last child), ms from the fork request:"
     );
     for f in &r.forks {
         // The populated guest's row measures the pause only.
         let children = if f.ready_median_us > 0.0 {
             format!(
-                ", child ready {:.2} ms, first I/O {:.2} ({:.2}) ms",
+                ", child ready {:.2} ms, first KVM_RUN {:.2} ({:.2}) ms, first I/O {:.2} ({:.2}) ms",
                 f.ready_median_us / 1000.0,
+                f.first_run_median_us / 1000.0,
+                f.first_run_max_us / 1000.0,
                 f.first_io_median_us / 1000.0,
                 f.first_io_max_us / 1000.0
             )

@@ -4,5 +4,6 @@ pub mod boot;
 pub mod capture;
 pub mod control;
 pub mod host_cpu;
+pub mod start_gate;
 pub mod vcpu;
 pub mod vm;

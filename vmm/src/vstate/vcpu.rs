@@ -189,6 +189,7 @@ pub struct VcpuRunner {
     capture: Option<(Arc<CaptureSlots>, Vec<kvm_cpuid_entry2>)>,
     block: Option<Arc<crate::devices::block::BlockDevice>>,
     lazy_slot: Option<Arc<crate::vstate::vm::LazySlot>>,
+    start_gate: Option<Arc<crate::vstate::start_gate::StartGate>>,
 }
 
 impl VcpuRunner {
@@ -216,7 +217,18 @@ impl VcpuRunner {
             capture: None,
             block: None,
             lazy_slot: None,
+            start_gate: None,
         }
+    }
+
+    /// Waits at `gate` before the first `KVM_RUN`; a cancelled gate stops
+    /// the vCPU without running it.
+    pub fn with_start_gate(
+        mut self,
+        gate: Option<Arc<crate::vstate::start_gate::StartGate>>,
+    ) -> Self {
+        self.start_gate = gate;
+        self
     }
 
     /// Adds the lazy memory slot when the guest first touches its memory.
@@ -271,6 +283,11 @@ impl VcpuRunner {
     }
 
     fn run_loop(&mut self) -> VcpuOutcome {
+        if let Some(gate) = self.start_gate.take() {
+            if !gate.wait() {
+                return VcpuOutcome::Stopped;
+            }
+        }
         let vcpu = self.index;
         let control = self.control.clone();
         loop {
