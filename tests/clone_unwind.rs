@@ -6,17 +6,6 @@ mod common;
 use common::*;
 use vmm::snapshot::clone::{clone_vms, CloneOptions};
 
-fn fds() -> usize {
-    std::fs::read_dir("/proc/self/fd").expect("fd").count()
-}
-
-fn mappings() -> usize {
-    std::fs::read_to_string("/proc/self/maps")
-        .expect("maps")
-        .lines()
-        .count()
-}
-
 #[test]
 fn a_clone_that_fails_half_way_leaks_nothing_and_leaves_the_snapshot_as_it_was() {
     let dir = std::env::temp_dir().join(format!("vmm-clone-unwind-{}", std::process::id()));
@@ -38,12 +27,12 @@ fn a_clone_that_fails_half_way_leaks_nothing_and_leaves_the_snapshot_as_it_was()
     // caches, KVM's module state), then counted.
     let e = clone_vms(&dir, &failing).expect_err("injected failure");
     assert!(e.to_string().contains("clone 2: injected"), "{e}");
-    let (f0, m0) = (fds(), mappings());
+    let (f0, m0) = (open_fds(), object_mappings());
     for _ in 0..3 {
         assert!(clone_vms(&dir, &failing).is_err());
     }
-    assert_eq!(fds(), f0, "file descriptors leaked");
-    assert_eq!(mappings(), m0, "mappings leaked");
+    assert_eq!(open_fds(), f0, "file descriptors leaked");
+    assert_eq!(object_mappings(), m0, "mappings leaked");
     assert!(before_files == files(&dir), "the snapshot changed");
     // The same snapshot still clones.
     let ok = CloneOptions {

@@ -12,22 +12,6 @@ use vmm::fork::{fork_vm, ForkOptions};
 /// File descriptors and mappings.
 type Counts = (usize, usize);
 
-fn fds() -> usize {
-    std::fs::read_dir("/proc/self/fd").expect("fd").count()
-}
-
-/// Mappings of files and kernel objects: guest memory (memfds), the
-/// vCPUs' run areas. Anonymous ones are left out: how many thread stacks
-/// glibc caches and how many malloc arenas it made depend on how many
-/// threads happened to run at once, not on what a fork left behind.
-fn mappings() -> usize {
-    std::fs::read_to_string("/proc/self/maps")
-        .expect("maps")
-        .lines()
-        .filter(|l| l.split_whitespace().nth(5).is_some())
-        .count()
-}
-
 #[test]
 fn a_fork_that_fails_half_way_leaks_nothing_and_the_parent_runs_on() {
     // Child 3 of 4 fails: children 0-2 were built (on other threads too)
@@ -48,11 +32,11 @@ fn a_fork_that_fails_half_way_leaks_nothing_and_the_parent_runs_on() {
         // Once to warm up what the process keeps once it has it (thread
         // stack caches, KVM's module state), then counted.
         fail(vm);
-        let before = (fds(), mappings());
+        let before = (open_fds(), object_mappings());
         for _ in 0..3 {
             fail(vm);
         }
-        *c.lock().expect("lock") = Some([before, (fds(), mappings())]);
+        *c.lock().expect("lock") = Some([before, (open_fds(), object_mappings())]);
         Ok(())
     });
     let seen = seen.lock().expect("lock").clone();

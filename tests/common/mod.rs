@@ -286,3 +286,21 @@ pub fn take_snapshot(dir: &std::path::Path, after: &str, args: &[&str]) -> serde
     assert_eq!(j["snapshots"].as_array().map(Vec::len), Some(1), "{j}");
     j
 }
+
+/// The process's open file descriptors (rule 7's unwind tests).
+pub fn open_fds() -> usize {
+    std::fs::read_dir("/proc/self/fd").expect("fd").count()
+}
+
+/// The process's mappings of files and kernel objects: guest memory
+/// (memfds, snapshot images), the vCPUs' run areas. Anonymous ones are left
+/// out: how many thread stacks glibc caches and how many malloc arenas it
+/// made depend on how many threads happened to run at once (VMs are built
+/// on several threads), not on what a failed setup left behind.
+pub fn object_mappings() -> usize {
+    std::fs::read_to_string("/proc/self/maps")
+        .expect("maps")
+        .lines()
+        .filter(|l| l.split_whitespace().nth(5).is_some())
+        .count()
+}

@@ -15,11 +15,9 @@ use crate::snapshot::writer::markers_of;
 use crate::vstate::start_gate::StartGate;
 use crate::vstate::vm::open_kvm;
 use guest_mem::GuestRam;
-use guest_mem::LockOrRecover;
 use guest_protocol::CommandOp;
 use serde::Serialize;
-use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
-use std::sync::{Arc, Mutex, PoisonError};
+use std::sync::Arc;
 use std::thread::JoinHandle;
 use std::time::Instant;
 
@@ -239,33 +237,22 @@ pub fn fork_vm(vm: &mut VmHandle, opts: ForkOptions) -> Result<PendingFork, RunE
         image: &image,
         populated: &populated,
     };
-    // The children are built on as many threads as the host has CPUs.
-    // Each child's threads start as soon as its machine is ready (their
-    // setup overlaps the building of the others), but its vCPUs wait at
-    // the gate until every child is built. A failure cancels the gate: the
-    // children started so far stop without running guest code and are
-    // dropped, and the parent runs on with its content unchanged (rule 7).
-    let (gate, guard) = StartGate::new();
-    let mut children = Vec::with_capacity(opts.count as usize);
-    let mut failed = None;
-    for c in build.all(opts, &gate, start).into_iter().flatten() {
-        match c {
-            Ok(c) => children.push(c),
-            // The lowest index's error, when several failed.
-            Err(e) => {
-                failed.get_or_insert(e);
-            }
-        }
-    }
-    if let Some(e) = failed {
-        drop(guard);
-        for c in children {
+    // The children are built on as many threads as the host has CPUs and
+    // start together (`vm_set`); a failure leaves none of them, and the
+    // parent runs on with its content unchanged (rule 7).
+    let (children, guard) = crate::vm_set::build_set(
+        opts.count,
+        |i| build.machine(i, opts.fail_setup_at == Some(i)),
+        |i, machine, gate| {
+            let seed = opts.seed_base.wrapping_add(i as u64);
+            Ok(start_child(i, seed, machine, &config, gate, start))
+        },
+        |c: RunningChild| {
             if let Ok(t) = c.thread {
                 let _ = t.join();
             }
-        }
-        return Err(e);
-    }
+        },
+    )?;
     guard.open();
     Ok(PendingFork { pause_us, children })
 }
@@ -280,53 +267,6 @@ struct ChildBuild<'a> {
 }
 
 impl ChildBuild<'_> {
-    /// Builds and starts every child, on as many threads as the host has
-    /// CPUs (at most one per child): per index, the started child, why it
-    /// could not be built, or nothing (not built: another one failed).
-    fn all(
-        &self,
-        opts: ForkOptions,
-        gate: &Arc<StartGate>,
-        start: Instant,
-    ) -> Vec<Option<Result<RunningChild, RunError>>> {
-        let count = opts.count as usize;
-        let next = AtomicUsize::new(0);
-        let stop = AtomicBool::new(false);
-        let slots: Vec<Mutex<Option<Result<RunningChild, RunError>>>> =
-            (0..count).map(|_| Mutex::new(None)).collect();
-        let worker = || loop {
-            let i = next.fetch_add(1, Ordering::Relaxed);
-            if i >= count || stop.load(Ordering::Relaxed) {
-                return;
-            }
-            let index = i as u32;
-            let result = self
-                .machine(index, opts.fail_setup_at == Some(index))
-                .map(|m| {
-                    let seed = opts.seed_base.wrapping_add(i as u64);
-                    start_child(index, seed, m, self.config, gate, start)
-                });
-            if result.is_err() {
-                stop.store(true, Ordering::Relaxed);
-            }
-            *slots[i].lock_or_recover() = Some(result);
-        };
-        let workers = std::thread::available_parallelism()
-            .map_or(1, |n| n.get())
-            .min(count);
-        std::thread::scope(|s| {
-            // This thread is one of the builders.
-            for _ in 1..workers {
-                s.spawn(worker);
-            }
-            worker();
-        });
-        slots
-            .into_iter()
-            .map(|m| m.into_inner().unwrap_or_else(PoisonError::into_inner))
-            .collect()
-    }
-
     /// Child `i`'s machine: its private mapping of the image, its table
     /// marked, the parent's pinned pages copied, its VM and vCPUs.
     /// `inject_failure`: tests fail it once its memory is mapped.

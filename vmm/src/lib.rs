@@ -28,4 +28,5 @@ pub mod runner;
 pub mod signals;
 pub mod size;
 pub mod snapshot;
+pub mod vm_set;
 pub mod vstate;

@@ -194,12 +194,10 @@ enum CloneMemorySource {
 /// chunks are brought in before it runs.
 fn shared_cache_ram(
     chain: &Chain,
-    config: &mut crate::config::VmConfig,
+    config: &crate::config::VmConfig,
     cache: &super::memory::MemoryFile,
     source: &Arc<super::chain::ChainSource>,
 ) -> Result<GuestRam, RunError> {
-    config.ram.backing = guest_mem::BackingKind::Memfd;
-    config.ram.shared_cache = true;
     let file = cache.file();
     let mut ram = GuestRam::from_file_private(config.mem_bytes, config.ram, file)?;
     crate::numa::split(config, &mut ram)?;
@@ -212,6 +210,16 @@ fn shared_cache_ram(
     Ok(ram)
 }
 
+/// A clone started on its thread.
+struct StartedClone {
+    index: u32,
+    seed: Option<u64>,
+    setup_us: u64,
+    created_after_us: u64,
+    ram: Arc<GuestRam>,
+    thread: std::thread::JoinHandle<Result<crate::report::RunReport, RunError>>,
+}
+
 /// A clone set up, not yet running.
 struct Prepared {
     machine: Machine,
@@ -222,7 +230,8 @@ struct Prepared {
 
 /// Starts `opts.count` VMs from the snapshot in `dir`, runs each to the end
 /// of its workload, and reports. Setting up is all or nothing: a clone that
-/// fails drops every machine built so far (rule 7) before any runs.
+/// fails stops and drops every clone built so far before any runs guest
+/// code (rule 7).
 pub fn clone_vms(dir: &Path, opts: &CloneOptions) -> Result<CloneReport, RunError> {
     if opts.count == 0 || opts.count > MAX_CLONES {
         return Err(RunError::Runtime(format!(
@@ -247,6 +256,13 @@ pub fn clone_vms(dir: &Path, opts: &CloneOptions) -> Result<CloneReport, RunErro
             Arc::new(super::chain::ChainSource::new(chain.clone())),
         ),
     };
+    match &memory {
+        CloneMemorySource::Image(image) => image.configure(&mut config),
+        CloneMemorySource::Cache(..) => {
+            config.ram.backing = guest_mem::BackingKind::Memfd;
+            config.ram.shared_cache = true;
+        }
+    }
     let memory_note = match &memory {
         CloneMemorySource::Image(i) => i.note.clone(),
         CloneMemorySource::Cache(..) => {
@@ -256,13 +272,16 @@ pub fn clone_vms(dir: &Path, opts: &CloneOptions) -> Result<CloneReport, RunErro
         }
     };
     let pss_before = process_pss_bytes()?;
-    let mut prepared = Vec::with_capacity(opts.count as usize);
-    for i in 0..opts.count {
+    // Built on as many threads as the host has CPUs, started together
+    // once all are built (`vm_set`); a clone that fails leaves none of
+    // them (rule 7).
+    let corrupt: Arc<Mutex<Option<String>>> = Arc::default();
+    let build = |i: u32| -> Result<Prepared, RunError> {
         let t = Instant::now();
         let ram = match &memory {
-            CloneMemorySource::Image(image) => image.map(&chain, &mut config)?,
+            CloneMemorySource::Image(image) => image.map_configured(&chain, &config)?,
             CloneMemorySource::Cache(cache, source) => {
-                shared_cache_ram(&chain, &mut config, cache, source)?
+                shared_cache_ram(&chain, &config, cache, source)?
             }
         };
         if opts.fail_setup_at == Some(i) {
@@ -271,17 +290,55 @@ pub fn clone_vms(dir: &Path, opts: &CloneOptions) -> Result<CloneReport, RunErro
             )));
         }
         let machine = machine_from_state(&kvm, state, Arc::new(ram))?;
-        prepared.push(Prepared {
+        Ok(Prepared {
             created_after_us: machine.created.duration_since(begin).as_micros() as u64,
             machine,
             setup_us: t.elapsed().as_micros() as u64,
-        });
-    }
+        })
+    };
+    let start = |i: u32,
+                 p: Prepared,
+                 gate: &Arc<crate::vstate::start_gate::StartGate>|
+     -> Result<StartedClone, RunError> {
+        let seed = opts.seed_base.map(|b| b.wrapping_add(i as u64));
+        let ram = p.machine.ram.clone();
+        let (config, corrupt) = (config.clone(), corrupt.clone());
+        let hooks = RunHooks::default()
+            .fail_on(corrupt)
+            .start_gate(gate.clone());
+        let signals = prepare_process()?;
+        let thread = std::thread::Builder::new()
+            .name(format!("clone{i}"))
+            .spawn(move || {
+                let initial = seed.map(|s| (CommandOp::SetSeed, s));
+                supervise(
+                    &config,
+                    p.machine,
+                    hooks,
+                    SerialSink::Capture,
+                    signals,
+                    initial,
+                )
+            })
+            .map_err(|e| RunError::Runtime(format!("cannot start clone {i}: {e}")))?;
+        Ok(StartedClone {
+            index: i,
+            seed,
+            setup_us: p.setup_us,
+            created_after_us: p.created_after_us,
+            ram,
+            thread,
+        })
+    };
+    let (runs, gate) = crate::vm_set::build_set(opts.count, build, start, |c: StartedClone| {
+        let _ = c.thread.join();
+    })?;
+    // Measured once every clone is built, before any runs.
     let pss_ready = process_pss_bytes()?;
+    gate.open();
 
     // The image's checksums, once for all clones, in the background: a bad
     // chunk stops every clone.
-    let corrupt: Arc<Mutex<Option<String>>> = Arc::default();
     let verifier = {
         let (slot, chain) = (corrupt.clone(), chain.clone());
         std::thread::Builder::new()
@@ -297,32 +354,17 @@ pub fn clone_vms(dir: &Path, opts: &CloneOptions) -> Result<CloneReport, RunErro
             .map_err(|e| RunError::Runtime(format!("cannot start the verifier: {e}")))?
     };
 
-    let mut runs = Vec::with_capacity(prepared.len());
-    for (i, p) in prepared.into_iter().enumerate() {
-        let seed = opts.seed_base.map(|b| b.wrapping_add(i as u64));
-        let ram = p.machine.ram.clone();
-        let (config, corrupt) = (config.clone(), corrupt.clone());
-        let signals = prepare_process()?;
-        let thread = std::thread::Builder::new()
-            .name(format!("clone{i}"))
-            .spawn(move || {
-                let hooks = RunHooks::default().fail_on(corrupt);
-                let initial = seed.map(|s| (CommandOp::SetSeed, s));
-                supervise(
-                    &config,
-                    p.machine,
-                    hooks,
-                    SerialSink::Capture,
-                    signals,
-                    initial,
-                )
-            })
-            .map_err(|e| RunError::Runtime(format!("cannot start clone {i}: {e}")))?;
-        runs.push((i as u32, seed, p.setup_us, p.created_after_us, ram, thread));
-    }
     let mut clones = Vec::with_capacity(runs.len());
     let mut rams: Vec<Arc<GuestRam>> = Vec::with_capacity(runs.len());
-    for (index, seed, setup_us, created_after_us, ram, thread) in runs {
+    for StartedClone {
+        index,
+        seed,
+        setup_us,
+        created_after_us,
+        ram,
+        thread,
+    } in runs
+    {
         let result = thread
             .join()
             .unwrap_or_else(|_| Err(RunError::Runtime(format!("clone {index} panicked"))));

@@ -445,12 +445,26 @@ impl MappableImage {
     /// Maps the image privately as guest RAM for `config` (whose backing
     /// it sets: `memfd` with the fault engine on tmpfs, `plain` elsewhere).
     pub(crate) fn map(&self, chain: &Chain, config: &mut VmConfig) -> Result<GuestRam, RunError> {
-        let image = self.materialized.as_ref().unwrap_or(&chain.head().memory);
+        self.configure(config);
+        self.map_configured(chain, config)
+    }
+
+    /// Sets the backing [`MappableImage::map`] gives guest RAM.
+    pub(crate) fn configure(&self, config: &mut VmConfig) {
         config.ram.backing = if self.on_tmpfs {
             BackingKind::Memfd
         } else {
             BackingKind::Plain
         };
+    }
+
+    /// [`MappableImage::map`] for a `config` already configured.
+    pub(crate) fn map_configured(
+        &self,
+        chain: &Chain,
+        config: &VmConfig,
+    ) -> Result<GuestRam, RunError> {
+        let image = self.materialized.as_ref().unwrap_or(&chain.head().memory);
         let mut ram = GuestRam::from_file_private(config.mem_bytes, config.ram, image.file())?;
         crate::numa::split(config, &mut ram)?;
         if config.ram.backing.uses_fault_engine() {
