@@ -7,18 +7,17 @@
 //! from an in-memory [`SnapshotState`] exactly as a restore builds a VM,
 //! and the shared memfd plays the part of `memory.bin`.
 
-use crate::report::{RunReport, RunStatus, VmOutcome, EXIT_MISMATCH, EXIT_OK};
-use crate::runner::{prepare_process, supervise, RunError, RunHooks, SerialSink, VmHandle};
+use crate::report::{RunStatus, VmOutcome, EXIT_MISMATCH, EXIT_OK};
+use crate::runner::{RunError, RunHooks, VmHandle};
 use crate::snapshot::restore::{config_of, machine_from_state};
 use crate::snapshot::state::{save_vm, DeviceState, MemoryDesc, SnapshotState, CHUNK_BYTES};
 use crate::snapshot::writer::markers_of;
-use crate::vstate::start_gate::StartGate;
+use crate::vm_set::{build_set, SetStart, StartedVm};
 use crate::vstate::vm::open_kvm;
 use guest_mem::GuestRam;
 use guest_protocol::CommandOp;
 use serde::Serialize;
 use std::sync::Arc;
-use std::thread::JoinHandle;
 use std::time::Instant;
 
 /// Most children one fork makes.
@@ -72,49 +71,31 @@ pub struct ForkReport {
     pub children: Vec<ForkChild>,
 }
 
-/// A child running on its own thread.
-struct RunningChild {
-    index: u32,
-    seed: u64,
-    setup_us: u64,
-    created_after_us: u64,
-    ram: Arc<GuestRam>,
-    /// Its thread, or why it could not start.
-    thread: Result<JoinHandle<Result<RunReport, RunError>>, String>,
-}
-
 /// A fork whose children still run.
 pub struct PendingFork {
     pause_us: u64,
-    children: Vec<RunningChild>,
+    seed_base: u64,
+    children: Vec<StartedVm>,
 }
 
 impl PendingFork {
     /// Waits for every child and reports; `parent` is the forked VM's RAM.
     pub fn wait(self, parent: &GuestRam) -> ForkReport {
         let mut rams = Vec::with_capacity(self.children.len());
+        let seed_base = self.seed_base;
         let children = self
             .children
             .into_iter()
             .map(|c| {
-                rams.push(c.ram.clone());
-                let result = match c.thread {
-                    Ok(t) => t.join().unwrap_or_else(|_| {
-                        Err(RunError::Runtime(format!(
-                            "fork child {} panicked",
-                            c.index
-                        )))
-                    }),
-                    Err(e) => Err(RunError::Runtime(e)),
-                };
-                let outcome = VmOutcome::of(result, &c.ram);
+                let c = c.wait();
+                rams.push(c.ram);
                 ForkChild {
                     index: c.index,
-                    seed: c.seed,
+                    seed: seed_base.wrapping_add(c.index as u64),
                     setup_us: c.setup_us,
-                    first_run_us: outcome.first_run_us.map(|b| c.created_after_us + b),
-                    first_io_us: outcome.boot_us.map(|b| c.created_after_us + b),
-                    outcome,
+                    first_run_us: c.first_run_us,
+                    first_io_us: c.first_io_us,
+                    outcome: c.outcome,
                 }
             })
             .collect();
@@ -240,21 +221,29 @@ pub fn fork_vm(vm: &mut VmHandle, opts: ForkOptions) -> Result<PendingFork, RunE
     // The children are built on as many threads as the host has CPUs and
     // start together (`vm_set`); a failure leaves none of them, and the
     // parent runs on with its content unchanged (rule 7).
-    let (children, guard) = crate::vm_set::build_set(
+    let set = SetStart {
+        thread_name: "fork",
+        label: "fork child",
+        config: &config,
+        since: start,
+    };
+    let (children, guard) = build_set(
         opts.count,
         |i| build.machine(i, opts.fail_setup_at == Some(i)),
         |i, machine, gate| {
             let seed = opts.seed_base.wrapping_add(i as u64);
-            Ok(start_child(i, seed, machine, &config, gate, start))
+            let setup_us = start.elapsed().as_micros() as u64;
+            let initial = Some((CommandOp::Forked, seed));
+            set.start(i, machine, setup_us, RunHooks::default(), gate, initial)
         },
-        |c: RunningChild| {
-            if let Ok(t) = c.thread {
-                let _ = t.join();
-            }
-        },
+        StartedVm::discard,
     )?;
     guard.open();
-    Ok(PendingFork { pause_us, children })
+    Ok(PendingFork {
+        pause_us,
+        seed_base: opts.seed_base,
+        children,
+    })
 }
 
 /// What every child of one fork is built from.
@@ -283,47 +272,6 @@ impl ChildBuild<'_> {
         // Rule 13: the parent's pinned pages are copied, never shared.
         ram.adopt_pinned_copies(self.image)?;
         machine_from_state(self.kvm, self.state, Arc::new(ram))
-    }
-}
-
-/// Starts child `index` on its own thread.
-fn start_child(
-    index: u32,
-    seed: u64,
-    machine: crate::runner::Machine,
-    config: &crate::config::VmConfig,
-    gate: &Arc<StartGate>,
-    start: Instant,
-) -> RunningChild {
-    let setup_us = start.elapsed().as_micros() as u64;
-    let created_after_us = machine.created.duration_since(start).as_micros() as u64;
-    let ram = machine.ram.clone();
-    let config = config.clone();
-    let hooks = RunHooks::default().start_gate(gate.clone());
-    let thread = prepare_process()
-        .map_err(|e| e.to_string())
-        .and_then(|signals| {
-            std::thread::Builder::new()
-                .name(format!("fork{index}"))
-                .spawn(move || {
-                    supervise(
-                        &config,
-                        machine,
-                        hooks,
-                        SerialSink::Capture,
-                        signals,
-                        Some((CommandOp::Forked, seed)),
-                    )
-                })
-                .map_err(|e| format!("cannot start fork child {index}: {e}"))
-        });
-    RunningChild {
-        index,
-        seed,
-        setup_us,
-        created_after_us,
-        ram,
-        thread,
     }
 }
 

@@ -9,11 +9,16 @@
 //! failure cancels the gate: the VMs started so far stop without running
 //! and are joined, and nothing of the set is left (rule 7).
 
-use crate::runner::RunError;
+use crate::config::VmConfig;
+use crate::report::{RunReport, VmOutcome};
+use crate::runner::{prepare_process, supervise, Machine, RunError, RunHooks, SerialSink};
 use crate::vstate::start_gate::{GateGuard, StartGate};
-use guest_mem::LockOrRecover;
+use guest_mem::{GuestRam, LockOrRecover};
+use guest_protocol::CommandOp;
 use std::sync::atomic::{AtomicBool, AtomicU32, Ordering};
 use std::sync::{Arc, Mutex, PoisonError};
+use std::thread::JoinHandle;
+use std::time::Instant;
 
 /// Builds `count` VMs with `build(i)` and starts each with
 /// `start(i, vm, gate)` on the thread that built it. Returns the started
@@ -73,6 +78,115 @@ pub fn build_set<M, T: Send>(
             started.into_iter().for_each(&mut join);
             Err(e)
         }
+    }
+}
+
+/// How the VMs of one set start.
+pub struct SetStart<'a> {
+    /// A VM's thread is named this and its index ("fork3").
+    pub thread_name: &'static str,
+    /// A VM is called this and its index in errors ("fork child 3").
+    pub label: &'static str,
+    /// Every VM's configuration.
+    pub config: &'a VmConfig,
+    /// When the set was asked for: its VMs' times count from here.
+    pub since: Instant,
+}
+
+impl SetStart<'_> {
+    /// Starts `machine` as VM `index` on its own thread: `supervise` with
+    /// `hooks` and its vCPUs held at `gate`, serial output captured,
+    /// `initial` its first command; `setup_us` is what the caller counts
+    /// as its setup.
+    pub fn start(
+        &self,
+        index: u32,
+        machine: Machine,
+        setup_us: u64,
+        hooks: RunHooks,
+        gate: &Arc<StartGate>,
+        initial: Option<(CommandOp, u64)>,
+    ) -> Result<StartedVm, RunError> {
+        let created_after_us = machine.created.duration_since(self.since).as_micros() as u64;
+        let ram = machine.ram.clone();
+        let config = self.config.clone();
+        let hooks = hooks.start_gate(gate.clone());
+        let signals = prepare_process()?;
+        let thread = std::thread::Builder::new()
+            .name(format!("{}{index}", self.thread_name))
+            .spawn(move || {
+                supervise(
+                    &config,
+                    machine,
+                    hooks,
+                    SerialSink::Capture,
+                    signals,
+                    initial,
+                )
+            })
+            .map_err(|e| RunError::Runtime(format!("cannot start {} {index}: {e}", self.label)))?;
+        Ok(StartedVm {
+            index,
+            label: self.label,
+            setup_us,
+            created_after_us,
+            ram,
+            thread,
+        })
+    }
+}
+
+/// A VM of a set, running on its own thread.
+pub struct StartedVm {
+    /// Its index in the set.
+    pub index: u32,
+    label: &'static str,
+    setup_us: u64,
+    created_after_us: u64,
+    ram: Arc<GuestRam>,
+    thread: JoinHandle<Result<RunReport, RunError>>,
+}
+
+/// A VM of a set whose run ended.
+pub struct EndedVm {
+    /// Its index in the set.
+    pub index: u32,
+    /// What its caller counted as its setup, µs.
+    pub setup_us: u64,
+    /// µs from the set's request to its first `KVM_RUN`.
+    pub first_run_us: Option<u64>,
+    /// µs from the set's request to its first I/O exit.
+    pub first_io_us: Option<u64>,
+    /// How it ended and what it shares.
+    pub outcome: VmOutcome,
+    /// Its memory: the caller reads what it needs, then drops it.
+    pub ram: Arc<GuestRam>,
+}
+
+impl StartedVm {
+    /// Waits for its run to end.
+    pub fn wait(self) -> EndedVm {
+        let result = self.thread.join().unwrap_or_else(|_| {
+            Err(RunError::Runtime(format!(
+                "{} {} panicked",
+                self.label, self.index
+            )))
+        });
+        let outcome = VmOutcome::of(result, &self.ram);
+        let since_request = |us: Option<u64>| us.map(|b| self.created_after_us + b);
+        EndedVm {
+            index: self.index,
+            setup_us: self.setup_us,
+            first_run_us: since_request(outcome.first_run_us),
+            first_io_us: since_request(outcome.boot_us),
+            outcome,
+            ram: self.ram,
+        }
+    }
+
+    /// Waits for it, discarding its report (a set that failed).
+    pub fn discard(self) {
+        let _ = self.thread.join();
     }
 }
 

@@ -11,7 +11,8 @@ use super::chain::Chain;
 use super::restore::{check_host_cpu, config_of, machine_from_state, MappableImage};
 use super::SnapshotError;
 use crate::report::{severity, status_name, RunStatus, VmOutcome, EXIT_OK};
-use crate::runner::{prepare_process, supervise, Machine, RunError, RunHooks, SerialSink};
+use crate::runner::{Machine, RunError, RunHooks};
+use crate::vm_set::{build_set, SetStart, StartedVm};
 use crate::vstate::vm::open_kvm;
 use guest_mem::GuestRam;
 use guest_protocol::CommandOp;
@@ -61,9 +62,9 @@ pub struct CloneVm {
     /// How it ended and what it shares.
     #[serde(flatten)]
     pub outcome: VmOutcome,
-    /// µs from the start of the command to its first I/O exit (clones are
-    /// set up one after the other, so this includes the setup of those
-    /// before it).
+    /// µs from the start of the command to its first I/O exit (clones
+    /// start together once all are built, so this includes the building
+    /// of the whole set).
     pub first_io_us: Option<u64>,
     /// µs to set it up (map memory, create the VM and vCPUs).
     pub setup_us: u64,
@@ -210,22 +211,10 @@ fn shared_cache_ram(
     Ok(ram)
 }
 
-/// A clone started on its thread.
-struct StartedClone {
-    index: u32,
-    seed: Option<u64>,
-    setup_us: u64,
-    created_after_us: u64,
-    ram: Arc<GuestRam>,
-    thread: std::thread::JoinHandle<Result<crate::report::RunReport, RunError>>,
-}
-
 /// A clone set up, not yet running.
 struct Prepared {
     machine: Machine,
     setup_us: u64,
-    /// µs from the start of the command to its machine's creation.
-    created_after_us: u64,
 }
 
 /// Starts `opts.count` VMs from the snapshot in `dir`, runs each to the end
@@ -291,55 +280,31 @@ pub fn clone_vms(dir: &Path, opts: &CloneOptions) -> Result<CloneReport, RunErro
         }
         let machine = machine_from_state(&kvm, state, Arc::new(ram))?;
         Ok(Prepared {
-            created_after_us: machine.created.duration_since(begin).as_micros() as u64,
             machine,
             setup_us: t.elapsed().as_micros() as u64,
         })
     };
-    let start = |i: u32,
-                 p: Prepared,
-                 gate: &Arc<crate::vstate::start_gate::StartGate>|
-     -> Result<StartedClone, RunError> {
-        let seed = opts.seed_base.map(|b| b.wrapping_add(i as u64));
-        let ram = p.machine.ram.clone();
-        let (config, corrupt) = (config.clone(), corrupt.clone());
-        let hooks = RunHooks::default()
-            .fail_on(corrupt)
-            .start_gate(gate.clone());
-        let signals = prepare_process()?;
-        let thread = std::thread::Builder::new()
-            .name(format!("clone{i}"))
-            .spawn(move || {
-                let initial = seed.map(|s| (CommandOp::SetSeed, s));
-                supervise(
-                    &config,
-                    p.machine,
-                    hooks,
-                    SerialSink::Capture,
-                    signals,
-                    initial,
-                )
-            })
-            .map_err(|e| RunError::Runtime(format!("cannot start clone {i}: {e}")))?;
-        Ok(StartedClone {
-            index: i,
-            seed,
-            setup_us: p.setup_us,
-            created_after_us: p.created_after_us,
-            ram,
-            thread,
-        })
+    let set = SetStart {
+        thread_name: "clone",
+        label: "clone",
+        config: &config,
+        since: begin,
     };
-    let (runs, gate) = crate::vm_set::build_set(opts.count, build, start, |c: StartedClone| {
-        let _ = c.thread.join();
-    })?;
-    // Measured once every clone is built, before any runs.
-    let pss_ready = process_pss_bytes()?;
-    gate.open();
-
+    let seed = |i: u32| opts.seed_base.map(|b| b.wrapping_add(i as u64));
+    let (runs, gate) = build_set(
+        opts.count,
+        build,
+        |i, p: Prepared, gate| {
+            let hooks = RunHooks::default().fail_on(corrupt.clone());
+            let initial = seed(i).map(|s| (CommandOp::SetSeed, s));
+            set.start(i, p.machine, p.setup_us, hooks, gate, initial)
+        },
+        StartedVm::discard,
+    )?;
     // The image's checksums, once for all clones, in the background: a bad
-    // chunk stops every clone.
-    let verifier = {
+    // chunk stops every clone. The PSS is measured once every clone is
+    // built, before any runs. Either failing stops the clones unrun.
+    let ready = process_pss_bytes().and_then(|pss| {
         let (slot, chain) = (corrupt.clone(), chain.clone());
         std::thread::Builder::new()
             .name("verify".into())
@@ -351,33 +316,32 @@ pub fn clone_vms(dir: &Path, opts: &CloneOptions) -> Result<CloneReport, RunErro
                     }
                 }
             })
-            .map_err(|e| RunError::Runtime(format!("cannot start the verifier: {e}")))?
+            .map(|verifier| (pss, verifier))
+            .map_err(|e| RunError::Runtime(format!("cannot start the verifier: {e}")))
+    });
+    let (pss_ready, verifier) = match ready {
+        Ok(r) => r,
+        Err(e) => {
+            drop(gate);
+            runs.into_iter().for_each(StartedVm::discard);
+            return Err(e);
+        }
     };
+    gate.open();
 
     let mut clones = Vec::with_capacity(runs.len());
     let mut rams: Vec<Arc<GuestRam>> = Vec::with_capacity(runs.len());
-    for StartedClone {
-        index,
-        seed,
-        setup_us,
-        created_after_us,
-        ram,
-        thread,
-    } in runs
-    {
-        let result = thread
-            .join()
-            .unwrap_or_else(|_| Err(RunError::Runtime(format!("clone {index} panicked"))));
-        let outcome = VmOutcome::of(result, &ram);
+    for c in runs {
+        let c = c.wait();
         clones.push(CloneVm {
-            index,
-            seed,
-            first_io_us: outcome.boot_us.map(|b| created_after_us + b),
-            setup_us,
-            seed_history: crate::oracle::seed_history(ram.as_ref(), 0).unwrap_or_default(),
-            outcome,
+            index: c.index,
+            seed: seed(c.index),
+            first_io_us: c.first_io_us,
+            setup_us: c.setup_us,
+            seed_history: crate::oracle::seed_history(c.ram.as_ref(), 0).unwrap_or_default(),
+            outcome: c.outcome,
         });
-        rams.push(ram);
+        rams.push(c.ram);
     }
     let _ = verifier.join();
     let corrupt = corrupt.lock().ok().and_then(|s| s.clone());
