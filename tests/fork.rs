@@ -134,6 +134,25 @@ fn bad_fork_requests_are_refused_clearly() {
         T,
     );
     o.failure("no fork");
+    // 0 page stores waits for the guest's start: a kernel that never
+    // reports one (this one only halts) is told so.
+    let halt = temp_file("fork-halt.elf", &tiny_elf(&[0xf4]));
+    let o = vmm(
+        &[
+            "run",
+            "--json",
+            "--kernel",
+            halt.to_str().expect("utf-8"),
+            "--stop-after-ms",
+            "100",
+            "--fork-after-pages",
+            "0",
+            "--forks",
+            "1",
+        ],
+        T,
+    );
+    o.failure("never reported that every vCPU started");
 }
 
 #[test]

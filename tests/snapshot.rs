@@ -718,7 +718,42 @@ fn a_guest_waiting_for_requests_is_snapshotted_once_it_waits_and_answers_after_a
         );
         assert!(r["started_at_ns"].as_u64() <= run.as_u64(), "{mode}: {r}");
     }
+    // Restored, it has started long ago: 0 page stores are reached at once
+    // (a waiting guest sends no event until its next command), so a
+    // snapshot or a fork at 0 happens while it waits, not at its end.
+    let again = snap_dir("waiting-again");
+    let o = vmm(
+        &[
+            "restore",
+            dir.to_str().expect("utf-8"),
+            "--snapshot",
+            again.to_str().expect("utf-8"),
+            "--snapshot-after-pages",
+            "0",
+            "--json",
+        ],
+        T,
+    );
+    assert_eq!(o.code, 0, "{}\n{}", o.stdout, o.stderr);
+    assert_eq!(o.json()["snapshots"].as_array().map(Vec::len), Some(1));
+    assert_eq!(restored(&again, "mmap")["verify_mismatches"], 0);
+    let j = run_ok(&[
+        "restore",
+        dir.to_str().expect("utf-8"),
+        "--fork-after-pages",
+        "0",
+        "--forks",
+        "2",
+        "--json",
+    ]);
+    let children = j["forks"][0]["children"].as_array().expect("children");
+    assert_eq!(children.len(), 2, "{j}");
+    for c in children {
+        assert_eq!(c["status"], "ok", "{c}");
+        assert_eq!(c["host_verify_mismatches"], 0, "{c}");
+    }
     let _ = std::fs::remove_dir_all(&dir);
+    let _ = std::fs::remove_dir_all(&again);
 }
 
 #[test]

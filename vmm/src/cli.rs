@@ -199,8 +199,8 @@ fn check_fork_made(fork: &ForkArgs, r: &mut RunReport) {
         if r.status == crate::report::RunStatus::Ok {
             r.status = crate::report::RunStatus::HookFailed;
             r.error = Some(format!(
-                "no fork: the guest made {} page stores, fewer than --fork-after-pages {after}",
-                r.pages_written
+                "no fork: {}",
+                threshold_missed(after, r.pages_written, "--fork-after-pages")
             ));
         }
     }
@@ -213,11 +213,22 @@ fn check_snapshot_taken(snap: &SnapshotArgs, r: &mut RunReport) {
         if r.snapshots.is_empty() && r.status == crate::report::RunStatus::Ok {
             r.status = crate::report::RunStatus::SnapshotFailed;
             r.error = Some(format!(
-                "no snapshot was taken: the guest made {} page stores, fewer than \
-                 --snapshot-after-pages {after}",
-                r.pages_written
+                "no snapshot was taken: {}",
+                threshold_missed(after, r.pages_written, "--snapshot-after-pages")
             ));
         }
+    }
+}
+
+/// Why a page-store threshold given with `flag` was never reached.
+fn threshold_missed(after: u64, pages_written: u64, flag: &str) -> String {
+    if after == 0 {
+        format!(
+            "the guest never reported that every vCPU started its workload (or, for the idle \
+             workload, waits for commands), which {flag} 0 waits for"
+        )
+    } else {
+        format!("the guest made {pages_written} page stores, fewer than {flag} {after}")
     }
 }
 

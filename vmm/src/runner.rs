@@ -662,6 +662,10 @@ pub fn supervise(
         sup.vcpu_started.iter_mut().for_each(|s| *s = true);
         sup.speaks_protocol = true;
         sup.first_boot = Some(Instant::now());
+        // Its vCPUs started long ago: a threshold of 0 page stores is
+        // reached now (a restored guest that waits sends no event until
+        // its next command).
+        sup.run_page_hooks();
     }
     let supervisor = Arc::new(Mutex::new(sup));
     let loop_result = event_loop(&supervisor);
