@@ -53,9 +53,15 @@ pub fn build_set<M, T: Send>(
         .map_or(1, |n| n.get())
         .min(count as usize);
     std::thread::scope(|s| {
-        // This thread is one of the builders.
+        // This thread is one of the builders; a helper that cannot be
+        // started only leaves more for the others.
         for _ in 1..workers {
-            s.spawn(worker);
+            let helper = std::thread::Builder::new()
+                .name("vm-builder".into())
+                .spawn_scoped(s, worker);
+            if helper.is_err() {
+                break;
+            }
         }
         worker();
     });
