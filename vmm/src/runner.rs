@@ -658,6 +658,7 @@ pub fn supervise(
     let mut sup = Supervisor::new(handle, rx, wake, signals, sink, hooks, stop_after, rounds);
     sup.scan = crate::numa::scan_driver(config, placement.as_deref(), vcpu_count);
     sup.idle_workload = config.workload == guest_protocol::Workload::Idle;
+    sup.first_run = first_run.clone();
     if restored {
         sup.vcpu_started.iter_mut().for_each(|s| *s = true);
         sup.speaks_protocol = true;
@@ -804,7 +805,9 @@ struct Supervisor {
     force_at: Option<Instant>,
     interrupted: bool,
     hook_error: Option<String>,
-    started: Instant,
+    /// When a vCPU first entered `KVM_RUN`: `stop_after` counts from here
+    /// (a VM held at a start gate has not started while it waits).
+    first_run: Arc<OnceLock<Instant>>,
     panic_line: Option<String>,
     serial: Vec<String>,
     scan: Option<crate::numa::scan::ScanDriver>,
@@ -847,7 +850,7 @@ impl Supervisor {
             force_at: None,
             interrupted: false,
             hook_error: None,
-            started: Instant::now(),
+            first_run: Arc::new(OnceLock::new()),
             panic_line: None,
             serial: Vec::new(),
             scan: None,
@@ -923,8 +926,8 @@ impl Supervisor {
                 self.force_stop();
             }
         }
-        if let Some(limit) = self.stop_after {
-            if self.started.elapsed() >= limit {
+        if let (Some(limit), Some(t)) = (self.stop_after, self.first_run.get()) {
+            if t.elapsed() >= limit {
                 self.stop_after = None;
                 self.request_stop();
             }
