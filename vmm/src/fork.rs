@@ -271,7 +271,7 @@ impl ChildBuild<'_> {
         ram.mark_file_backed(self.populated)?;
         // Rule 13: the parent's pinned pages are copied, never shared.
         ram.adopt_pinned_copies(self.image)?;
-        machine_from_state(self.kvm, self.state, Arc::new(ram))
+        machine_from_state(self.kvm, self.state, config, Arc::new(ram))
     }
 }
 

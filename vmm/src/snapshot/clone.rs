@@ -278,7 +278,7 @@ pub fn clone_vms(dir: &Path, opts: &CloneOptions) -> Result<CloneReport, RunErro
                 "clone {i}: injected failure after mapping its memory"
             )));
         }
-        let machine = machine_from_state(&kvm, state, Arc::new(ram))?;
+        let machine = machine_from_state(&kvm, state, &config, Arc::new(ram))?;
         Ok(Prepared {
             machine,
             setup_us: t.elapsed().as_micros() as u64,

@@ -337,14 +337,16 @@ fn on_tmpfs(path: &Path) -> bool {
 
 /// The machine `state` describes, on `ram` (its memory loaded or served
 /// already): rule 12's poisoned pages marked again, then the VM with its
-/// irqchip, then each vCPU.
+/// irqchip, then each vCPU. `config` is the run's configuration, made
+/// from `state` by [`config_of`].
 pub(crate) fn machine_from_state(
     kvm: &Kvm,
     state: &SnapshotState,
+    config: &VmConfig,
     ram: Arc<GuestRam>,
 ) -> Result<Machine, RunError> {
     // The guest's nodes go where they were (mapped onto this host).
-    let placement = crate::numa::place(&config_of(state)?, &ram)?;
+    let placement = crate::numa::place(config, &ram)?;
     // Rule 12: poisoned pages stay poisoned across a restore or a clone.
     for m in &state.markers {
         if m.kind == 2 {
@@ -562,7 +564,7 @@ pub fn restore(
     };
     phases.mark("memory_loaded");
 
-    let machine = machine_from_state(&kvm, state, ram)?;
+    let machine = machine_from_state(&kvm, state, &config, ram)?;
     phases.mark("machine_created");
     let created = machine.created;
     let restore_report = RestoreReport {
