@@ -16,20 +16,7 @@ fn snap_dir(name: &str) -> PathBuf {
 fn clones_share_the_snapshot_and_each_verifies_with_its_own_seed() {
     let dir = snap_dir("share");
     let d = dir.to_str().expect("utf-8");
-    take_snapshot(
-        &dir,
-        "300",
-        &[
-            "--vcpus",
-            "2",
-            "--workload",
-            "rand-write",
-            "--pages",
-            "256",
-            "--passes",
-            "3",
-        ],
-    );
+    take_snapshot(&dir, "300", &rand_write_args("3"));
     for mode in ["mmap", "uffd"] {
         check_clones(d, mode);
     }

@@ -8,17 +8,9 @@ use common::*;
 
 #[test]
 fn a_forked_vm_and_its_children_run_on_isolated_and_verify() {
-    let j = run_ok(&[
-        "run",
-        "--json",
-        "--vcpus",
-        "2",
-        "--workload",
-        "rand-write",
-        "--pages",
-        "256",
-        "--passes",
-        "4",
+    let mut args = vec!["run", "--json"];
+    args.extend(rand_write_args("4"));
+    args.extend([
         "--fork-after-pages",
         "300",
         "--forks",
@@ -26,6 +18,7 @@ fn a_forked_vm_and_its_children_run_on_isolated_and_verify() {
         "--fork-seed-base",
         "50",
     ]);
+    let j = run_ok(&args);
     assert_eq!(j["status"], "ok", "{j}");
     assert_eq!(j["verify_mismatches"], 0);
     assert_eq!(j["host_verify_mismatches"], 0);
@@ -182,20 +175,7 @@ fn a_vm_restored_copy_on_write_forks_too() {
     // the pages the parent made its own.
     let dir = tmpfs_dir("fork", "restored");
     let d = dir.to_str().expect("utf-8");
-    take_snapshot(
-        &dir,
-        "300",
-        &[
-            "--vcpus",
-            "2",
-            "--workload",
-            "rand-write",
-            "--pages",
-            "256",
-            "--passes",
-            "4",
-        ],
-    );
+    take_snapshot(&dir, "300", &rand_write_args("4"));
     for mode in ["mmap", "uffd"] {
         let j = run_ok(&[
             "restore",

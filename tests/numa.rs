@@ -18,14 +18,20 @@ use serde_json::Value;
 fn node0_cpus() -> Vec<u64> {
     let list = std::fs::read_to_string("/sys/devices/system/node/node0/cpulist")
         .unwrap_or_else(|_| "0".into());
-    let mut out = Vec::new();
-    for part in list.trim().split(',') {
-        match part.split_once('-') {
-            Some((a, b)) => out.extend(a.parse::<u64>().unwrap()..=b.parse::<u64>().unwrap()),
-            None => out.push(part.parse::<u64>().unwrap()),
-        }
-    }
-    out
+    vmm::numa::placement::parse_cpulist(list.trim())
+        .into_iter()
+        .map(|c| c as u64)
+        .collect()
+}
+
+/// `vmm run --json --vcpus VCPUS --pages 64 --passes 1 EXTRA...`: a short
+/// run's arguments.
+fn short_run<'a>(vcpus: &'a str, extra: &[&'a str]) -> Vec<&'a str> {
+    let mut args = vec![
+        "run", "--json", "--vcpus", vcpus, "--pages", "64", "--passes", "1",
+    ];
+    args.extend_from_slice(extra);
+    args
 }
 
 fn u64s(v: &Value) -> Vec<u64> {
@@ -75,20 +81,7 @@ fn check_placement(j: &Value, sizes: &[u64], vcpu_node: &[u64], policy: &str) {
 fn guest_nodes_are_placed_with_each_policy_checked_and_reported() {
     for policy in ["bind", "preferred", "interleave"] {
         let o = vmm(
-            &[
-                "run",
-                "--json",
-                "--vcpus",
-                "4",
-                "--pages",
-                "64",
-                "--passes",
-                "1",
-                "--numa-nodes",
-                "2",
-                "--numa-policy",
-                policy,
-            ],
+            &short_run("4", &["--numa-nodes", "2", "--numa-policy", policy]),
             T,
         );
         assert_eq!(o.code, 0, "{policy}: {}\n{}", o.stdout, o.stderr);
@@ -107,44 +100,28 @@ fn guest_nodes_are_placed_with_each_policy_checked_and_reported() {
     }
     // Without a policy the nodes are placed (affinity) and the kernel's
     // default policy is reported.
-    let j = run_ok(&[
-        "run",
-        "--json",
-        "--vcpus",
-        "2",
-        "--pages",
-        "64",
-        "--passes",
-        "1",
-        "--numa-nodes",
-        "2",
-    ]);
+    let j = run_ok(&short_run("2", &["--numa-nodes", "2"]));
     check_placement(&j, &[128 << 20, 128 << 20], &[0, 1], "default");
 }
 
 #[test]
 fn a_layout_sizes_the_nodes_and_assigns_the_vcpus() {
     let o = vmm(
-        &[
-            "run",
-            "--json",
-            "--mem",
-            "96M",
-            "--vcpus",
+        &short_run(
             "4",
-            "--pages",
-            "64",
-            "--passes",
-            "1",
-            "--numa-layout",
-            "32M:0+2,64M:1-1+3",
-            "--numa-policy",
-            "bind",
-            // Both guest nodes on host node 0, as asked (this host's only
-            // node), not by the default mapping.
-            "--numa-host-nodes",
-            "0,0",
-        ],
+            &[
+                "--mem",
+                "96M",
+                "--numa-layout",
+                "32M:0+2,64M:1-1+3",
+                "--numa-policy",
+                "bind",
+                // Both guest nodes on host node 0, as asked (this host's only
+                // node), not by the default mapping.
+                "--numa-host-nodes",
+                "0,0",
+            ],
+        ),
         T,
     );
     assert_eq!(o.code, 0, "{}\n{}", o.stdout, o.stderr);
@@ -158,27 +135,22 @@ fn a_layout_sizes_the_nodes_and_assigns_the_vcpus() {
 /// `mixed` with reads only, `remote` percent of them to the other node:
 /// which vCPUs faulted on node 1's region.
 fn node1_readers(remote: &str) -> Vec<u64> {
-    let j = run_ok(&[
-        "run",
-        "--json",
-        "--vcpus",
+    let j = run_ok(&short_run(
         "4",
-        "--pages",
-        "64",
-        "--passes",
-        "1",
-        "--workload",
-        "mixed",
-        "--write-ratio",
-        "0",
-        "--fault-around",
-        "1",
-        "--no-verify",
-        "--numa-nodes",
-        "2",
-        "--numa-remote-reads",
-        remote,
-    ]);
+        &[
+            "--workload",
+            "mixed",
+            "--write-ratio",
+            "0",
+            "--fault-around",
+            "1",
+            "--no-verify",
+            "--numa-nodes",
+            "2",
+            "--numa-remote-reads",
+            remote,
+        ],
+    ));
     u64s(&j["numa"]["regions"][1]["accessors"])
 }
 

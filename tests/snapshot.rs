@@ -481,20 +481,7 @@ fn diff_chains_of_three_restore_like_a_full_snapshot() {
         snap_dir("full"),
     );
     let s = |p: &Path| p.to_str().expect("utf-8").to_string();
-    take_snapshot(
-        &c0,
-        "300",
-        &[
-            "--vcpus",
-            "2",
-            "--workload",
-            "rand-write",
-            "--pages",
-            "256",
-            "--passes",
-            "6",
-        ],
-    );
+    take_snapshot(&c0, "300", &rand_write_args("6"));
     // A live diff of the restored VM, then a paused diff of the restored diff.
     run_ok(&[
         "restore",

@@ -268,6 +268,21 @@ pub fn tmpfs_dir(prefix: &str, name: &str) -> std::path::PathBuf {
     d
 }
 
+/// The guest the snapshot, clone and fork tests share: 2 vCPUs of
+/// `rand-write` over 256 pages each, `passes` passes.
+pub fn rand_write_args(passes: &str) -> [&str; 8] {
+    [
+        "--vcpus",
+        "2",
+        "--workload",
+        "rand-write",
+        "--pages",
+        "256",
+        "--passes",
+        passes,
+    ]
+}
+
 /// `vmm run --json --snapshot DIR --snapshot-after-pages AFTER ARGS...`:
 /// asserts it succeeded with exactly one snapshot; returns the report.
 pub fn take_snapshot(dir: &std::path::Path, after: &str, args: &[&str]) -> serde_json::Value {
