@@ -165,3 +165,29 @@ fn bench_faults_reports_every_backing() {
         .is_some_and(|v| v > 0.0 && v < 0.003));
     let _ = std::fs::remove_file(path);
 }
+
+#[test]
+fn a_guest_touching_a_poisoned_page_stops_with_a_memory_error_naming_it() {
+    // The last of vCPU 0's 128 work pages, poisoned while the guest is
+    // still far from it (the first progress report comes at 64 stores;
+    // fault-around populates 16 pages ahead at most): its store to that
+    // page must stop the vCPU with a memory error, never be given zeros.
+    let bad = guest_protocol::layout::WORK_GPA + 127 * guest_protocol::layout::PAGE_SIZE;
+    let report = run_with_hook(1, 64, move |vm| {
+        vm.ram().poison_page(bad, "test memory error")?;
+        Ok(())
+    });
+    assert_eq!(
+        report.status,
+        vmm::report::RunStatus::MemoryError,
+        "{:?}",
+        report.error
+    );
+    let e = report.error.unwrap_or_default();
+    assert!(
+        e.contains(&format!(
+            "memory error: guest-physical address {bad:#x} is poisoned"
+        )),
+        "{e}"
+    );
+}

@@ -1162,6 +1162,10 @@ impl Supervisor {
                             crate::vstate::vcpu::VcpuFault::Protocol { .. } => {
                                 RunStatus::ProtocolError
                             }
+                            // The guest touched a poisoned page.
+                            crate::vstate::vcpu::VcpuFault::MemoryError { .. } => {
+                                RunStatus::MemoryError
+                            }
                             _ => RunStatus::VcpuFault,
                         };
                     }
