@@ -22,6 +22,16 @@ fn invalid_sizes_and_counts_are_usage_errors() {
     assert_usage_error(&["run", "--workload", "bogus"], "unknown workload");
     assert_usage_error(&["run", "--write-ratio", "101"], "not a percentage");
     assert_usage_error(&["run", "--no-such-flag"], "unexpected argument");
+    assert_usage_error(&["run", "--poison", "0x1000"], "written at boot");
+    assert_usage_error(
+        &["run", "--mem", "64M", "--poison", "64M"],
+        "beyond guest RAM",
+    );
+    assert_usage_error(&["run", "--poison", "0xz"], "not a hex");
+    assert_usage_error(
+        &["run", "--poison", "48M", "--backing", "plain"],
+        "--backing memfd or anon",
+    );
     assert_usage_error(&["bench", "snapshot", "--runs", "0"], "not in 1..=50");
 }
 

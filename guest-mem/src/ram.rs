@@ -129,6 +129,8 @@ pub struct MemoryStats {
     pub thp_requested: bool,
     /// Bytes the host backs with huge pages now (from /proc/self/smaps).
     pub thp_bytes: Option<u64>,
+    /// Poisoned pages (guest-physical addresses; rule 12's markers).
+    pub poisoned_pages: Vec<u64>,
 }
 
 /// One region's part of [`MemoryStats`].
@@ -586,6 +588,7 @@ impl GuestRam {
                 .config
                 .thp
                 .then(|| self.boot_regions.iter().map(|r| thp_bytes(r)).sum()),
+            poisoned_pages: self.poisoned_pages(),
         }
     }
 

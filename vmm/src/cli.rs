@@ -29,7 +29,7 @@ pub struct Cli {
 #[derive(Subcommand, Debug)]
 pub enum CliCommand {
     /// Boot a micro-guest and run a memory workload on it.
-    Run(RunArgs),
+    Run(Box<RunArgs>),
     /// Boot a VM from a snapshot directory and run the guest on.
     Restore(RestoreArgs),
     /// Print a snapshot's metadata, verify its checksums and run the
@@ -434,6 +434,14 @@ pub struct RunArgs {
     /// an unnamed temporary file).
     #[arg(long)]
     pub block_file: Option<PathBuf>,
+    /// Inject memory errors: the page holding each guest-physical address
+    /// (hex such as 0x3000000, or a size such as 48M) is poisoned before the
+    /// guest starts, comma-separated. A guest touching one stops with a
+    /// memory error naming it; snapshots, clones and forks keep the marks.
+    /// Pages of the work area and above (from 4 MiB) only: the layout below
+    /// is written at boot. Needs --backing memfd or anon.
+    #[arg(long, value_delimiter = ',', value_parser = gpa_arg)]
+    pub poison: Vec<u64>,
     /// Fork flags.
     #[command(flatten)]
     pub fork: ForkArgs,
@@ -561,7 +569,21 @@ impl RunArgs {
                 .clone()
                 .map_or_else(Default::default, crate::devices::block::DiskSource::File),
             numa: self.numa.to_config(),
+            poison: self.poison.clone(),
         }
+    }
+}
+
+/// A guest-physical address: hex (`0x...`) or a size (`48M`).
+fn gpa_arg(s: &str) -> Result<u64, String> {
+    match s
+        .trim()
+        .strip_prefix("0x")
+        .or_else(|| s.trim().strip_prefix("0X"))
+    {
+        Some(hex) => u64::from_str_radix(hex, 16)
+            .map_err(|_| format!("{s:?} is not a hex guest-physical address")),
+        None => size_arg(s),
     }
 }
 

@@ -49,6 +49,9 @@ pub struct VmConfig {
     pub disk: crate::devices::block::DiskSource,
     /// The guest's NUMA nodes, their host placement and the scanner.
     pub numa: crate::numa::NumaConfig,
+    /// Guest-physical addresses whose pages are poisoned before the guest
+    /// starts (injected memory errors).
+    pub poison: Vec<u64>,
 }
 
 impl Default for VmConfig {
@@ -69,6 +72,7 @@ impl Default for VmConfig {
             track: None,
             disk: Default::default(),
             numa: Default::default(),
+            poison: Vec::new(),
         }
     }
 }
@@ -135,6 +139,14 @@ pub enum ConfigError {
         needed: u64,
         /// Its bytes.
         size: u64,
+    },
+    /// A `--poison` address the VM cannot have poisoned.
+    #[error("--poison {gpa:#x}: {why}")]
+    Poison {
+        /// The address given.
+        gpa: u64,
+        /// Why not.
+        why: String,
     },
     /// `--pages` beyond what a word can encode.
     #[error("--pages {0} is too large: a page index must fit in 24 bits")]
@@ -203,6 +215,31 @@ impl VmConfig {
         Ok(())
     }
 
+    fn validate_poison(&self) -> Result<(), ConfigError> {
+        let refuse = |gpa: u64, why: String| Err(ConfigError::Poison { gpa, why });
+        for &gpa in &self.poison {
+            if !self.ram.backing.uses_fault_engine() {
+                return refuse(
+                    gpa,
+                    "poisoning needs the fault engine: use --backing memfd or anon".into(),
+                );
+            }
+            if gpa < WORK_GPA {
+                return refuse(
+                    gpa,
+                    format!("the guest's layout below {WORK_GPA:#x} (page tables, boot info, kernel) is written at boot; poison a page from {WORK_GPA:#x} up"),
+                );
+            }
+            if gpa >= self.mem_bytes {
+                return refuse(
+                    gpa,
+                    format!("beyond guest RAM ({})", format_size(self.mem_bytes)),
+                );
+            }
+        }
+        Ok(())
+    }
+
     /// Checks the configuration against the layout and the host.
     pub fn validate(&self, host_ram: Option<u64>) -> Result<(), ConfigError> {
         if self.vcpus == 0 || self.vcpus as usize > MAX_VCPUS {
@@ -240,6 +277,7 @@ impl VmConfig {
             return Err(ConfigError::WriteRatio(self.write_ratio));
         }
         self.validate_numa()?;
+        self.validate_poison()?;
         if self.numa.spec.as_ref().is_some_and(|s| s.nodes() > 1) {
             if let Some((node, needed, size)) = self.work_area().overflow() {
                 return Err(ConfigError::NodeTooSmall { node, needed, size });

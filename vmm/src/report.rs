@@ -129,6 +129,9 @@ pub struct MemoryReport {
     pub thp_bytes: Option<u64>,
     /// The regions.
     pub regions: Vec<RegionReport>,
+    /// Poisoned pages (guest-physical addresses), if any.
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub poisoned_pages: Vec<u64>,
 }
 
 impl From<&guest_mem::MemoryStats> for MemoryReport {
@@ -166,6 +169,7 @@ impl From<&guest_mem::MemoryStats> for MemoryReport {
                     hint: r.hint.name(),
                 })
                 .collect(),
+            poisoned_pages: m.poisoned_pages.clone(),
         }
     }
 }

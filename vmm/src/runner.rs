@@ -499,6 +499,10 @@ pub fn run(config: &VmConfig, hooks: RunHooks, sink: SerialSink) -> Result<RunRe
     }
     let entry = image.load(&ram)?.0;
     write_boot_structures(&ram, config)?;
+    for &gpa in &config.poison {
+        ram.poison_page(gpa, "injected by --poison")?;
+        log::info!("page {:#x} poisoned (--poison)", gpa & !0xfff);
+    }
 
     let mut fds = Vec::with_capacity(config.vcpus as usize);
     let mut cpuid = Vec::new();

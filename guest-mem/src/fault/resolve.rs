@@ -151,6 +151,20 @@ impl MemoryCore {
             },
             1,
         );
+        // Rule 12: the table's marker outlives the kernel's. A mapping
+        // change (a fork remaps the parent's RAM) drops the poison the
+        // kernel held for the page; the table still says poisoned, so the
+        // page is poisoned again, never served.
+        if self.table.get(gpa).marker_kind() == Some(Marker::Poisoned) {
+            let host = region.host_of(gpa);
+            if let Err(e) = uffd.poison(host, PAGE_SIZE) {
+                if e.errno() != Some(libc::EEXIST) {
+                    log::error!("UFFDIO_POISON {gpa:#x} again: {e}");
+                }
+            }
+            self.wake(host);
+            return;
+        }
         let (start, end) = self.fault_around_run(region, gpa);
         // While write-protect tracking runs, every page is installed
         // protected (never the zero page, whose copy-on-write no tracker

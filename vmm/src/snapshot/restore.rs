@@ -236,6 +236,8 @@ pub(crate) fn config_of(state: &SnapshotState) -> Result<VmConfig, SnapshotError
         track: None,
         disk: Default::default(),
         numa: numa_of(m)?,
+        // Poisoned pages come back from the snapshot's markers.
+        poison: Vec::new(),
     })
 }
 
