@@ -36,6 +36,41 @@ fn invalid_sizes_and_counts_are_usage_errors() {
 }
 
 #[test]
+fn bad_roms_are_usage_errors() {
+    assert_usage_error(
+        &["run", "--rom", "/nonexistent-rom"],
+        "--rom /nonexistent-rom",
+    );
+    let empty = temp_file("empty-rom", b"");
+    assert_usage_error(
+        &["run", "--rom", empty.to_str().expect("utf-8")],
+        "is empty",
+    );
+    let big = temp_file("big-rom", b"");
+    std::fs::OpenOptions::new()
+        .write(true)
+        .open(&big)
+        .and_then(|f| f.set_len(17 << 20))
+        .expect("size");
+    let big = big.to_str().expect("utf-8");
+    assert_usage_error(&["run", "--rom", big], "the ROM holds at most 16 MiB");
+    let rom = temp_file("rom-8m", &vec![1u8; 8 << 20]);
+    let rom = rom.to_str().expect("utf-8");
+    assert_usage_error(
+        &["run", "--mem", "8M", "--pages", "1", "--rom", rom],
+        "leaves no RAM below it",
+    );
+    assert_usage_error(
+        &["run", "--mem", "64M", "--pages", "14000", "--rom", rom],
+        "less any --rom",
+    );
+    assert_usage_error(
+        &["run", "--mem", "64M", "--rom", rom, "--poison", "60M"],
+        "--poison may not aim at the --rom",
+    );
+}
+
+#[test]
 fn mem_larger_than_host_ram_is_refused() {
     // 64 GiB fits the layout (75 GiB) but exceeds this 24 GiB host; skip on
     // a host that really has that much RAM.

@@ -270,6 +270,43 @@ impl MemoryCore {
         id: u64,
         sizes: &[u64],
     ) -> Result<Vec<Arc<Region>>, CoreError> {
+        self.split_region_with(id, |old| {
+            sizes
+                .iter()
+                .enumerate()
+                .map(|(node, size)| (*size, old.flags, Some(node as u32)))
+                .collect()
+        })
+    }
+
+    /// Replaces region `id` by two over its mapping: the first keeps its
+    /// flags and node, the last `tail` bytes get `tail_flags` (a ROM at
+    /// the top of guest memory). Call before any fault is served there.
+    pub(crate) fn split_off_tail(
+        &self,
+        id: u64,
+        tail: u64,
+        tail_flags: RegionFlags,
+    ) -> Result<(Arc<Region>, Arc<Region>), CoreError> {
+        let parts = self.split_region_with(id, |old| {
+            vec![
+                (old.size.saturating_sub(tail), old.flags, old.guest_node),
+                (tail, tail_flags, old.guest_node),
+            ]
+        })?;
+        match <[Arc<Region>; 2]>::try_from(parts) {
+            Ok([head, tail]) => Ok((head, tail)),
+            Err(_) => Err(CoreError::NoSuchRegion(id)),
+        }
+    }
+
+    /// Replaces region `id` by consecutive regions of the (size, flags,
+    /// guest node) `parts` returns for it, which must add up to its size.
+    fn split_region_with(
+        &self,
+        id: u64,
+        parts: impl FnOnce(&Region) -> Vec<(u64, RegionFlags, Option<u32>)>,
+    ) -> Result<Vec<Arc<Region>>, CoreError> {
         let _g = self.global.lock_or_recover();
         let current = self.regions.load_full();
         let old = current
@@ -277,8 +314,9 @@ impl MemoryCore {
             .find(|r| r.id == id)
             .ok_or(CoreError::NoSuchRegion(id))?;
         let page = crate::entry::PAGE_SIZE;
-        if sizes.iter().any(|s| *s == 0 || !s.is_multiple_of(page))
-            || sizes.iter().try_fold(0u64, |a, s| a.checked_add(*s)) != Some(old.size)
+        let parts = parts(old);
+        if parts.iter().any(|p| p.0 == 0 || !p.0.is_multiple_of(page))
+            || parts.iter().try_fold(0u64, |a, p| a.checked_add(p.0)) != Some(old.size)
         {
             return Err(RegionError::Unaligned {
                 gpa: old.gpa,
@@ -286,15 +324,15 @@ impl MemoryCore {
             }
             .into());
         }
-        let mut parts = Vec::with_capacity(sizes.len());
+        let mut regions = Vec::with_capacity(parts.len());
         let mut offset = old.offset;
-        for (node, size) in sizes.iter().enumerate() {
-            parts.push(Arc::new(Region {
+        for (size, flags, guest_node) in parts {
+            regions.push(Arc::new(Region {
                 id: self.next_id.fetch_add(1, Ordering::Relaxed),
                 gpa: old.gpa + (offset - old.offset),
-                size: *size,
-                flags: old.flags,
-                guest_node: Some(node as u32),
+                size,
+                flags,
+                guest_node,
                 backing: old.backing,
                 mapping: old.mapping.clone(),
                 offset,
@@ -305,10 +343,10 @@ impl MemoryCore {
             offset += size;
         }
         let mut list: Vec<Arc<Region>> = current.iter().filter(|r| r.id != id).cloned().collect();
-        list.extend(parts.iter().cloned());
+        list.extend(regions.iter().cloned());
         list.sort_by_key(|r| r.gpa);
         self.regions.store(Arc::new(list));
-        Ok(parts)
+        Ok(regions)
     }
 
     /// Removes a region: isolates it (no new fault can find it, rule 3),

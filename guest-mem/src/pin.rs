@@ -462,6 +462,41 @@ mod tests {
     }
 
     #[test]
+    fn a_rom_carved_from_boot_ram_refuses_write_pins() {
+        let mut ram = GuestRam::new(4 * MIB, RamConfig::default()).expect("ram");
+        let rom = ram.set_rom(2 * PAGE_SIZE).expect("rom");
+        assert_eq!(
+            (rom.gpa, rom.size),
+            (4 * MIB - 2 * PAGE_SIZE, 2 * PAGE_SIZE)
+        );
+        assert!(rom.flags.read_only);
+        assert_eq!(ram.writable_bytes(), 4 * MIB - 2 * PAGE_SIZE);
+        assert_eq!(ram.boot_regions().len(), 1);
+        assert_eq!(ram.boot_regions()[0].size, 4 * MIB - 2 * PAGE_SIZE);
+        // The VMM loads it through the one mapping; the guest may read it,
+        // a device may not write it.
+        ram.write(rom.gpa, &[0x5a; 16]).expect("load");
+        assert_eq!(load(&ram, rom.gpa) & 0xff, 0x5a);
+        assert!(matches!(
+            ram.pin(rom.gpa, PAGE_SIZE, PinAccess::ReadWrite),
+            Err(RamError::ReadOnly(g)) if g == rom.gpa
+        ));
+        let p = ram
+            .pin(rom.gpa, 2 * PAGE_SIZE, PinAccess::ReadOnly)
+            .expect("a read-only pin of the ROM");
+        ram.unpin(p).expect("unpin");
+        // Below the ROM, RAM pins as before.
+        let p = ram
+            .pin(rom.gpa - PAGE_SIZE, PAGE_SIZE, PinAccess::ReadWrite)
+            .expect("pin");
+        ram.unpin(p).expect("unpin");
+        assert!(ram.set_rom(PAGE_SIZE).is_err(), "one ROM");
+        let mut small = GuestRam::new(MIB, RamConfig::default()).expect("ram");
+        assert!(small.set_rom(MIB).is_err(), "no RAM left below it");
+        assert!(small.set_rom(100).is_err(), "not a page multiple");
+    }
+
+    #[test]
     fn a_device_write_during_a_live_snapshot_leaves_the_snapshot_the_old_page() {
         let ram = GuestRam::new(4 * MIB, RamConfig::default()).expect("ram");
         store(&ram, 0, 1);

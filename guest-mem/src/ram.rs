@@ -144,6 +144,8 @@ pub struct RegionStats {
     pub accessors: u64,
     /// Its access hint.
     pub hint: crate::region::AccessHint,
+    /// The guest may not write it (a ROM).
+    pub read_only: bool,
 }
 
 /// Guest RAM.
@@ -154,6 +156,7 @@ pub struct GuestRam {
     pub(crate) core: Arc<MemoryCore>,
     memory: GuestMemoryMmap,
     boot_regions: Vec<Arc<Region>>,
+    rom: Option<Arc<Region>>,
     size: u64,
     config: RamConfig,
     pub(crate) host_dirty: HostDirtyLog,
@@ -261,6 +264,7 @@ impl GuestRam {
             core,
             memory,
             boot_regions: vec![region],
+            rom: None,
             size,
             config,
             host_dirty: HostDirtyLog::new(),
@@ -284,6 +288,49 @@ impl GuestRam {
         };
         self.boot_regions = self.core.split_region(boot.id, sizes)?;
         Ok(())
+    }
+
+    /// Makes the last `bytes` of guest memory a read-only region (a ROM):
+    /// the guest may read it, a device pin for writing is refused and an
+    /// unshare there does nothing (rule 14); the VMM loads it with
+    /// [`GuestRam::write`] before the guest runs. It is carved from the
+    /// last boot region (so it shares that region's mapping, backing file
+    /// and snapshot image) and is not one of [`GuestRam::boot_regions`].
+    /// Call once, after [`GuestRam::split_into_nodes`], before the guest
+    /// runs.
+    pub fn set_rom(&mut self, bytes: u64) -> Result<Arc<Region>, RamError> {
+        if self.rom.is_some() {
+            return Err(RamError::Describe("guest memory has a ROM already".into()));
+        }
+        let Some(last) = self.boot_regions.last().cloned() else {
+            return Err(RamError::Describe("guest RAM has no region".into()));
+        };
+        if bytes == 0 || !bytes.is_multiple_of(PAGE_SIZE) || bytes >= last.size {
+            return Err(RamError::Describe(format!(
+                "a ROM of {bytes:#x} bytes does not fit below the top of guest memory: it must be a page multiple smaller than the last region ({:#x} bytes)",
+                last.size
+            )));
+        }
+        let flags = RegionFlags {
+            read_only: true,
+            ..last.flags
+        };
+        let (head, rom) = self.core.split_off_tail(last.id, bytes, flags)?;
+        if let Some(slot) = self.boot_regions.last_mut() {
+            *slot = head;
+        }
+        self.rom = Some(rom.clone());
+        Ok(rom)
+    }
+
+    /// The ROM region, if [`GuestRam::set_rom`] made one.
+    pub fn rom(&self) -> Option<&Arc<Region>> {
+        self.rom.as_ref()
+    }
+
+    /// Bytes of guest memory the guest may write: all of it but the ROM.
+    pub fn writable_bytes(&self) -> u64 {
+        self.size - self.rom.as_ref().map_or(0, |r| r.size)
     }
 
     /// Anonymous RAM without the fault engine (kernel-managed).
@@ -581,6 +628,7 @@ impl GuestRam {
                     size: r.size,
                     accessors: r.accessors.load(Ordering::Relaxed),
                     hint: r.flags.hint,
+                    read_only: r.flags.read_only,
                 })
                 .collect(),
             thp_requested: self.config.thp,

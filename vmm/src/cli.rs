@@ -442,6 +442,13 @@ pub struct RunArgs {
     /// is written at boot. Needs --backing memfd or anon.
     #[arg(long, value_delimiter = ',', value_parser = gpa_arg)]
     pub poison: Vec<u64>,
+    /// Give the guest read-only memory (a ROM) holding this file (at most
+    /// 16 MiB, rounded up to pages) at the top of --mem, below which its
+    /// RAM lies. The guest reads it; its writes there are refused (logged,
+    /// counted, and readable by the guest), and so are device writes into
+    /// it. The guest checks the ROM's content at boot and in every verify.
+    #[arg(long)]
+    pub rom: Option<PathBuf>,
     /// Fork flags.
     #[command(flatten)]
     pub fork: ForkArgs,
@@ -538,9 +545,17 @@ pub struct ForkArgs {
 }
 
 impl RunArgs {
-    /// The VM configuration these flags describe (not yet validated).
-    pub fn to_config(&self) -> VmConfig {
-        VmConfig {
+    /// The VM configuration these flags describe (not yet validated; the
+    /// ROM file is sized here).
+    pub fn to_config(&self) -> Result<VmConfig, crate::config::ConfigError> {
+        let rom = self
+            .rom
+            .as_deref()
+            .map(crate::devices::rom::rom_for_file)
+            .transpose()
+            .map_err(|e| crate::config::ConfigError::Rom(e.to_string()))?
+            .unwrap_or_default();
+        Ok(VmConfig {
             mem_bytes: self.mem,
             vcpus: self.vcpus,
             workload: self.workload,
@@ -570,7 +585,8 @@ impl RunArgs {
                 .map_or_else(Default::default, crate::devices::block::DiskSource::File),
             numa: self.numa.to_config(),
             poison: self.poison.clone(),
-        }
+            rom,
+        })
     }
 }
 
@@ -600,7 +616,11 @@ pub fn cmd_run(args: &RunArgs) -> i32 {
         Ok(h) => h,
         Err(e) => return finish(Err(e), args.json),
     };
-    let result = run(&args.to_config(), hooks, sink).map(|mut r| {
+    let config = match args.to_config() {
+        Ok(c) => c,
+        Err(e) => return finish(Err(e.into()), args.json),
+    };
+    let result = run(&config, hooks, sink).map(|mut r| {
         check_snapshot_taken(&args.snap, &mut r);
         check_fork_made(&args.fork, &mut r);
         (r, None)

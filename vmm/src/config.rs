@@ -3,7 +3,7 @@
 use crate::size::format_size;
 use guest_mem::RamConfig;
 use guest_protocol::layout::{WorkArea, MAX_MEM_BYTES, MAX_VCPUS, PAGE_SIZE, WORK_GPA};
-use guest_protocol::numa::NumaLayout;
+use guest_protocol::numa::{NumaLayout, MAX_NODES};
 use guest_protocol::Workload;
 use std::path::PathBuf;
 
@@ -14,6 +14,20 @@ pub enum KernelSource {
     Embedded,
     /// Another ELF, entered the same way.
     File(PathBuf),
+}
+
+/// Most bytes a ROM (`--rom`) may have.
+pub const MAX_ROM_BYTES: u64 = 16 << 20;
+
+/// Read-only memory at the top of guest memory: the last `bytes` of
+/// `--mem`, carved from the last NUMA node; the guest's RAM lies below.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct RomConfig {
+    /// Its bytes: a page multiple, 0 for none.
+    pub bytes: u64,
+    /// The file loaded into it at boot (a restored VM's ROM comes back
+    /// with its memory image).
+    pub file: Option<PathBuf>,
 }
 
 /// The VM and its workload.
@@ -52,6 +66,8 @@ pub struct VmConfig {
     /// Guest-physical addresses whose pages are poisoned before the guest
     /// starts (injected memory errors).
     pub poison: Vec<u64>,
+    /// Read-only memory at the top of guest memory, if any.
+    pub rom: RomConfig,
 }
 
 impl Default for VmConfig {
@@ -73,6 +89,7 @@ impl Default for VmConfig {
             disk: Default::default(),
             numa: Default::default(),
             poison: Vec::new(),
+            rom: RomConfig::default(),
         }
     }
 }
@@ -102,7 +119,7 @@ pub enum ConfigError {
     #[error("--passes must be at least 1")]
     ZeroPasses,
     /// The work area does not fit.
-    #[error("--pages {pages} with {vcpus} vCPU(s) needs {} of guest memory, but --mem is {}; at most {max_pages} pages per vCPU fit", format_size(*needed), format_size(*mem))]
+    #[error("--pages {pages} with {vcpus} vCPU(s) needs {} of guest memory, but the guest's RAM (--mem, less any --rom) is {}; at most {max_pages} pages per vCPU fit", format_size(*needed), format_size(*mem))]
     PagesDoNotFit {
         /// Requested pages per vCPU.
         pages: u64,
@@ -110,7 +127,7 @@ pub enum ConfigError {
         vcpus: u32,
         /// Bytes the layout needs.
         needed: u64,
-        /// `--mem`.
+        /// The guest's RAM: `--mem` less the ROM.
         mem: u64,
         /// Largest `--pages` that fits.
         max_pages: u64,
@@ -140,6 +157,9 @@ pub enum ConfigError {
         /// Its bytes.
         size: u64,
     },
+    /// A `--rom` the VM cannot have.
+    #[error("{0}")]
+    Rom(String),
     /// A `--poison` address the VM cannot have poisoned.
     #[error("--poison {gpa:#x}: {why}")]
     Poison {
@@ -157,11 +177,27 @@ impl VmConfig {
     /// The guest's NUMA topology (one node unless asked otherwise; call
     /// after `validate`).
     pub fn numa_layout(&self) -> NumaLayout {
-        self.numa
+        let mut layout = self
+            .numa
             .spec
             .as_ref()
             .and_then(|s| s.resolve(self.mem_bytes, self.vcpus).ok())
-            .unwrap_or(NumaLayout::single(self.mem_bytes))
+            .unwrap_or(NumaLayout::single(self.mem_bytes));
+        // The ROM is the top of the last node's memory: the guest's RAM
+        // (and its work area) lies below it.
+        let last = (layout.nodes.clamp(1, MAX_NODES as u32) - 1) as usize;
+        layout.ranges[last].bytes = layout.ranges[last].bytes.saturating_sub(self.rom.bytes);
+        layout
+    }
+
+    /// Bytes of guest memory the guest may write (all but the ROM).
+    pub fn ram_bytes(&self) -> u64 {
+        self.mem_bytes.saturating_sub(self.rom.bytes)
+    }
+
+    /// Where the ROM starts (the top of guest memory less its size).
+    pub fn rom_gpa(&self) -> u64 {
+        self.ram_bytes()
     }
 
     /// The work area this configuration lays out.
@@ -211,6 +247,33 @@ impl VmConfig {
                     "the NUMA scanner cannot sample writes beside --track uffd-async (the kernel resolves its faults): use another tracker, or kvm-ring".into(),
                 ));
             }
+        }
+        Ok(())
+    }
+
+    fn validate_rom(&self) -> Result<(), ConfigError> {
+        let bytes = self.rom.bytes;
+        if bytes == 0 {
+            return Ok(());
+        }
+        if !bytes.is_multiple_of(PAGE_SIZE) || bytes > MAX_ROM_BYTES {
+            return Err(ConfigError::Rom(format!(
+                "--rom: a ROM of {bytes} bytes: it must be 1 byte to {} (rounded up to 4 KiB pages)",
+                format_size(MAX_ROM_BYTES)
+            )));
+        }
+        let layout = self.numa_layout();
+        let last = layout.ranges[(layout.nodes.clamp(1, MAX_NODES as u32) - 1) as usize];
+        if last.bytes == 0 || last.end() <= WORK_GPA {
+            return Err(ConfigError::Rom(format!(
+                "--rom: a ROM of {} leaves no RAM below it in the last NUMA node: give the guest more --mem",
+                format_size(bytes)
+            )));
+        }
+        if self.poison.iter().any(|g| *g >= self.rom_gpa()) {
+            return Err(ConfigError::Rom(
+                "--poison may not aim at the --rom (its content is loaded at boot)".into(),
+            ));
         }
         Ok(())
     }
@@ -278,6 +341,7 @@ impl VmConfig {
         }
         self.validate_numa()?;
         self.validate_poison()?;
+        self.validate_rom()?;
         if self.numa.spec.as_ref().is_some_and(|s| s.nodes() > 1) {
             if let Some((node, needed, size)) = self.work_area().overflow() {
                 return Err(ConfigError::NodeTooSmall { node, needed, size });
@@ -285,14 +349,14 @@ impl VmConfig {
             return Ok(());
         }
         let needed = self.work_area().required_mem_bytes();
-        if needed > self.mem_bytes {
+        let ram = self.ram_bytes();
+        if needed > ram {
             // Each page needs 4 KiB of work area plus 8 bytes of scratch.
-            let per_vcpu = (self.mem_bytes - WORK_GPA) / self.vcpus as u64;
+            let per_vcpu = ram.saturating_sub(WORK_GPA) / self.vcpus as u64;
             let mut max_pages = per_vcpu / (PAGE_SIZE + 8);
             while max_pages > 0
-                && WorkArea::single_node(self.vcpus as u64, max_pages, self.mem_bytes)
-                    .required_mem_bytes()
-                    > self.mem_bytes
+                && WorkArea::single_node(self.vcpus as u64, max_pages, ram).required_mem_bytes()
+                    > ram
             {
                 max_pages -= 1;
             }
@@ -300,7 +364,7 @@ impl VmConfig {
                 pages: self.pages,
                 vcpus: self.vcpus,
                 needed,
-                mem: self.mem_bytes,
+                mem: ram,
                 max_pages,
             });
         }

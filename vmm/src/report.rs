@@ -100,6 +100,9 @@ pub struct RegionReport {
     pub accessors: u64,
     /// Its access hint (`normal`, `sequential`, `random`).
     pub hint: &'static str,
+    /// The guest may not write it (a ROM, `--rom`).
+    #[serde(skip_serializing_if = "std::ops::Not::not")]
+    pub read_only: bool,
 }
 
 /// The `"memory"` object of a run report.
@@ -167,6 +170,7 @@ impl From<&guest_mem::MemoryStats> for MemoryReport {
                     size: r.size,
                     accessors: r.accessors,
                     hint: r.hint.name(),
+                    read_only: r.read_only,
                 })
                 .collect(),
             poisoned_pages: m.poisoned_pages.clone(),
@@ -226,6 +230,9 @@ pub struct RunReport {
     /// The block device's work (`io` workload).
     #[serde(skip_serializing_if = "Option::is_none")]
     pub block: Option<crate::devices::block::BlockStats>,
+    /// The ROM (`--rom`): where, refused writes, the guest's own check.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub rom: Option<crate::devices::rom::RomReport>,
     /// Forks made during the run, with their children's outcomes.
     #[serde(skip_serializing_if = "Vec::is_empty")]
     pub forks: Vec<crate::fork::ForkReport>,

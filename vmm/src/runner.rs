@@ -448,11 +448,13 @@ pub fn describe(
         mem_bytes: config.mem_bytes,
         regions: layout.ranges[..layout.nodes as usize]
             .iter()
-            .map(|r| RegionDesc {
-                gpa: r.gpa,
-                size: r.bytes,
+            .map(|r| (r.gpa, r.bytes, false))
+            .chain((config.rom.bytes > 0).then(|| (config.rom_gpa(), config.rom.bytes, true)))
+            .map(|(gpa, size, read_only)| RegionDesc {
+                gpa,
+                size,
                 shared: false,
-                read_only: false,
+                read_only,
                 hint: config.ram.hint.name().into(),
             })
             .collect(),
@@ -498,6 +500,7 @@ pub fn run(config: &VmConfig, hooks: RunHooks, sink: SerialSink) -> Result<RunRe
         t.tracker_mut().before_vcpus(&vm)?;
     }
     let entry = image.load(&ram)?.0;
+    crate::devices::rom::load(&ram, &config.rom).map_err(|e| RunError::Runtime(e.to_string()))?;
     write_boot_structures(&ram, config)?;
     for &gpa in &config.poison {
         ram.poison_page(gpa, "injected by --poison")?;
@@ -591,6 +594,7 @@ pub fn supervise(
     } else {
         None
     };
+    let rom = crate::devices::rom::RomGuard::of(&ram).map(Arc::new);
     let mut threads = Vec::with_capacity(vcpu_count);
     for (i, fd) in fds.into_iter().enumerate() {
         let runner = VcpuRunner::new(
@@ -605,6 +609,7 @@ pub fn supervise(
         .with_capture(capture.clone(), cpuid.clone())
         .with_first_run(first_run.clone())
         .with_block(block.clone())
+        .with_rom(rom.clone())
         .with_lazy_slot(lazy_slot.clone())
         .with_start_gate(hooks.start_gate.clone());
         let exited = exited.clone();
@@ -697,9 +702,11 @@ pub fn supervise(
         t.get()
             .map(|t| t.duration_since(created).as_micros() as u64)
     };
+    let rom_check = sup.rom_check;
     let mut report = sup.into_report(config, &ram, since_created(&first_io));
     report.first_run_us = since_created(&first_run);
     report.block = block.map(|b| b.stats());
+    report.rom = rom.map(|r| r.report(rom_check, report.block.map_or(0, |b| b.refused)));
     report.numa = crate::numa::report(placement.as_deref(), &ram, scanner);
     drop(vm);
     Ok(report)
@@ -815,6 +822,8 @@ struct Supervisor {
     panic_line: Option<String>,
     serial: Vec<String>,
     scan: Option<crate::numa::scan::ScanDriver>,
+    /// The bits of vCPU 0's `RomCheck` event, if it sent one.
+    rom_check: Option<u64>,
 }
 
 impl Supervisor {
@@ -858,6 +867,7 @@ impl Supervisor {
             panic_line: None,
             serial: Vec::new(),
             scan: None,
+            rom_check: None,
         }
     }
 
@@ -1004,6 +1014,7 @@ impl Supervisor {
                 }
             }
             Event::Waiting => self.vcpu_started(v),
+            Event::RomCheck => self.rom_check = Some(arg),
             Event::Progress | Event::Done | Event::RoundEnd => {
                 if let Some(p) = self.progress.get_mut(v) {
                     *p = arg;
@@ -1276,6 +1287,7 @@ impl Supervisor {
             snapshots: std::mem::take(&mut self.handle.snapshots),
             forks: std::mem::take(&mut self.handle.forks),
             block: None,
+            rom: None,
             numa: None,
             serial: self.serial,
         }

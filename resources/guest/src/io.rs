@@ -38,6 +38,20 @@ pub fn block(cmd: u8, page: u64, block: u64) -> u8 {
     inb(BLOCK_CMD_PORT)
 }
 
+fn inl(port: u16) -> u32 {
+    let v: u32;
+    // SAFETY: as for `outl`.
+    unsafe {
+        asm!("in eax, dx", in("dx") port, out("eax") v, options(nomem, nostack, preserves_flags))
+    };
+    v
+}
+
+/// How many guest writes to the ROM the VMM has refused so far.
+pub fn rom_refused() -> u32 {
+    inl(guest_protocol::control::ROM_PORT)
+}
+
 /// Reports `event` with `arg` on the control port.
 pub fn event(event: Event, arg: u64) {
     outl(ARG_LO_PORT, arg as u32);

@@ -7,6 +7,7 @@
 
 mod io;
 mod mem;
+mod rom;
 mod workload;
 
 use core::arch::global_asm;

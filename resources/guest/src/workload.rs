@@ -1,12 +1,16 @@
 //! The workload loop: page steps from the shared schedule, command polling,
 //! progress events and the consistency oracle.
 
+use crate::rom::Rom;
 use crate::{fail, io};
 use core::ptr::{read_volatile, write_volatile};
 use guest_protocol::boot_info::{
     BootInfo, Command, CommandOp, VcpuState, Workload, FLAG_ROUND_PER_PASS, POLL_INTERVAL,
 };
-use guest_protocol::control::{Event, BLOCK_CMD_READ, BLOCK_CMD_WRITE};
+use guest_protocol::control::{
+    Event, BLOCK_CMD_READ, BLOCK_CMD_WRITE, ROM_CHECK_CONTENT, ROM_CHECK_CPU_REFUSED,
+    ROM_CHECK_DEVICE_COPIED, ROM_CHECK_DEVICE_REFUSED, ROM_CHECK_DEVICE_TRIED,
+};
 use guest_protocol::layout::{WorkArea, PAGE_SIZE};
 use guest_protocol::oracle;
 use guest_protocol::schedule::{word, PassSteps, ScheduleParams, Step};
@@ -26,6 +30,7 @@ struct Ctx {
     area: WorkArea,
     verify_at_end: bool,
     round_per_pass: bool,
+    rom: Option<Rom>,
 }
 
 impl Ctx {
@@ -104,7 +109,34 @@ impl Ctx {
             // SAFETY: page < pages, inside this vCPU's own range.
             unsafe { read_volatile(self.page_ptr(self.vcpu, page)) }
         });
-        m + self.read_mismatches()
+        // vCPU 0 checks the ROM too: after a restore, clone or fork it
+        // must still hold what the VMM put there.
+        let rom_bad = self.vcpu == 0 && self.rom.is_some_and(|r| !r.content_ok());
+        m + self.read_mismatches() + rom_bad as u64
+    }
+
+    /// vCPU 0, before its first page store: probes the ROM (the block
+    /// device too, in the `io` workload), reports what held, and counts
+    /// each check that failed as a read mismatch.
+    fn check_rom(&self, rom: &Rom) {
+        let device = self.params.workload == Workload::Io;
+        // Block 0 and the scratch page are free until the first page
+        // store (the store copies its page out to the block over it).
+        let scratch = self.area.vcpu_scratch_gpa(self.vcpu);
+        let held = rom.probe(device.then_some((0, scratch)));
+        let mut expected = ROM_CHECK_CONTENT | ROM_CHECK_CPU_REFUSED;
+        if device {
+            expected |= ROM_CHECK_DEVICE_TRIED | ROM_CHECK_DEVICE_REFUSED | ROM_CHECK_DEVICE_COPIED;
+        }
+        let failed = (expected & !held).count_ones() as u64;
+        self.state().read_mismatches += failed;
+        io::event(Event::RomCheck, held);
+        io::prefix(self.vcpu);
+        io::print(if failed == 0 {
+            "rom: content ok, writes refused\n"
+        } else {
+            "rom: CHECK FAILED\n"
+        });
     }
 
     fn report_verify(&self) {
@@ -234,6 +266,8 @@ pub fn run(vcpu: u64, boot_info: *const BootInfo) -> ! {
         area: params.work_area(),
         verify_at_end: bi.verify_at_end != 0,
         round_per_pass: bi.flags & FLAG_ROUND_PER_PASS != 0,
+        // SAFETY: as for the header.
+        rom: unsafe { Rom::of(boot_info) },
     };
     io::prefix(vcpu);
     io::print("booted, workload ");
@@ -250,6 +284,9 @@ pub fn run(vcpu: u64, boot_info: *const BootInfo) -> ! {
     io::print("\n");
     if vcpu == 0 && params.numa.nodes > 1 {
         print_topology(&params);
+    }
+    if let Some(rom) = ctx.rom.filter(|_| vcpu == 0) {
+        ctx.check_rom(&rom);
     }
 
     if workload == Workload::Idle {

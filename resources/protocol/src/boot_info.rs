@@ -11,7 +11,7 @@ use crate::numa::NumaLayout;
 /// `BootInfo::magic`: "VMMBOOT1" in little-endian ASCII.
 pub const BOOT_INFO_MAGIC: u64 = u64::from_le_bytes(*b"VMMBOOT1");
 /// `BootInfo::version` of this protocol.
-pub const BOOT_INFO_VERSION: u32 = 2;
+pub const BOOT_INFO_VERSION: u32 = 3;
 /// Most seed changes a vCPU's history can hold.
 pub const MAX_SEEDS: usize = 200;
 /// `BootInfo::flags`: end a dirty-tracking round after every pass — report
@@ -181,6 +181,23 @@ pub struct BootInfo {
     pub reserved: u32,
     /// The guest's NUMA topology; the work area is laid out over it.
     pub numa: NumaLayout,
+    /// Guest-physical address of the read-only memory (ROM) at the top of
+    /// guest memory; 0 when there is none.
+    pub rom_gpa: u64,
+    /// Its bytes (a page multiple; 0: none).
+    pub rom_bytes: u64,
+    /// [`rom_sum`] of its content, for the guest to check it.
+    pub rom_sum: u64,
+}
+
+/// The checksum of a ROM the guest checks: the first word of each page,
+/// rotated by the page's index (so pages in the wrong place show), summed.
+/// One word per page, as every workload touches its pages (guest
+/// instructions are expensive where they are emulated).
+pub fn rom_sum(first_words: impl Iterator<Item = u64>) -> u64 {
+    first_words.enumerate().fold(0u64, |sum, (i, w)| {
+        sum.wrapping_add(w.rotate_left(i as u32 % 64))
+    })
 }
 
 /// A seed change in a vCPU's history: passes from `from_pass` on use `seed`.
@@ -348,7 +365,8 @@ unsafe impl PageStruct for BootInfo {}
 unsafe impl PageStruct for VcpuState {}
 
 const _: () = assert!(
-    core::mem::size_of::<BootInfo>() == 96 + 16 * MAX_VCPUS + core::mem::size_of::<NumaLayout>()
+    core::mem::size_of::<BootInfo>()
+        == 96 + 16 * MAX_VCPUS + core::mem::size_of::<NumaLayout>() + 24
 );
 const _: () =
     assert!(core::mem::size_of::<NumaLayout>() == 8 + 16 * crate::numa::MAX_NODES + MAX_VCPUS);

@@ -36,6 +36,30 @@ pub const BLOCK_CMD_PORT: u16 = 0x528;
 pub const BLOCK_CMD_WRITE: u8 = 1;
 /// Block command: read block B into guest page A.
 pub const BLOCK_CMD_READ: u8 = 2;
+/// Block status: the command was refused, its guest page may not be
+/// written (read-only memory) or is poisoned.
+pub const BLOCK_STATUS_REFUSED: u8 = 3;
+
+/// Read-only memory: a 32-bit `in` returns how many guest writes to the
+/// VM's ROM the VMM has refused so far (the write is dropped, never
+/// applied; each is also logged).
+pub const ROM_PORT: u16 = 0x530;
+
+/// [`Event::RomCheck`] bit: the ROM's content matched `BootInfo::rom_sum`.
+pub const ROM_CHECK_CONTENT: u64 = 1 << 0;
+/// [`Event::RomCheck`] bit: a CPU store to the ROM left it unchanged and
+/// [`ROM_PORT`] counted it.
+pub const ROM_CHECK_CPU_REFUSED: u64 = 1 << 1;
+/// [`Event::RomCheck`] bit: the block device was asked to read a block
+/// into the ROM (`io` workload).
+pub const ROM_CHECK_DEVICE_TRIED: u64 = 1 << 2;
+/// [`Event::RomCheck`] bit: the device refused that read and the ROM is
+/// unchanged.
+pub const ROM_CHECK_DEVICE_REFUSED: u64 = 1 << 3;
+/// [`Event::RomCheck`] bit: the device wrote the ROM's first page to the
+/// block (a read-only pin of read-only memory is allowed) and read it back
+/// into a scratch page intact.
+pub const ROM_CHECK_DEVICE_COPIED: u64 = 1 << 4;
 
 /// Events a vCPU reports on [`CONTROL_PORT`].
 #[repr(u32)]
@@ -62,6 +86,10 @@ pub enum Event {
     /// commands; arg = 0. A guest that waits is what a snapshot or fork
     /// "at 0 page stores" captures.
     Waiting = 9,
+    /// vCPU 0 probed the ROM before its first page store: arg = the
+    /// `ROM_CHECK_*` bits of what held. Every check that failed also
+    /// counts as a read mismatch in its verify.
+    RomCheck = 10,
 }
 
 impl Event {
@@ -77,6 +105,7 @@ impl Event {
             Event::Panic,
             Event::CommandAck,
             Event::Waiting,
+            Event::RomCheck,
         ]
         .into_iter()
         .find(|e| *e as u32 == v)

@@ -55,7 +55,7 @@ pub enum Status {
     IoError = 2,
     /// The page may not be written (a read-only region, rule 14) or is
     /// poisoned.
-    Refused = 3,
+    Refused = guest_protocol::control::BLOCK_STATUS_REFUSED,
 }
 
 /// Block device errors.
@@ -136,6 +136,9 @@ pub struct BlockStats {
     pub blocks_read: u64,
     /// Requests refused or failed.
     pub errors: u64,
+    /// Of those, requests refused because their page may not be written
+    /// (read-only memory, rule 14) or is poisoned.
+    pub refused: u64,
 }
 
 struct Ring {
@@ -696,8 +699,12 @@ impl BlockDevice {
                     }
                     Err(e) => {
                         stats.errors += 1;
+                        let status = e.status();
+                        if status == Status::Refused {
+                            stats.refused += 1;
+                        }
                         log::warn!("vCPU {vcpu}: block request refused: {e}");
-                        e.status()
+                        status
                     }
                 };
                 let mut regs = self.regs.lock_or_recover();

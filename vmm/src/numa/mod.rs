@@ -40,18 +40,27 @@ impl NumaConfig {
     }
 }
 
-/// Splits `ram` into the configuration's guest nodes, one region each
-/// (before the guest runs).
+/// Splits `ram` into the configuration's guest nodes, one region each,
+/// and carves its ROM (if any) from the top of the last (before the guest
+/// runs).
 pub fn split(
     config: &crate::config::VmConfig,
     ram: &mut guest_mem::GuestRam,
 ) -> Result<(), guest_mem::RamError> {
     let layout = config.numa_layout();
-    let sizes: Vec<u64> = layout.ranges[..layout.nodes as usize]
+    let mut sizes: Vec<u64> = layout.ranges[..layout.nodes as usize]
         .iter()
         .map(|r| r.bytes)
         .collect();
-    ram.split_into_nodes(&sizes)
+    let rom = config.rom.bytes;
+    if let Some(last) = sizes.last_mut() {
+        *last += rom;
+    }
+    ram.split_into_nodes(&sizes)?;
+    if rom > 0 {
+        ram.set_rom(rom)?;
+    }
+    Ok(())
 }
 
 /// When the configuration asks for placement, places the guest's nodes on

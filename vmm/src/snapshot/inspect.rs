@@ -47,6 +47,7 @@ pub fn main(dir: &Path, json: bool) -> i32 {
             "checksums_ok": true,
             "markers": state.markers.len(),
             "working_set": &state.working_set,
+            "rom": m.regions.iter().find(|r| r.read_only).map(|r| serde_json::json!({"gpa": r.gpa, "bytes": r.size})),
             "poisoned_pages": state.markers.iter().filter(|m| m.kind == 2).map(|m| format!("{:#x}", m.gpa)).collect::<Vec<_>>(),
             "diff_parent": state.diff.as_ref().map(|d| uuid::Uuid::from_bytes(d.parent_id).to_string()),
             "diff_pages": state.diff.as_ref().map(|d| d.pages.len()),
@@ -79,10 +80,12 @@ pub fn main(dir: &Path, json: bool) -> i32 {
             "  workload: {} {} pages x {} passes",
             m.workload, m.pages, m.passes
         );
-        if m.regions.len() > 1 || m.numa.placed {
-            let nodes: Vec<String> = m
-                .regions
-                .iter()
+        if let Some(r) = m.regions.iter().find(|r| r.read_only) {
+            println!("  rom: {} at {:#x}", format_size(r.size), r.gpa);
+        }
+        let node_regions = m.regions.iter().filter(|r| !r.read_only);
+        if node_regions.clone().count() > 1 || m.numa.placed {
+            let nodes: Vec<String> = node_regions
                 .enumerate()
                 .map(|(k, r)| {
                     let vcpus: Vec<String> = (0..m.vcpus as usize)

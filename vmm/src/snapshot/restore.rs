@@ -12,6 +12,7 @@ use super::prefetch::{prefetch_execution, BackgroundPrefetch};
 use super::state::{restore_vcpu, restore_vm, SnapshotState};
 use super::SnapshotError;
 use crate::clock::MonotonicAnchor;
+use crate::config::RomConfig;
 use crate::config::{KernelSource, VmConfig};
 use crate::devices::block::DiskSource;
 use crate::numa::topology::{NodeSpec, NumaSpec};
@@ -238,7 +239,30 @@ pub(crate) fn config_of(state: &SnapshotState) -> Result<VmConfig, SnapshotError
         numa: numa_of(m)?,
         // Poisoned pages come back from the snapshot's markers.
         poison: Vec::new(),
+        rom: rom_of(m)?,
     })
+}
+
+/// The ROM a snapshot's machine had: its one read-only region, the last,
+/// ending at the top of guest memory. Its content is in the memory image.
+fn rom_of(m: &crate::snapshot::state::MachineDesc) -> Result<RomConfig, SnapshotError> {
+    let mut roms = m.regions.iter().filter(|r| r.read_only);
+    match (roms.next(), roms.next()) {
+        (None, _) => Ok(RomConfig::default()),
+        (Some(r), None)
+            if m.regions.last() == Some(r)
+                && m.regions.len() > 1
+                && r.gpa.checked_add(r.size) == Some(m.mem_bytes) =>
+        {
+            Ok(RomConfig {
+                bytes: r.size,
+                file: None,
+            })
+        }
+        _ => Err(SnapshotError::Incompatible(
+            "the read-only regions: only one ROM, at the top of guest memory, is supported".into(),
+        )),
+    }
 }
 
 /// The NUMA settings a snapshot's machine ran with: its nodes (one region
@@ -250,14 +274,17 @@ fn numa_of(m: &crate::snapshot::state::MachineDesc) -> Result<NumaConfig, Snapsh
     if n.vcpu_node.len() != m.vcpus as usize {
         return Err(bad("one node per vCPU is not recorded"));
     }
+    // The nodes' RAM; the ROM (`rom_of`) is the top of the last node.
+    let nodes: Vec<_> = m.regions.iter().filter(|r| !r.read_only).collect();
+    let rom_bytes = rom_of(m)?.bytes;
     let mut at = 0;
-    for r in &m.regions {
+    for r in &nodes {
         if r.gpa != at {
             return Err(bad("the node regions do not lie back to back from 0"));
         }
         at = r.gpa.saturating_add(r.size);
     }
-    if n.vcpu_node.iter().any(|v| *v as usize >= m.regions.len()) {
+    if n.vcpu_node.iter().any(|v| *v as usize >= nodes.len()) {
         return Err(bad("a vCPU is on a node that has no region"));
     }
     let policy = n
@@ -265,13 +292,13 @@ fn numa_of(m: &crate::snapshot::state::MachineDesc) -> Result<NumaConfig, Snapsh
         .as_deref()
         .map(|p| NumaPolicy::from_name(p).ok_or_else(|| bad(&format!("unknown policy {p:?}"))))
         .transpose()?;
-    let spec = (n.placed || m.regions.len() > 1).then(|| {
+    let spec = (n.placed || nodes.len() > 1).then(|| {
         NumaSpec::Layout(
-            m.regions
+            nodes
                 .iter()
                 .enumerate()
                 .map(|(k, r)| NodeSpec {
-                    bytes: r.size,
+                    bytes: r.size + if k + 1 == nodes.len() { rom_bytes } else { 0 },
                     vcpus: Some(
                         (0..m.vcpus)
                             .filter(|v| n.vcpu_node[*v as usize] == k as u32)

@@ -6,7 +6,7 @@
 use crate::config::VmConfig;
 use guest_mem::{GuestRam, RamError};
 use guest_protocol::boot_info::{
-    PageStruct, BOOT_INFO_MAGIC, BOOT_INFO_VERSION, FLAG_ROUND_PER_PASS,
+    rom_sum, PageStruct, BOOT_INFO_MAGIC, BOOT_INFO_VERSION, FLAG_ROUND_PER_PASS,
 };
 use guest_protocol::layout::{
     self, BOOT_INFO_GPA, CODE_SELECTOR, DATA_SELECTOR, GDT_GPA, PAGE_SIZE, PDPT_GPA, PD_GPA,
@@ -110,12 +110,28 @@ pub fn write_boot_structures(ram: &GuestRam, config: &VmConfig) -> Result<(), Bo
             .unwrap_or(guest_protocol::boot_info::REMOTE_READS_ANY),
         reserved: 0,
         numa: area.numa,
+        rom_gpa: if config.rom.bytes > 0 {
+            config.rom_gpa()
+        } else {
+            0
+        },
+        rom_bytes: config.rom.bytes,
+        rom_sum: rom_sum_of(ram, config)?,
     };
     ram.write(BOOT_INFO_GPA, info.as_bytes())?;
     for v in 0..config.vcpus as u64 {
         ram.write(layout::state_gpa(v), VcpuState::new(config.seed).as_bytes())?;
     }
     Ok(())
+}
+
+/// [`rom_sum`] of the ROM as it lies in `ram` (0 without one).
+fn rom_sum_of(ram: &GuestRam, config: &VmConfig) -> Result<u64, BootError> {
+    let start = config.rom_gpa();
+    let words = (0..config.rom.bytes / PAGE_SIZE)
+        .map(|page| ram.load_u64(start + page * PAGE_SIZE))
+        .collect::<Result<Vec<u64>, RamError>>()?;
+    Ok(rom_sum(words.into_iter()))
 }
 
 fn segment(selector: u16, type_: u8, long: bool) -> kvm_segment {

@@ -188,6 +188,7 @@ pub struct VcpuRunner {
     ring_full: Option<Arc<dyn RingFullHandler>>,
     capture: Option<(Arc<CaptureSlots>, Vec<kvm_cpuid_entry2>)>,
     block: Option<Arc<crate::devices::block::BlockDevice>>,
+    rom: Option<Arc<crate::devices::rom::RomGuard>>,
     lazy_slot: Option<Arc<crate::vstate::vm::LazySlot>>,
     start_gate: Option<Arc<crate::vstate::start_gate::StartGate>>,
     /// Started behind a gate, it has not yielded after its first I/O exit.
@@ -218,6 +219,7 @@ impl VcpuRunner {
             ring_full: None,
             capture: None,
             block: None,
+            rom: None,
             lazy_slot: None,
             start_gate: None,
             yield_after_first_io: false,
@@ -257,6 +259,12 @@ impl VcpuRunner {
     /// Serves the block device's ports on this vCPU.
     pub fn with_block(mut self, block: Option<Arc<crate::devices::block::BlockDevice>>) -> Self {
         self.block = block;
+        self
+    }
+
+    /// Refuses the guest's writes to its ROM and serves the ROM's port.
+    pub fn with_rom(mut self, rom: Option<Arc<crate::devices::rom::RomGuard>>) -> Self {
+        self.rom = rom;
         self
     }
 
@@ -339,14 +347,25 @@ impl VcpuRunner {
                         .block
                         .as_ref()
                         .filter(|_| crate::devices::block::BlockDevice::claims(port));
-                    let fill = if let Some(b) = block {
-                        b.io_in(vcpu, port)
-                    } else if port == SERIAL_LSR_PORT {
-                        LSR_IDLE
+                    let rom = self
+                        .rom
+                        .as_ref()
+                        .filter(|_| crate::devices::rom::RomGuard::claims(port));
+                    if let Some(r) = rom {
+                        let count = r.io_in().to_le_bytes();
+                        for (d, c) in data.iter_mut().zip(count) {
+                            *d = c;
+                        }
                     } else {
-                        0xff
-                    };
-                    data.fill(fill);
+                        let fill = if let Some(b) = block {
+                            b.io_in(vcpu, port)
+                        } else if port == SERIAL_LSR_PORT {
+                            LSR_IDLE
+                        } else {
+                            0xff
+                        };
+                        data.fill(fill);
+                    }
                     self.yield_once_after_first_io();
                     Next::Run
                 }
@@ -394,6 +413,14 @@ impl VcpuRunner {
                         Ok(false) => Next::Mmio(addr, None),
                         Err(what) => Next::Mmio(addr, Some(what)),
                     }
+                }
+                Ok(VcpuExit::MmioWrite(addr, data))
+                    if self.rom.as_ref().is_some_and(|r| r.covers(addr)) =>
+                {
+                    if let Some(r) = &self.rom {
+                        r.refuse_write(vcpu, addr, data.len());
+                    }
+                    Next::Run
                 }
                 Ok(VcpuExit::MmioWrite(addr, data)) => {
                     let mut bytes = data.to_vec();

@@ -104,13 +104,14 @@ pub fn create_vm_lazy(
     ram: &GuestRam,
     vcpus: u32,
 ) -> Result<(Arc<VmFd>, Option<Arc<LazySlot>>), VmError> {
-    let eager = ram.size().min(EAGER_SLOT_BYTES);
+    let writable = ram.writable_bytes();
+    let eager = writable.min(EAGER_SLOT_BYTES);
     let vm = Arc::new(create_vm_slot(kvm, ram, vcpus, eager)?);
-    let lazy = (eager < ram.size()).then(|| {
+    let lazy = (eager < writable).then(|| {
         Arc::new(LazySlot {
             vm: vm.clone(),
             start: eager,
-            size: ram.size() - eager,
+            size: writable - eager,
             host: ram.host_addr() + eager,
             added: std::sync::Mutex::new(false),
         })
@@ -120,13 +121,18 @@ pub fn create_vm_lazy(
 
 /// Creates the VM with an in-kernel irqchip (so the LAPIC and irqchip state
 /// exist for snapshots) and registers `ram` as memory slot 0 at
-/// guest-physical 0.
+/// guest-physical 0 (its ROM, if any, as a read-only slot).
 pub fn create_vm(kvm: &Kvm, ram: &GuestRam, vcpus: u32) -> Result<VmFd, VmError> {
-    create_vm_slot(kvm, ram, vcpus, ram.size())
+    create_vm_slot(kvm, ram, vcpus, ram.writable_bytes())
 }
 
-/// A VM with the irqchip and one memory slot over the first `bytes` of
-/// `ram`.
+/// The KVM memory slot of the ROM (slot 0 is RAM from 0, slot 1 the lazy
+/// rest of RAM).
+const ROM_SLOT: u32 = 2;
+
+/// A VM with the irqchip, one memory slot over the first `bytes` of
+/// `ram`, and `ram`'s ROM as a read-only slot: a guest write there exits
+/// to the VMM as MMIO instead of reaching memory.
 fn create_vm_slot(kvm: &Kvm, ram: &GuestRam, vcpus: u32, bytes: u64) -> Result<VmFd, VmError> {
     let max = kvm.get_max_vcpus();
     if vcpus as usize > max {
@@ -143,6 +149,17 @@ fn create_vm_slot(kvm: &Kvm, ram: &GuestRam, vcpus: u32, bytes: u64) -> Result<V
     // SAFETY: the region describes `ram`'s live mapping, which outlives the
     // VM: the runner drops the VM fd (and so the slot) before `ram`.
     unsafe { vm.set_user_memory_region(region) }.map_err(VmError::MemorySlot)?;
+    if let Some(rom) = ram.rom() {
+        let region = kvm_userspace_memory_region {
+            slot: ROM_SLOT,
+            flags: kvm_bindings::KVM_MEM_READONLY,
+            guest_phys_addr: rom.gpa,
+            memory_size: rom.size,
+            userspace_addr: rom.host_start(),
+        };
+        // SAFETY: the ROM's part of the same live mapping as above.
+        unsafe { vm.set_user_memory_region(region) }.map_err(VmError::MemorySlot)?;
+    }
     vm.create_irq_chip().map_err(VmError::Irqchip)?;
     Ok(vm)
 }
