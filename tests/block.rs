@@ -365,6 +365,18 @@ fn a_rom_is_read_only_to_the_guest_and_the_device_and_survives_snapshots() {
     args.extend_from_slice(&guest);
     let j = run_ok(&args);
     check_rom(&j, true);
+    // Every dirty tracker runs beside it (the KVM ones log the RAM's slot
+    // only: the ROM is another, read-only, slot).
+    for track in ["kvm-bitmap", "kvm-ring", "uffd-wp"] {
+        let mut args = vec!["run", "--json", "--track", track];
+        args.extend_from_slice(&guest);
+        let j = run_ok(&args);
+        assert_eq!(
+            j["rom"]["guest_check"]["cpu_write_refused"], true,
+            "{track}: {j}"
+        );
+        assert_eq!(j["tracking"]["missed_pages"], 0, "{track}: {j}");
+    }
     for c in j["forks"][0]["children"].as_array().expect("children") {
         assert_eq!(c["status"], "ok", "{c}");
         assert_eq!(c["verify_mismatches"], 0, "{c}");

@@ -41,13 +41,14 @@ impl Default for KvmBitmapTracker {
     }
 }
 
-/// Re-registers memory slot 0 over `ram` with `flags`.
+/// Re-registers memory slot 0 over `ram`'s RAM with `flags` (its ROM,
+/// if any, is another slot, read-only: never dirty).
 pub(super) fn set_slot_flags(ctx: &TrackCtx, flags: u32) -> Result<(), TrackError> {
     let region = kvm_userspace_memory_region {
         slot: 0,
         flags,
         guest_phys_addr: 0,
-        memory_size: ctx.ram.size(),
+        memory_size: ctx.ram.writable_bytes(),
         userspace_addr: ctx.ram.host_addr(),
     };
     // SAFETY: the same live mapping as the slot already has; only the flags change.
@@ -97,7 +98,7 @@ impl DirtyTracker for KvmBitmapTracker {
             source,
         })?;
         set_slot_flags(ctx, KVM_MEM_LOG_DIRTY_PAGES)?;
-        self.pages = ctx.ram.size() / 4096;
+        self.pages = ctx.ram.writable_bytes() / 4096;
         // Initially all set: clear everything once, so the first round holds
         // only the pages written from now on (this write-protects them).
         let ones = vec![u64::MAX; (CLEAR_CHUNK / 64) as usize];
@@ -113,7 +114,7 @@ impl DirtyTracker for KvmBitmapTracker {
     fn harvest(&mut self, ctx: &TrackCtx) -> Result<Harvest, TrackError> {
         let bitmap = ctx
             .vm
-            .get_dirty_log(0, ctx.ram.size() as usize)
+            .get_dirty_log(0, ctx.ram.writable_bytes() as usize)
             .map_err(|source| TrackError::Kvm {
                 what: "KVM_GET_DIRTY_LOG",
                 source,
