@@ -307,16 +307,7 @@ fn a_rom_is_read_only_to_the_guest_and_the_device_and_survives_snapshots() {
     };
 
     let dir = tmpfs_dir("block", "rom");
-    let mut args = vec![
-        "run",
-        "--json",
-        "--snapshot",
-        dir.to_str().expect("utf-8"),
-        "--snapshot-after-pages",
-        "64",
-    ];
-    args.extend_from_slice(&guest);
-    let o = vmm(&args, T);
+    let o = run_with_snapshot(&dir, "64", &guest);
     assert_eq!(o.code, 0, "{}", o.stderr);
     check_rom(&o.json(), true);
     for logged in [
@@ -335,35 +326,22 @@ fn a_rom_is_read_only_to_the_guest_and_the_device_and_survives_snapshots() {
     let i = run_ok(&["inspect", dir.to_str().expect("utf-8"), "--json"]);
     assert_eq!(i["rom"]["gpa"], top, "{i}");
     for mode in ["eager", "mmap", "uffd"] {
-        let o = vmm(
-            &[
-                "restore",
-                dir.to_str().expect("utf-8"),
-                "--mode",
-                mode,
-                "--json",
-            ],
-            T,
-        );
+        let o = restore_mode(&dir, mode);
         assert_eq!(o.code, 0, "{mode}: {}", o.stderr);
         check_rom(&o.json(), false);
     }
-    let j = run_ok(&[
-        "clone",
-        dir.to_str().expect("utf-8"),
-        "--count",
-        "2",
-        "--json",
-    ]);
+    let o = clone_count(&dir, "2");
+    assert_eq!(o.code, 0, "{}", o.stderr);
+    let j = o.json();
     for c in j["clones"].as_array().expect("clones") {
         assert_eq!(c["status"], "ok", "{c}");
         assert_eq!(c["verify_mismatches"], 0, "{c}");
     }
     let _ = std::fs::remove_dir_all(&dir);
 
-    let mut args = vec!["run", "--json", "--fork-after-pages", "64", "--forks", "2"];
-    args.extend_from_slice(&guest);
-    let j = run_ok(&args);
+    let o = run_with_fork("64", "2", &guest);
+    assert_eq!(o.code, 0, "{}", o.stderr);
+    let j = o.json();
     check_rom(&j, true);
     // Every dirty tracker runs beside it (the KVM ones log the RAM's slot
     // only: the ROM is another, read-only, slot).

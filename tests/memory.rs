@@ -213,16 +213,7 @@ fn an_injected_memory_error_stops_the_guest_after_restore_clone_and_fork() {
     };
 
     let dir = tmpfs_dir("memory", "poison");
-    let mut args = vec![
-        "run",
-        "--json",
-        "--snapshot",
-        dir.to_str().expect("utf-8"),
-        "--snapshot-after-pages",
-        "64",
-    ];
-    args.extend_from_slice(&guest);
-    let o = vmm(&args, T);
+    let o = run_with_snapshot(&dir, "64", &guest);
     assert_eq!(o.code, 1, "{}", o.stderr);
     let j = o.json();
     stops_at_bad(&j, "run");
@@ -232,29 +223,11 @@ fn an_injected_memory_error_stops_the_guest_after_restore_clone_and_fork() {
     let i = run_ok(&["inspect", dir.to_str().expect("utf-8"), "--json"]);
     assert_eq!(i["poisoned_pages"][0], bad_hex, "{i}");
     for mode in ["eager", "mmap", "uffd"] {
-        let o = vmm(
-            &[
-                "restore",
-                dir.to_str().expect("utf-8"),
-                "--mode",
-                mode,
-                "--json",
-            ],
-            T,
-        );
+        let o = restore_mode(&dir, mode);
         assert_eq!(o.code, 1, "{mode}: {}", o.stderr);
         stops_at_bad(&o.json(), mode);
     }
-    let o = vmm(
-        &[
-            "clone",
-            dir.to_str().expect("utf-8"),
-            "--count",
-            "2",
-            "--json",
-        ],
-        T,
-    );
+    let o = clone_count(&dir, "2");
     assert_eq!(o.code, 1, "{}", o.stderr);
     let j = o.json();
     let clones = j["clones"].as_array().expect("clones");
@@ -265,9 +238,7 @@ fn an_injected_memory_error_stops_the_guest_after_restore_clone_and_fork() {
     }
     let _ = std::fs::remove_dir_all(&dir);
 
-    let mut args = vec!["run", "--json", "--fork-after-pages", "64", "--forks", "2"];
-    args.extend_from_slice(&guest);
-    let o = vmm(&args, T);
+    let o = run_with_fork("64", "2", &guest);
     assert_eq!(o.code, 1, "{}", o.stderr);
     let j = o.json();
     // The parent too: its fork remapped its memory, which drops the

@@ -283,9 +283,9 @@ pub fn rand_write_args(passes: &str) -> [&str; 8] {
     ]
 }
 
-/// `vmm run --json --snapshot DIR --snapshot-after-pages AFTER ARGS...`:
-/// asserts it succeeded with exactly one snapshot; returns the report.
-pub fn take_snapshot(dir: &std::path::Path, after: &str, args: &[&str]) -> serde_json::Value {
+/// `vmm run --json --snapshot DIR --snapshot-after-pages AFTER ARGS...`,
+/// as it ended.
+pub fn run_with_snapshot(dir: &std::path::Path, after: &str, args: &[&str]) -> Output {
     let mut all = vec![
         "run",
         "--json",
@@ -295,7 +295,40 @@ pub fn take_snapshot(dir: &std::path::Path, after: &str, args: &[&str]) -> serde
         after,
     ];
     all.extend_from_slice(args);
-    let o = vmm(&all, T);
+    vmm(&all, T)
+}
+
+/// `vmm restore DIR --mode MODE --json`, as it ended.
+pub fn restore_mode(dir: &std::path::Path, mode: &str) -> Output {
+    let dir = dir.to_str().expect("utf-8");
+    vmm(&["restore", dir, "--mode", mode, "--json"], T)
+}
+
+/// `vmm clone DIR --count N --json`, as it ended.
+pub fn clone_count(dir: &std::path::Path, count: &str) -> Output {
+    let dir = dir.to_str().expect("utf-8");
+    vmm(&["clone", dir, "--count", count, "--json"], T)
+}
+
+/// `vmm run --json --fork-after-pages AFTER --forks K ARGS...`, as it
+/// ended.
+pub fn run_with_fork(after: &str, forks: &str, args: &[&str]) -> Output {
+    let mut all = vec![
+        "run",
+        "--json",
+        "--fork-after-pages",
+        after,
+        "--forks",
+        forks,
+    ];
+    all.extend_from_slice(args);
+    vmm(&all, T)
+}
+
+/// [`run_with_snapshot`], asserted to succeed with exactly one snapshot;
+/// returns the report.
+pub fn take_snapshot(dir: &std::path::Path, after: &str, args: &[&str]) -> serde_json::Value {
+    let o = run_with_snapshot(dir, after, args);
     assert_eq!(o.code, 0, "{}\n{}", o.stdout, o.stderr);
     let j = o.json();
     assert_eq!(j["snapshots"].as_array().map(Vec::len), Some(1), "{j}");
