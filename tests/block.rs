@@ -250,6 +250,9 @@ mod cli {
     }
 }
 
+/// A 64 MiB guest of the `io` workload, 128 pages.
+const IO_GUEST: &[&str] = &["--mem", "64M", "--pages", "128", "--workload", "io"];
+
 /// `--rom`: read-only memory at the top of guest memory, from the CLI on
 /// real KVM and userfaultfd. The guest reads it; its CPU store there is
 /// refused (KVM's read-only slot exits, the VMM drops and counts the
@@ -264,16 +267,7 @@ fn a_rom_is_read_only_to_the_guest_and_the_device_and_survives_snapshots() {
     let content: Vec<u8> = (0..10_000u32).map(|i| (i * 7 + i / 251) as u8).collect();
     let rom = temp_file("rom", &content);
     let rom = rom.to_str().expect("utf-8");
-    let guest = [
-        "--mem",
-        "64M",
-        "--pages",
-        "128",
-        "--workload",
-        "io",
-        "--rom",
-        rom,
-    ];
+    let guest = [IO_GUEST, &["--rom", rom]].concat();
     let top = 64 * MIB - 3 * 4096;
     let check_rom = |j: &serde_json::Value, probed: bool| {
         assert_eq!(j["status"], "ok", "{j}");
@@ -358,5 +352,97 @@ fn a_rom_is_read_only_to_the_guest_and_the_device_and_survives_snapshots() {
     for c in j["forks"][0]["children"].as_array().expect("children") {
         assert_eq!(c["status"], "ok", "{c}");
         assert_eq!(c["verify_mismatches"], 0, "{c}");
+    }
+}
+
+/// True when `path` lies on tmpfs (where the kernel lets a device pin file
+/// pages for long).
+fn on_tmpfs(path: &std::path::Path) -> bool {
+    use std::os::unix::ffi::OsStrExt;
+    let c = std::ffi::CString::new(path.as_os_str().as_bytes()).expect("path");
+    // SAFETY: `statfs` is plain integers: all zeros is a valid value.
+    let mut st: libc::statfs = unsafe { std::mem::zeroed() };
+    // SAFETY: a NUL-terminated path and a buffer we own.
+    unsafe { libc::statfs(c.as_ptr(), &mut st) == 0 && st.f_type as i64 == 0x0102_1994 }
+}
+
+/// `--shared-mem`: a file mapped shared (not copy-on-write) into guest
+/// memory, from the CLI on real KVM. The guest's store and the io_uring
+/// device's write (a read-write pin of a shared page: rule 14, its unshare
+/// does nothing) reach the file itself; a snapshot, a fork or userfaultfd
+/// tracking of it is refused, and so is a file the device could not pin.
+#[test]
+fn shared_memory_is_the_hosts_file_and_a_device_pin_leaves_it_shared() {
+    use common::*;
+    let dir = tmpfs_dir("block", "shared");
+    std::fs::create_dir_all(&dir).expect("dir");
+    let file = dir.join("shared.bin");
+    std::fs::write(&file, vec![0xeeu8; 16 * 4096]).expect("write");
+    let path = file.to_str().expect("utf-8");
+    let guest = [IO_GUEST, &["--shared-mem", path]].concat();
+    let mut args = vec!["run", "--json"];
+    args.extend_from_slice(&guest);
+    let j = run_ok(&args);
+    assert_eq!(j["verify_mismatches"], 0, "{j}");
+    let s = &j["shared_mem"];
+    assert_eq!(s["gpa"], 64 * MIB - 16 * 4096, "{j}");
+    assert_eq!(s["guest_check"]["stored"], true, "{j}");
+    assert_eq!(s["guest_check"]["device_copied"], true, "{j}");
+    let regions = j["memory"]["regions"].as_array().expect("regions");
+    assert_eq!(
+        regions.last().map(|r| &r["shared"]),
+        Some(&true.into()),
+        "{j}"
+    );
+    // The file holds the guest's word in its first page and, in its
+    // second, the device's copy of the whole first page.
+    let bytes = std::fs::read(&file).expect("read");
+    assert_eq!(&bytes[..8], b"VMMSHMEM");
+    assert_eq!(bytes[..4096], bytes[4096..8192]);
+    assert!(bytes[8192..].iter().all(|b| *b == 0xee));
+
+    for (extra, needle) in [
+        (
+            &[
+                "--snapshot",
+                "/nonexistent/snap",
+                "--snapshot-after-pages",
+                "8",
+            ][..],
+            "a snapshot or fork cannot capture it",
+        ),
+        (
+            &["--fork-after-pages", "8", "--forks", "2"][..],
+            "a snapshot or fork cannot capture it",
+        ),
+        (
+            &["--track", "uffd-wp"][..],
+            "use --track kvm-bitmap or kvm-ring",
+        ),
+    ] {
+        let mut args = vec!["run"];
+        args.extend_from_slice(&guest);
+        args.extend_from_slice(extra);
+        assert_usage_error(&args, needle);
+    }
+    for (len, needle) in [(4096, "from 8 KiB"), (5000, "multiple of 4 KiB")] {
+        std::fs::write(&file, vec![0u8; len]).expect("write");
+        assert_usage_error(&["run", "--shared-mem", path], needle);
+    }
+    let _ = std::fs::remove_dir_all(&dir);
+    // A file on a disk filesystem: the kernel refuses the device's long
+    // pins, so the io workload is refused with it up front.
+    let disk = temp_file("shared-disk", &vec![0u8; 8192]);
+    if !on_tmpfs(&disk) {
+        assert_usage_error(
+            &[
+                "run",
+                "--workload",
+                "io",
+                "--shared-mem",
+                disk.to_str().expect("utf-8"),
+            ],
+            "only in files on tmpfs",
+        );
     }
 }

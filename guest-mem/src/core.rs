@@ -274,24 +274,36 @@ impl MemoryCore {
             sizes
                 .iter()
                 .enumerate()
-                .map(|(node, size)| (*size, old.flags, Some(node as u32)))
+                .map(|(node, size)| (*size, old.flags, Some(node as u32), old.backing))
                 .collect()
         })
     }
 
     /// Replaces region `id` by two over its mapping: the first keeps its
-    /// flags and node, the last `tail` bytes get `tail_flags` (a ROM at
-    /// the top of guest memory). Call before any fault is served there.
+    /// flags, node and backing, the last `tail` bytes get `tail_flags` and
+    /// `tail_backing` (a ROM, or a shared file the kernel serves, at the
+    /// top of guest memory). Call before any fault is served there.
     pub(crate) fn split_off_tail(
         &self,
         id: u64,
         tail: u64,
         tail_flags: RegionFlags,
+        tail_backing: Option<BackingKind>,
     ) -> Result<(Arc<Region>, Arc<Region>), CoreError> {
         let parts = self.split_region_with(id, |old| {
             vec![
-                (old.size.saturating_sub(tail), old.flags, old.guest_node),
-                (tail, tail_flags, old.guest_node),
+                (
+                    old.size.saturating_sub(tail),
+                    old.flags,
+                    old.guest_node,
+                    old.backing,
+                ),
+                (
+                    tail,
+                    tail_flags,
+                    old.guest_node,
+                    tail_backing.unwrap_or(old.backing),
+                ),
             ]
         })?;
         match <[Arc<Region>; 2]>::try_from(parts) {
@@ -301,11 +313,12 @@ impl MemoryCore {
     }
 
     /// Replaces region `id` by consecutive regions of the (size, flags,
-    /// guest node) `parts` returns for it, which must add up to its size.
+    /// guest node, backing) `parts` returns for it, which must add up to
+    /// its size.
     fn split_region_with(
         &self,
         id: u64,
-        parts: impl FnOnce(&Region) -> Vec<(u64, RegionFlags, Option<u32>)>,
+        parts: impl FnOnce(&Region) -> Vec<(u64, RegionFlags, Option<u32>, BackingKind)>,
     ) -> Result<Vec<Arc<Region>>, CoreError> {
         let _g = self.global.lock_or_recover();
         let current = self.regions.load_full();
@@ -326,14 +339,14 @@ impl MemoryCore {
         }
         let mut regions = Vec::with_capacity(parts.len());
         let mut offset = old.offset;
-        for (size, flags, guest_node) in parts {
+        for (size, flags, guest_node, backing) in parts {
             regions.push(Arc::new(Region {
                 id: self.next_id.fetch_add(1, Ordering::Relaxed),
                 gpa: old.gpa + (offset - old.offset),
                 size,
                 flags,
                 guest_node,
-                backing: old.backing,
+                backing,
                 mapping: old.mapping.clone(),
                 offset,
                 accessors: AtomicU64::new(0),

@@ -497,6 +497,31 @@ mod tests {
     }
 
     #[test]
+    fn a_shared_file_region_stays_shared_under_a_pin() {
+        let mut ram = GuestRam::new(4 * MIB, RamConfig::default()).expect("ram");
+        let file = image();
+        file.set_len(2 * PAGE_SIZE).expect("size");
+        let r = ram.set_shared_file(&file).expect("shared");
+        assert_eq!((r.gpa, r.size), (4 * MIB - 2 * PAGE_SIZE, 2 * PAGE_SIZE));
+        assert!(r.flags.shared && r.backing == BackingKind::Plain);
+        assert!(!ram.engine_serves(r.gpa) && ram.engine_serves(0));
+        assert_eq!(load(&ram, r.gpa) & 0xff, 0xaa, "the file's content");
+        // Rule 14: the unshare of a read-write pin does nothing there: the
+        // page stays the file's, whose frame the device and guest share.
+        let pin = ram
+            .pin(r.gpa, PAGE_SIZE, PinAccess::ReadWrite)
+            .expect("pin");
+        let before = frame(r.host_of(r.gpa));
+        store(&ram, r.gpa, 0x77);
+        assert_eq!(frame(r.host_of(r.gpa)), before);
+        let mut b = [0u8; 1];
+        file.read_exact_at(&mut b, 0).expect("read");
+        assert_eq!(b[0], 0x77, "the write reached the file");
+        ram.unpin(pin).expect("unpin");
+        assert!(ram.set_shared_file(&file).is_err(), "one shared file");
+    }
+
+    #[test]
     fn a_device_write_during_a_live_snapshot_leaves_the_snapshot_the_old_page() {
         let ram = GuestRam::new(4 * MIB, RamConfig::default()).expect("ram");
         store(&ram, 0, 1);

@@ -146,6 +146,8 @@ pub struct RegionStats {
     pub hint: crate::region::AccessHint,
     /// The guest may not write it (a ROM).
     pub read_only: bool,
+    /// Shared, not copy-on-write (memory shared with the host).
+    pub shared: bool,
 }
 
 /// Guest RAM.
@@ -157,6 +159,7 @@ pub struct GuestRam {
     memory: GuestMemoryMmap,
     boot_regions: Vec<Arc<Region>>,
     rom: Option<Arc<Region>>,
+    shared_file: Option<Arc<Region>>,
     size: u64,
     config: RamConfig,
     pub(crate) host_dirty: HostDirtyLog,
@@ -265,6 +268,7 @@ impl GuestRam {
             memory,
             boot_regions: vec![region],
             rom: None,
+            shared_file: None,
             size,
             config,
             host_dirty: HostDirtyLog::new(),
@@ -302,30 +306,109 @@ impl GuestRam {
         if self.rom.is_some() {
             return Err(RamError::Describe("guest memory has a ROM already".into()));
         }
+        let rom = self.carve_top(
+            bytes,
+            |f| RegionFlags {
+                read_only: true,
+                ..f
+            },
+            None,
+        )?;
+        self.rom = Some(rom.clone());
+        Ok(rom)
+    }
+
+    /// Makes the top of guest memory (below the ROM, if any) a shared
+    /// region: `file`, all of it, mapped shared (`MAP_SHARED`) over that
+    /// part of guest RAM's mapping. It is not copy-on-write: the guest's
+    /// and devices' writes reach the file, whoever else maps it sees them,
+    /// and a pin's unshare does nothing there (rule 14). The kernel serves
+    /// its faults (the fault engine and the table do not see it), so
+    /// write-protect tracking, snapshots and forks cannot cover it. Call
+    /// once, after [`GuestRam::split_into_nodes`], before the guest runs.
+    pub fn set_shared_file(&mut self, file: &std::fs::File) -> Result<Arc<Region>, RamError> {
+        if self.shared_file.is_some() {
+            return Err(RamError::Describe(
+                "guest memory has a shared file region already".into(),
+            ));
+        }
+        let len = file
+            .metadata()
+            .map_err(|e| RamError::Describe(format!("the shared file: {e}")))?
+            .len();
+        let region = self.carve_top(
+            len,
+            |f| RegionFlags { shared: true, ..f },
+            Some(BackingKind::Plain),
+        )?;
+        // SAFETY: replaces the region's part of guest RAM's own mapping,
+        // before the guest runs and before anything else maps it, by a
+        // shared mapping of `file` (`len` bytes, its whole length) at the
+        // same address; the mapping's owner unmaps the whole range later.
+        let addr = unsafe {
+            libc::mmap(
+                region.host_start() as *mut libc::c_void,
+                len as usize,
+                libc::PROT_READ | libc::PROT_WRITE,
+                libc::MAP_SHARED | libc::MAP_FIXED,
+                std::os::fd::AsRawFd::as_raw_fd(file),
+                0,
+            )
+        };
+        if addr == libc::MAP_FAILED {
+            return Err(RamError::Describe(format!(
+                "mapping the shared file into guest memory: {}",
+                std::io::Error::last_os_error()
+            )));
+        }
+        self.shared_file = Some(region.clone());
+        Ok(region)
+    }
+
+    /// Splits the top `bytes` off the last boot region into a region of
+    /// its own with the flags `flags` makes of the last region's (and
+    /// `backing`, if given).
+    fn carve_top(
+        &mut self,
+        bytes: u64,
+        flags: impl FnOnce(RegionFlags) -> RegionFlags,
+        backing: Option<BackingKind>,
+    ) -> Result<Arc<Region>, RamError> {
         let Some(last) = self.boot_regions.last().cloned() else {
             return Err(RamError::Describe("guest RAM has no region".into()));
         };
         if bytes == 0 || !bytes.is_multiple_of(PAGE_SIZE) || bytes >= last.size {
             return Err(RamError::Describe(format!(
-                "a ROM of {bytes:#x} bytes does not fit below the top of guest memory: it must be a page multiple smaller than the last region ({:#x} bytes)",
+                "a region of {bytes:#x} bytes does not fit below the top of guest memory: it must be a page multiple smaller than the last region ({:#x} bytes)",
                 last.size
             )));
         }
-        let flags = RegionFlags {
-            read_only: true,
-            ..last.flags
-        };
-        let (head, rom) = self.core.split_off_tail(last.id, bytes, flags)?;
+        let (head, top) = self
+            .core
+            .split_off_tail(last.id, bytes, flags(last.flags), backing)?;
         if let Some(slot) = self.boot_regions.last_mut() {
             *slot = head;
         }
-        self.rom = Some(rom.clone());
-        Ok(rom)
+        Ok(top)
     }
 
     /// The ROM region, if [`GuestRam::set_rom`] made one.
     pub fn rom(&self) -> Option<&Arc<Region>> {
         self.rom.as_ref()
+    }
+
+    /// The shared file region, if [`GuestRam::set_shared_file`] made one.
+    pub fn shared_file(&self) -> Option<&Arc<Region>> {
+        self.shared_file.as_ref()
+    }
+
+    /// True when the fault engine serves the page at `gpa` (guest RAM of
+    /// a `memfd` or `anon` backing; not a shared file the kernel serves).
+    pub fn engine_serves(&self, gpa: u64) -> bool {
+        self.core.uffd.is_some()
+            && self
+                .region_for(gpa, 0)
+                .is_ok_and(|r| r.backing.uses_fault_engine())
     }
 
     /// Bytes of guest memory the guest may write: all of it but the ROM.
@@ -629,6 +712,7 @@ impl GuestRam {
                     accessors: r.accessors.load(Ordering::Relaxed),
                     hint: r.flags.hint,
                     read_only: r.flags.read_only,
+                    shared: r.flags.shared,
                 })
                 .collect(),
             thp_requested: self.config.thp,

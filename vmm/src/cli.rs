@@ -449,6 +449,13 @@ pub struct RunArgs {
     /// it. The guest checks the ROM's content at boot and in every verify.
     #[arg(long)]
     pub rom: Option<PathBuf>,
+    /// Share this file with the guest: mapped shared (not copy-on-write)
+    /// into the top of --mem below the ROM, all of it (a multiple of 4 KiB,
+    /// 8 KiB to 1 GiB); the guest's and the block device's writes reach the
+    /// file at once. Snapshots, forks and userfaultfd tracking cannot
+    /// cover it and are refused with it.
+    #[arg(long)]
+    pub shared_mem: Option<PathBuf>,
     /// Fork flags.
     #[command(flatten)]
     pub fork: ForkArgs,
@@ -555,6 +562,18 @@ impl RunArgs {
             .transpose()
             .map_err(|e| crate::config::ConfigError::Rom(e.to_string()))?
             .unwrap_or_default();
+        let shared_mem = self
+            .shared_mem
+            .as_deref()
+            .map(crate::devices::shared_mem::shared_for_file)
+            .transpose()
+            .map_err(|e| crate::config::ConfigError::SharedMem(e.to_string()))?
+            .unwrap_or_default();
+        if shared_mem.bytes > 0 && (self.snap.snapshot.is_some() || self.fork.forks.is_some()) {
+            return Err(crate::config::ConfigError::SharedMem(
+                crate::devices::shared_mem::NOT_CAPTURED.into(),
+            ));
+        }
         Ok(VmConfig {
             mem_bytes: self.mem,
             vcpus: self.vcpus,
@@ -586,6 +605,7 @@ impl RunArgs {
             numa: self.numa.to_config(),
             poison: self.poison.clone(),
             rom,
+            shared_mem,
         })
     }
 }

@@ -30,6 +30,22 @@ pub struct RomConfig {
     pub file: Option<PathBuf>,
 }
 
+/// Most bytes of memory shared with the host (`--shared-mem`).
+pub const MAX_SHARED_BYTES: u64 = 1 << 30;
+
+/// Memory shared with the host: a file mapped shared (not copy-on-write)
+/// into the top of `--mem`, below the ROM.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct SharedMemConfig {
+    /// Its bytes (the file's length): a page multiple, 0 for none.
+    pub bytes: u64,
+    /// The file.
+    pub file: Option<PathBuf>,
+    /// The file lies where the kernel lets a device pin its pages for long
+    /// (tmpfs or hugetlbfs; not a disk filesystem's page cache).
+    pub pinnable: bool,
+}
+
 /// The VM and its workload.
 #[derive(Clone, Debug)]
 pub struct VmConfig {
@@ -68,6 +84,8 @@ pub struct VmConfig {
     pub poison: Vec<u64>,
     /// Read-only memory at the top of guest memory, if any.
     pub rom: RomConfig,
+    /// Memory shared with the host below the ROM, if any.
+    pub shared_mem: SharedMemConfig,
 }
 
 impl Default for VmConfig {
@@ -90,6 +108,7 @@ impl Default for VmConfig {
             numa: Default::default(),
             poison: Vec::new(),
             rom: RomConfig::default(),
+            shared_mem: SharedMemConfig::default(),
         }
     }
 }
@@ -160,6 +179,9 @@ pub enum ConfigError {
     /// A `--rom` the VM cannot have.
     #[error("{0}")]
     Rom(String),
+    /// A `--shared-mem` the VM cannot have, or cannot run with.
+    #[error("{0}")]
+    SharedMem(String),
     /// A `--poison` address the VM cannot have poisoned.
     #[error("--poison {gpa:#x}: {why}")]
     Poison {
@@ -183,20 +205,29 @@ impl VmConfig {
             .as_ref()
             .and_then(|s| s.resolve(self.mem_bytes, self.vcpus).ok())
             .unwrap_or(NumaLayout::single(self.mem_bytes));
-        // The ROM is the top of the last node's memory: the guest's RAM
-        // (and its work area) lies below it.
+        // The shared memory and the ROM are the top of the last node's
+        // memory: the guest's RAM (and its work area) lies below them.
         let last = (layout.nodes.clamp(1, MAX_NODES as u32) - 1) as usize;
-        layout.ranges[last].bytes = layout.ranges[last].bytes.saturating_sub(self.rom.bytes);
+        layout.ranges[last].bytes = layout.ranges[last]
+            .bytes
+            .saturating_sub(self.rom.bytes + self.shared_mem.bytes);
         layout
     }
 
-    /// Bytes of guest memory the guest may write (all but the ROM).
+    /// Bytes of the guest's RAM: guest memory below the shared memory
+    /// and the ROM.
     pub fn ram_bytes(&self) -> u64 {
-        self.mem_bytes.saturating_sub(self.rom.bytes)
+        self.mem_bytes
+            .saturating_sub(self.rom.bytes + self.shared_mem.bytes)
     }
 
     /// Where the ROM starts (the top of guest memory less its size).
     pub fn rom_gpa(&self) -> u64 {
+        self.mem_bytes.saturating_sub(self.rom.bytes)
+    }
+
+    /// Where the shared memory starts (right below the ROM).
+    pub fn shared_gpa(&self) -> u64 {
         self.ram_bytes()
     }
 
@@ -278,6 +309,53 @@ impl VmConfig {
         Ok(())
     }
 
+    fn validate_shared_mem(&self) -> Result<(), ConfigError> {
+        let bytes = self.shared_mem.bytes;
+        if bytes == 0 {
+            return Ok(());
+        }
+        let refuse = |why: String| Err(ConfigError::SharedMem(format!("--shared-mem: {why}")));
+        if !bytes.is_multiple_of(PAGE_SIZE) || !(2 * PAGE_SIZE..=MAX_SHARED_BYTES).contains(&bytes)
+        {
+            return refuse(format!(
+                "the file is {bytes} bytes; it must be a multiple of 4 KiB from 8 KiB to {} (truncate it to such a size)",
+                format_size(MAX_SHARED_BYTES)
+            ));
+        }
+        let layout = self.numa_layout();
+        let last = layout.ranges[(layout.nodes.clamp(1, MAX_NODES as u32) - 1) as usize];
+        if last.bytes == 0 || last.end() <= WORK_GPA {
+            return refuse(format!(
+                "{} of shared memory leaves no RAM below it in the last NUMA node: give the guest more --mem",
+                format_size(bytes)
+            ));
+        }
+        use crate::dirty::TrackerKind;
+        if matches!(
+            self.track,
+            Some(TrackerKind::UffdWp | TrackerKind::UffdAsync | TrackerKind::SoftDirty)
+        ) {
+            return refuse(
+                "the kernel serves shared memory, so userfaultfd or soft-dirty tracking cannot cover it: use --track kvm-bitmap or kvm-ring".into(),
+            );
+        }
+        if self.numa.scan_ms.is_some() || self.numa.policy.is_some() {
+            return refuse(
+                "shared memory is the host's: the NUMA scanner and memory policies do not place it"
+                    .into(),
+            );
+        }
+        if self.poison.iter().any(|g| *g >= self.shared_gpa()) {
+            return refuse("--poison may not aim at shared memory".into());
+        }
+        if self.workload == Workload::Io && !self.shared_mem.pinnable {
+            return refuse(
+                "the io workload's block device pins shared pages for long, which the kernel allows only in files on tmpfs (e.g. /dev/shm) or hugetlbfs".into(),
+            );
+        }
+        Ok(())
+    }
+
     fn validate_poison(&self) -> Result<(), ConfigError> {
         let refuse = |gpa: u64, why: String| Err(ConfigError::Poison { gpa, why });
         for &gpa in &self.poison {
@@ -342,6 +420,7 @@ impl VmConfig {
         self.validate_numa()?;
         self.validate_poison()?;
         self.validate_rom()?;
+        self.validate_shared_mem()?;
         if self.numa.spec.as_ref().is_some_and(|s| s.nodes() > 1) {
             if let Some((node, needed, size)) = self.work_area().overflow() {
                 return Err(ConfigError::NodeTooSmall { node, needed, size });

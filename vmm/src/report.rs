@@ -103,6 +103,9 @@ pub struct RegionReport {
     /// The guest may not write it (a ROM, `--rom`).
     #[serde(skip_serializing_if = "std::ops::Not::not")]
     pub read_only: bool,
+    /// Shared with the host, not copy-on-write (`--shared-mem`).
+    #[serde(skip_serializing_if = "std::ops::Not::not")]
+    pub shared: bool,
 }
 
 /// The `"memory"` object of a run report.
@@ -171,6 +174,7 @@ impl From<&guest_mem::MemoryStats> for MemoryReport {
                     accessors: r.accessors,
                     hint: r.hint.name(),
                     read_only: r.read_only,
+                    shared: r.shared,
                 })
                 .collect(),
             poisoned_pages: m.poisoned_pages.clone(),
@@ -233,6 +237,10 @@ pub struct RunReport {
     /// The ROM (`--rom`): where, refused writes, the guest's own check.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub rom: Option<crate::devices::rom::RomReport>,
+    /// Memory shared with the host (`--shared-mem`): where, the guest's
+    /// own check.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub shared_mem: Option<crate::devices::shared_mem::SharedMemReport>,
     /// Forks made during the run, with their children's outcomes.
     #[serde(skip_serializing_if = "Vec::is_empty")]
     pub forks: Vec<crate::fork::ForkReport>,

@@ -448,12 +448,18 @@ pub fn describe(
         mem_bytes: config.mem_bytes,
         regions: layout.ranges[..layout.nodes as usize]
             .iter()
-            .map(|r| (r.gpa, r.bytes, false))
-            .chain((config.rom.bytes > 0).then(|| (config.rom_gpa(), config.rom.bytes, true)))
-            .map(|(gpa, size, read_only)| RegionDesc {
+            .map(|r| (r.gpa, r.bytes, false, false))
+            .chain(
+                (config.shared_mem.bytes > 0)
+                    .then(|| (config.shared_gpa(), config.shared_mem.bytes, true, false)),
+            )
+            .chain(
+                (config.rom.bytes > 0).then(|| (config.rom_gpa(), config.rom.bytes, false, true)),
+            )
+            .map(|(gpa, size, shared, read_only)| RegionDesc {
                 gpa,
                 size,
-                shared: false,
+                shared,
                 read_only,
                 hint: config.ram.hint.name().into(),
             })
@@ -489,6 +495,8 @@ pub fn run(config: &VmConfig, hooks: RunHooks, sink: SerialSink) -> Result<RunRe
     let kvm = open_kvm()?;
     let mut ram = GuestRam::new(config.mem_bytes, config.ram)?;
     crate::numa::split(config, &mut ram)?;
+    crate::devices::shared_mem::map_into(&mut ram, &config.shared_mem)
+        .map_err(|e| RunError::Runtime(e.to_string()))?;
     let placement = crate::numa::place(config, &ram)?;
     let ram = Arc::new(ram);
     let created = Instant::now();
@@ -702,11 +710,12 @@ pub fn supervise(
         t.get()
             .map(|t| t.duration_since(created).as_micros() as u64)
     };
-    let rom_check = sup.rom_check;
+    let (rom_check, shared_check) = (sup.rom_check, sup.shared_check);
     let mut report = sup.into_report(config, &ram, since_created(&first_io));
     report.first_run_us = since_created(&first_run);
     report.block = block.map(|b| b.stats());
     report.rom = rom.map(|r| r.report(rom_check, report.block.map_or(0, |b| b.refused)));
+    report.shared_mem = crate::devices::shared_mem::report(&ram, &config.shared_mem, shared_check);
     report.numa = crate::numa::report(placement.as_deref(), &ram, scanner);
     drop(vm);
     Ok(report)
@@ -824,6 +833,8 @@ struct Supervisor {
     scan: Option<crate::numa::scan::ScanDriver>,
     /// The bits of vCPU 0's `RomCheck` event, if it sent one.
     rom_check: Option<u64>,
+    /// The bits of vCPU 0's `SharedCheck` event, if it sent one.
+    shared_check: Option<u64>,
 }
 
 impl Supervisor {
@@ -868,6 +879,7 @@ impl Supervisor {
             serial: Vec::new(),
             scan: None,
             rom_check: None,
+            shared_check: None,
         }
     }
 
@@ -1015,6 +1027,7 @@ impl Supervisor {
             }
             Event::Waiting => self.vcpu_started(v),
             Event::RomCheck => self.rom_check = Some(arg),
+            Event::SharedCheck => self.shared_check = Some(arg),
             Event::Progress | Event::Done | Event::RoundEnd => {
                 if let Some(p) = self.progress.get_mut(v) {
                     *p = arg;
@@ -1288,6 +1301,7 @@ impl Supervisor {
             forks: std::mem::take(&mut self.handle.forks),
             block: None,
             rom: None,
+            shared_mem: None,
             numa: None,
             serial: self.serial,
         }

@@ -8,6 +8,7 @@
 mod io;
 mod mem;
 mod rom;
+mod shared;
 mod workload;
 
 use core::arch::global_asm;

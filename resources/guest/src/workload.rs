@@ -2,6 +2,7 @@
 //! progress events and the consistency oracle.
 
 use crate::rom::Rom;
+use crate::shared::SharedMem;
 use crate::{fail, io};
 use core::ptr::{read_volatile, write_volatile};
 use guest_protocol::boot_info::{
@@ -10,6 +11,7 @@ use guest_protocol::boot_info::{
 use guest_protocol::control::{
     Event, BLOCK_CMD_READ, BLOCK_CMD_WRITE, ROM_CHECK_CONTENT, ROM_CHECK_CPU_REFUSED,
     ROM_CHECK_DEVICE_COPIED, ROM_CHECK_DEVICE_REFUSED, ROM_CHECK_DEVICE_TRIED,
+    SHARED_CHECK_DEVICE_COPIED, SHARED_CHECK_STORED,
 };
 use guest_protocol::layout::{WorkArea, PAGE_SIZE};
 use guest_protocol::oracle;
@@ -31,6 +33,7 @@ struct Ctx {
     verify_at_end: bool,
     round_per_pass: bool,
     rom: Option<Rom>,
+    shared: Option<SharedMem>,
 }
 
 impl Ctx {
@@ -128,14 +131,34 @@ impl Ctx {
         if device {
             expected |= ROM_CHECK_DEVICE_TRIED | ROM_CHECK_DEVICE_REFUSED | ROM_CHECK_DEVICE_COPIED;
         }
+        self.report_probe(Event::RomCheck, held, expected, "rom");
+    }
+
+    /// vCPU 0, before its first page store: probes the shared memory (the
+    /// block device too, in the `io` workload, with block 0 as for the
+    /// ROM), reports and counts as `check_rom` does.
+    fn check_shared(&self, shared: &SharedMem) {
+        let device = self.params.workload == Workload::Io;
+        let held = shared.probe(device.then_some(0));
+        let mut expected = SHARED_CHECK_STORED;
+        if device {
+            expected |= SHARED_CHECK_DEVICE_COPIED;
+        }
+        self.report_probe(Event::SharedCheck, held, expected, "shared memory");
+    }
+
+    /// Reports a probe of `what`: `event` with the bits that `held`, one
+    /// line, and each `expected` bit missing as a read mismatch.
+    fn report_probe(&self, event: Event, held: u64, expected: u64, what: &str) {
         let failed = (expected & !held).count_ones() as u64;
         self.state().read_mismatches += failed;
-        io::event(Event::RomCheck, held);
+        io::event(event, held);
         io::prefix(self.vcpu);
+        io::print(what);
         io::print(if failed == 0 {
-            "rom: content ok, writes refused\n"
+            ": ok\n"
         } else {
-            "rom: CHECK FAILED\n"
+            ": CHECK FAILED\n"
         });
     }
 
@@ -268,6 +291,8 @@ pub fn run(vcpu: u64, boot_info: *const BootInfo) -> ! {
         round_per_pass: bi.flags & FLAG_ROUND_PER_PASS != 0,
         // SAFETY: as for the header.
         rom: unsafe { Rom::of(boot_info) },
+        // SAFETY: as for the header.
+        shared: unsafe { SharedMem::of(boot_info) },
     };
     io::prefix(vcpu);
     io::print("booted, workload ");
@@ -287,6 +312,9 @@ pub fn run(vcpu: u64, boot_info: *const BootInfo) -> ! {
     }
     if let Some(rom) = ctx.rom.filter(|_| vcpu == 0) {
         ctx.check_rom(&rom);
+    }
+    if let Some(shared) = ctx.shared.filter(|_| vcpu == 0) {
+        ctx.check_shared(&shared);
     }
 
     if workload == Workload::Idle {

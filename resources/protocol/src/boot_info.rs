@@ -188,7 +188,18 @@ pub struct BootInfo {
     pub rom_bytes: u64,
     /// [`rom_sum`] of its content, for the guest to check it.
     pub rom_sum: u64,
+    /// Guest-physical address of memory shared with the host (a file the
+    /// host maps too; not copy-on-write), below the ROM; 0 when none.
+    pub shared_gpa: u64,
+    /// Its bytes (a page multiple; 0: none).
+    pub shared_bytes: u64,
 }
+
+/// The word the guest stores into the first page of its shared memory
+/// (`BootInfo::shared_gpa`) at boot: "VMMSHMEM". With the `io` workload the
+/// block device copies it into the second page; the host finds both in
+/// the shared file.
+pub const SHARED_PROBE_WORD: u64 = u64::from_le_bytes(*b"VMMSHMEM");
 
 /// The checksum of a ROM the guest checks: the first word of each page,
 /// rotated by the page's index (so pages in the wrong place show), summed.
@@ -366,7 +377,7 @@ unsafe impl PageStruct for VcpuState {}
 
 const _: () = assert!(
     core::mem::size_of::<BootInfo>()
-        == 96 + 16 * MAX_VCPUS + core::mem::size_of::<NumaLayout>() + 24
+        == 96 + 16 * MAX_VCPUS + core::mem::size_of::<NumaLayout>() + 40
 );
 const _: () =
     assert!(core::mem::size_of::<NumaLayout>() == 8 + 16 * crate::numa::MAX_NODES + MAX_VCPUS);

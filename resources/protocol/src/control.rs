@@ -61,6 +61,14 @@ pub const ROM_CHECK_DEVICE_REFUSED: u64 = 1 << 3;
 /// into a scratch page intact.
 pub const ROM_CHECK_DEVICE_COPIED: u64 = 1 << 4;
 
+/// [`Event::SharedCheck`] bit: the guest's store of `SHARED_PROBE_WORD`
+/// into its shared memory's first page reads back.
+pub const SHARED_CHECK_STORED: u64 = 1 << 0;
+/// [`Event::SharedCheck`] bit: the block device copied that page out to a
+/// block and read the block into the second page (a read-write pin of
+/// shared memory: its unshare does nothing), which now holds the word.
+pub const SHARED_CHECK_DEVICE_COPIED: u64 = 1 << 1;
+
 /// Events a vCPU reports on [`CONTROL_PORT`].
 #[repr(u32)]
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -90,6 +98,10 @@ pub enum Event {
     /// `ROM_CHECK_*` bits of what held. Every check that failed also
     /// counts as a read mismatch in its verify.
     RomCheck = 10,
+    /// vCPU 0 probed its shared memory before its first page store: arg =
+    /// the `SHARED_CHECK_*` bits of what held. Every check that failed
+    /// also counts as a read mismatch in its verify.
+    SharedCheck = 11,
 }
 
 impl Event {
@@ -106,6 +118,7 @@ impl Event {
             Event::CommandAck,
             Event::Waiting,
             Event::RomCheck,
+            Event::SharedCheck,
         ]
         .into_iter()
         .find(|e| *e as u32 == v)

@@ -557,8 +557,10 @@ impl BlockDevice {
                 .ok_or_else(|| BlockError::BadRequest("unmapped page".into()))?,
         );
         // While the device writes the page, it holds it exclusively: guest
-        // writes to it wait for the transfer (rule 6).
-        let hold = !to_file && self.ram.config().backing.uses_fault_engine();
+        // writes to it wait for the transfer (rule 6). Not where the kernel
+        // serves the page (a shared file): nothing can hold the guest's
+        // writes there, as with any memory shared with the host.
+        let hold = !to_file && self.ram.engine_serves(gpa);
         if hold {
             self.ram.hold_exclusive(gpa)?;
         }

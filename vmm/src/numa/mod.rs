@@ -42,7 +42,7 @@ impl NumaConfig {
 
 /// Splits `ram` into the configuration's guest nodes, one region each,
 /// and carves its ROM (if any) from the top of the last (before the guest
-/// runs).
+/// runs; the shared memory, if any, is carved next, below the ROM).
 pub fn split(
     config: &crate::config::VmConfig,
     ram: &mut guest_mem::GuestRam,
@@ -52,9 +52,12 @@ pub fn split(
         .iter()
         .map(|r| r.bytes)
         .collect();
+    // The last node's region holds the shared memory and the ROM too
+    // until they are carved from its top (the ROM here, the shared
+    // memory by `devices::shared_mem::map_into`).
     let rom = config.rom.bytes;
     if let Some(last) = sizes.last_mut() {
-        *last += rom;
+        *last += rom + config.shared_mem.bytes;
     }
     ram.split_into_nodes(&sizes)?;
     if rom > 0 {

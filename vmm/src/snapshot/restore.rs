@@ -240,6 +240,8 @@ pub(crate) fn config_of(state: &SnapshotState) -> Result<VmConfig, SnapshotError
         // Poisoned pages come back from the snapshot's markers.
         poison: Vec::new(),
         rom: rom_of(m)?,
+        // Never in a snapshot (refused with it).
+        shared_mem: Default::default(),
     })
 }
 

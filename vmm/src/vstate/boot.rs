@@ -117,6 +117,12 @@ pub fn write_boot_structures(ram: &GuestRam, config: &VmConfig) -> Result<(), Bo
         },
         rom_bytes: config.rom.bytes,
         rom_sum: rom_sum_of(ram, config)?,
+        shared_gpa: if config.shared_mem.bytes > 0 {
+            config.shared_gpa()
+        } else {
+            0
+        },
+        shared_bytes: config.shared_mem.bytes,
     };
     ram.write(BOOT_INFO_GPA, info.as_bytes())?;
     for v in 0..config.vcpus as u64 {
