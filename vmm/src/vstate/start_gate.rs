@@ -4,10 +4,15 @@
 //! that their setup overlaps the building of the next child, but no child
 //! runs guest code before every child exists: the gate opens once all are
 //! built, and a failure cancels it (rule 7: the children are dropped
-//! without having run).
+//! without having run). Once open, the gate also lets its members answer
+//! in turn: a vCPU that made its first I/O exit waits (off the CPU, for a
+//! bounded time) until every member has made its own, so on a host with
+//! fewer CPUs than members no member's first answer queues behind the
+//! others' later work.
 
 use guest_mem::LockOrRecover;
 use std::sync::{Arc, Condvar, Mutex};
+use std::time::{Duration, Instant};
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 enum GateState {
@@ -16,10 +21,21 @@ enum GateState {
     Cancelled,
 }
 
+#[derive(Debug)]
+struct Gate {
+    state: GateState,
+    /// vCPU threads that waited at the gate.
+    members: usize,
+    /// Members that made their first I/O exit.
+    answered: usize,
+    /// When the last of them did.
+    last_answer: Option<Instant>,
+}
+
 /// Holds vCPU threads until it is opened or cancelled.
 #[derive(Debug)]
 pub struct StartGate {
-    state: Mutex<GateState>,
+    gate: Mutex<Gate>,
     changed: Condvar,
 }
 
@@ -29,28 +45,58 @@ impl StartGate {
     /// path leaves threads waiting.
     pub fn new() -> (Arc<StartGate>, GateGuard) {
         let gate = Arc::new(StartGate {
-            state: Mutex::new(GateState::Closed),
+            gate: Mutex::new(Gate {
+                state: GateState::Closed,
+                members: 0,
+                answered: 0,
+                last_answer: None,
+            }),
             changed: Condvar::new(),
         });
         (gate.clone(), GateGuard(gate))
     }
 
-    /// Waits until the gate opens (true) or is cancelled (false).
+    /// Joins the gate's members and waits until it opens (true) or is
+    /// cancelled (false).
     pub fn wait(&self) -> bool {
-        let mut s = self.state.lock_or_recover();
-        while *s == GateState::Closed {
-            s = self
+        let mut g = self.gate.lock_or_recover();
+        g.members += 1;
+        while g.state == GateState::Closed {
+            g = self
                 .changed
-                .wait(s)
+                .wait(g)
                 .unwrap_or_else(std::sync::PoisonError::into_inner);
         }
-        *s == GateState::Open
+        g.state == GateState::Open
+    }
+
+    /// A member made its first I/O exit: waits until every member has,
+    /// or no member has for `limit` (members that take long to answer hold
+    /// the others no longer than that; a large set still answering keeps
+    /// them waiting).
+    pub fn answered(&self, limit: Duration) {
+        let mut g = self.gate.lock_or_recover();
+        g.answered += 1;
+        g.last_answer = Some(Instant::now());
+        self.changed.notify_all();
+        while g.answered < g.members {
+            let deadline = g.last_answer.unwrap_or_else(Instant::now) + limit;
+            let left = deadline.saturating_duration_since(Instant::now());
+            if left.is_zero() {
+                return;
+            }
+            g = self
+                .changed
+                .wait_timeout(g, left)
+                .unwrap_or_else(std::sync::PoisonError::into_inner)
+                .0;
+        }
     }
 
     fn settle(&self, to: GateState) {
-        let mut s = self.state.lock_or_recover();
-        if *s == GateState::Closed {
-            *s = to;
+        let mut g = self.gate.lock_or_recover();
+        if g.state == GateState::Closed {
+            g.state = to;
         }
         self.changed.notify_all();
     }
@@ -97,6 +143,45 @@ mod tests {
             assert!(t.join().expect("waiter"));
         }
         assert!(gate.wait());
+    }
+
+    #[test]
+    fn members_answer_in_turn_and_a_slow_one_holds_the_rest_no_longer_than_the_limit() {
+        let (gate, guard) = StartGate::new();
+        let threads = waiters(&gate, 2);
+        while gate.gate.lock_or_recover().members < 2 {
+            std::thread::yield_now();
+        }
+        guard.open();
+        for t in threads {
+            assert!(t.join().expect("waiter"));
+        }
+        // The first to answer waits for the second.
+        let g = gate.clone();
+        let first = std::thread::spawn(move || {
+            let t = Instant::now();
+            g.answered(Duration::from_secs(10));
+            t.elapsed()
+        });
+        std::thread::sleep(Duration::from_millis(30));
+        assert!(!first.is_finished());
+        gate.answered(Duration::from_secs(10));
+        assert!(first.join().expect("first") >= Duration::from_millis(30));
+        // A member that never answers holds the others only until no
+        // answer came for the limit.
+        let (gate, guard) = StartGate::new();
+        let threads = waiters(&gate, 2);
+        while gate.gate.lock_or_recover().members < 2 {
+            std::thread::yield_now();
+        }
+        guard.open();
+        for t in threads {
+            assert!(t.join().expect("waiter"));
+        }
+        let t = Instant::now();
+        gate.answered(Duration::from_millis(20));
+        let waited = t.elapsed();
+        assert!(waited >= Duration::from_millis(20) && waited < Duration::from_secs(5));
     }
 
     #[test]

@@ -191,8 +191,9 @@ pub struct VcpuRunner {
     rom: Option<Arc<crate::devices::rom::RomGuard>>,
     lazy_slot: Option<Arc<crate::vstate::vm::LazySlot>>,
     start_gate: Option<Arc<crate::vstate::start_gate::StartGate>>,
-    /// Started behind a gate, it has not yielded after its first I/O exit.
-    yield_after_first_io: bool,
+    /// Started behind this gate, it has not answered there yet (see
+    /// [`VcpuRunner::with_start_gate`]).
+    answer_at: Option<Arc<crate::vstate::start_gate::StartGate>>,
 }
 
 impl VcpuRunner {
@@ -222,31 +223,30 @@ impl VcpuRunner {
             rom: None,
             lazy_slot: None,
             start_gate: None,
-            yield_after_first_io: false,
+            answer_at: None,
         }
     }
 
     /// Waits at `gate` before the first `KVM_RUN`; a cancelled gate stops
     /// the vCPU without running it. A vCPU started behind a gate (one of a
-    /// set of VMs released together) gives up its CPU once, after its first
-    /// I/O exit: on a host with fewer CPUs than the set has vCPUs, every
-    /// member then answers once before any goes on with its work (8 forked
-    /// waiting children on two cores, four rounds side by side: the last
-    /// one's first I/O 5.3-8.3 ms after the fork request instead of
-    /// 6.6-8.9; 32 children 33-34 ms instead of 40-43).
+    /// set of VMs released together) waits there again after its first
+    /// I/O exit, off the CPU, until every member of the set has made its
+    /// own (or none has for [`FIRST_ANSWER_WAIT`]): on a host with fewer
+    /// CPUs than the set has vCPUs, every member answers once before any
+    /// goes on with its work (it used to yield its CPU once instead: see
+    /// docs/benchmarks.md).
     pub fn with_start_gate(
         mut self,
         gate: Option<Arc<crate::vstate::start_gate::StartGate>>,
     ) -> Self {
-        self.yield_after_first_io = gate.is_some();
+        self.answer_at = gate.clone();
         self.start_gate = gate;
         self
     }
 
-    fn yield_once_after_first_io(&mut self) {
-        if std::mem::take(&mut self.yield_after_first_io) {
-            // SAFETY: sched_yield takes no arguments and touches no memory.
-            unsafe { libc::sched_yield() };
+    fn answer_after_first_io(&mut self) {
+        if let Some(gate) = self.answer_at.take() {
+            gate.answered(FIRST_ANSWER_WAIT);
         }
     }
 
@@ -338,7 +338,7 @@ impl VcpuRunner {
                     self.first_io.get_or_init(Instant::now);
                     let data = data.to_vec();
                     let next = self.io_out(port, &data);
-                    self.yield_once_after_first_io();
+                    self.answer_after_first_io();
                     next
                 }
                 Ok(VcpuExit::IoIn(port, data)) => {
@@ -366,7 +366,7 @@ impl VcpuRunner {
                         };
                         data.fill(fill);
                     }
-                    self.yield_once_after_first_io();
+                    self.answer_after_first_io();
                     Next::Run
                 }
                 Ok(VcpuExit::Hlt) => Next::Exit(VcpuOutcome::Halted),
@@ -548,6 +548,13 @@ impl VcpuRunner {
 
 /// The longest a vCPU is held at `IDLE_PORT` without news.
 const IDLE_WAIT_MAX: std::time::Duration = std::time::Duration::from_millis(10);
+
+/// After its first I/O exit, a vCPU of a set released together waits for
+/// the set's other vCPUs to make theirs until none has for this long (see
+/// [`VcpuRunner::with_start_gate`]): long enough between two answers of a
+/// large set on a small host, short enough that a member whose guest is
+/// busy elsewhere holds the others only briefly.
+pub const FIRST_ANSWER_WAIT: std::time::Duration = std::time::Duration::from_millis(5);
 
 /// An MMIO exit inside the lazy slot's memory: adds the slot and does the
 /// access on guest RAM (KVM completes the instruction with `data` for a
