@@ -440,21 +440,21 @@ pub struct RunArgs {
     /// memory error naming it; snapshots, clones and forks keep the marks.
     /// Pages of the work area and above (from 4 MiB) only: the layout below
     /// is written at boot. Needs --backing memfd or anon.
-    #[arg(long, value_delimiter = ',', value_parser = gpa_arg)]
+    #[arg(long, value_name = "GPA,...", value_delimiter = ',', value_parser = gpa_arg)]
     pub poison: Vec<u64>,
     /// Give the guest read-only memory (a ROM) holding this file (at most
     /// 16 MiB, rounded up to pages) at the top of --mem, below which its
     /// RAM lies. The guest reads it; its writes there are refused (logged,
     /// counted, and readable by the guest), and so are device writes into
     /// it. The guest checks the ROM's content at boot and in every verify.
-    #[arg(long)]
+    #[arg(long, value_name = "FILE")]
     pub rom: Option<PathBuf>,
     /// Share this file with the guest: mapped shared (not copy-on-write)
     /// into the top of --mem below the ROM, all of it (a multiple of 4 KiB,
     /// 8 KiB to 1 GiB); the guest's and the block device's writes reach the
     /// file at once. Snapshots, forks and userfaultfd tracking cannot
     /// cover it and are refused with it.
-    #[arg(long)]
+    #[arg(long, value_name = "FILE")]
     pub shared_mem: Option<PathBuf>,
     /// Fork flags.
     #[command(flatten)]
