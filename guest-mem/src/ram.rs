@@ -336,18 +336,17 @@ impl GuestRam {
             .metadata()
             .map_err(|e| RamError::Describe(format!("the shared file: {e}")))?
             .len();
-        let region = self.carve_top(
-            len,
-            |f| RegionFlags { shared: true, ..f },
-            Some(BackingKind::Plain),
-        )?;
-        // SAFETY: replaces the region's part of guest RAM's own mapping,
-        // before the guest runs and before anything else maps it, by a
-        // shared mapping of `file` (`len` bytes, its whole length) at the
-        // same address; the mapping's owner unmaps the whole range later.
+        // Mapped first, so that a failure leaves the regions as they were.
+        let last = self.top_fit(len)?;
+        let host = last.host_start() + (last.size - len);
+        // SAFETY: replaces the top `len` bytes of the last boot region's
+        // part of guest RAM's own mapping (checked to lie inside it),
+        // before the guest runs and before anything else maps them, by a
+        // shared mapping of `file` (all of it) at the same address; the
+        // mapping's owner unmaps the whole range later.
         let addr = unsafe {
             libc::mmap(
-                region.host_start() as *mut libc::c_void,
+                host as *mut libc::c_void,
                 len as usize,
                 libc::PROT_READ | libc::PROT_WRITE,
                 libc::MAP_SHARED | libc::MAP_FIXED,
@@ -361,6 +360,11 @@ impl GuestRam {
                 std::io::Error::last_os_error()
             )));
         }
+        let region = self.carve_top(
+            len,
+            |f| RegionFlags { shared: true, ..f },
+            Some(BackingKind::Plain),
+        )?;
         self.shared_file = Some(region.clone());
         Ok(region)
     }
@@ -374,6 +378,18 @@ impl GuestRam {
         flags: impl FnOnce(RegionFlags) -> RegionFlags,
         backing: Option<BackingKind>,
     ) -> Result<Arc<Region>, RamError> {
+        let last = self.top_fit(bytes)?;
+        let (head, top) = self
+            .core
+            .split_off_tail(last.id, bytes, flags(last.flags), backing)?;
+        if let Some(slot) = self.boot_regions.last_mut() {
+            *slot = head;
+        }
+        Ok(top)
+    }
+
+    /// The last boot region, when `bytes` can be carved from its top.
+    fn top_fit(&self, bytes: u64) -> Result<Arc<Region>, RamError> {
         let Some(last) = self.boot_regions.last().cloned() else {
             return Err(RamError::Describe("guest RAM has no region".into()));
         };
@@ -383,13 +399,7 @@ impl GuestRam {
                 last.size
             )));
         }
-        let (head, top) = self
-            .core
-            .split_off_tail(last.id, bytes, flags(last.flags), backing)?;
-        if let Some(slot) = self.boot_regions.last_mut() {
-            *slot = head;
-        }
-        Ok(top)
+        Ok(last)
     }
 
     /// The ROM region, if [`GuestRam::set_rom`] made one.
