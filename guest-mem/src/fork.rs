@@ -94,28 +94,41 @@ impl GuestRam {
         let base = region.gpa - region.offset;
         // Rule 13: pinned pages stay this VM's (shared with the device,
         // never with a child): their mapping stays as it is, and the
-        // children get copies of their content now.
-        let pinned: Vec<u64> = self.pinned_pages();
+        // children get copies of their content now. (A pinned page of a
+        // file shared with the host is that file's on every side.)
+        let mut pinned: Vec<u64> = self.pinned_pages();
+        pinned.retain(|g| self.engine_serves(*g));
         let mut copies = Vec::with_capacity(pinned.len());
         for &gpa in &pinned {
             let mut page = vec![0u8; PAGE_SIZE as usize];
             crate::live_copy::read_run(host_of(gpa), &mut page);
             copies.push((gpa, page));
         }
-        let keep: Vec<(u64, u64)> = crate::tracking::runs(&pinned)
+        // Regions the kernel serves (a file shared with the host) stay
+        // the very shared mapping they are, on every side.
+        let mut keep: Vec<(u64, u64)> = crate::tracking::runs(&pinned)
             .into_iter()
+            .chain(
+                regions
+                    .iter()
+                    .filter(|r| !r.backing.uses_fault_engine())
+                    .map(|r| (r.gpa, r.gpa + r.size)),
+            )
             .map(|(s, e)| (s - base, e - base))
             .collect();
+        keep.sort_unstable();
         let file = region
             .mapping
             .remap_private(&keep)
             .map_err(|e| refuse(&e.to_string()))?;
-        uffd.register(
-            region.mapping.addr(),
-            region.mapping.len(),
-            UFFDIO_REGISTER_MODE_MISSING | UFFDIO_REGISTER_MODE_WP,
-        )
-        .map_err(|e| refuse(&format!("re-registering guest RAM with userfaultfd: {e}")))?;
+        for r in regions.iter().filter(|r| r.backing.uses_fault_engine()) {
+            uffd.register(
+                r.host_start(),
+                r.size,
+                UFFDIO_REGISTER_MODE_MISSING | UFFDIO_REGISTER_MODE_WP,
+            )
+            .map_err(|e| refuse(&format!("re-registering guest RAM with userfaultfd: {e}")))?;
+        }
         // The table's shared/exclusive bits are not rewritten here: that
         // walk would grow the pause with memory size. The kernel knows which
         // pages are shared; `refresh_sharing` records it when asked.

@@ -615,6 +615,15 @@ impl GuestRam {
             .ok_or(RamError::OutOfRange { addr: gpa, len })
     }
 
+    /// The live regions the fault engine serves (not a shared file the
+    /// kernel serves): what write-protection, sampling and live snapshots
+    /// cover.
+    pub fn engine_regions(&self) -> Vec<Arc<Region>> {
+        let mut regions = self.regions();
+        regions.retain(|r| r.backing.uses_fault_engine());
+        regions
+    }
+
     /// The live regions.
     pub fn regions(&self) -> Vec<Arc<Region>> {
         self.core.regions.load().iter().cloned().collect()

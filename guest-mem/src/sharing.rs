@@ -108,10 +108,12 @@ impl GuestRam {
                     }
                     // A VM's own memfd is a file too, but nobody else
                     // maps it: only an image's pages are shared, and a
-                    // pinned page is never shared (a fork copied it).
-                    let shared = image
-                        && pm & PM_FILE != 0
-                        && !self.core.pins.is_pinned(page_gpa / PAGE_SIZE);
+                    // pinned page is never shared (a fork copied it). A
+                    // shared region's pages always are (the host's file).
+                    let shared = region.flags.shared
+                        || image
+                            && pm & PM_FILE != 0
+                            && !self.core.pins.is_pinned(page_gpa / PAGE_SIZE);
                     if shared {
                         stats.shared_pages += 1;
                     } else {

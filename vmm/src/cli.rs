@@ -452,8 +452,8 @@ pub struct RunArgs {
     /// Share this file with the guest: mapped shared (not copy-on-write)
     /// into the top of --mem below the ROM, all of it (a multiple of 4 KiB,
     /// 8 KiB to 1 GiB); the guest's and the block device's writes reach the
-    /// file at once. Snapshots, forks and userfaultfd tracking cannot
-    /// cover it and are refused with it.
+    /// file at once. Snapshots record the file, not its content: restores,
+    /// clones and forks map the same file again.
     #[arg(long, value_name = "FILE")]
     pub shared_mem: Option<PathBuf>,
     /// Fork flags.
@@ -569,11 +569,6 @@ impl RunArgs {
             .transpose()
             .map_err(|e| crate::config::ConfigError::SharedMem(e.to_string()))?
             .unwrap_or_default();
-        if shared_mem.bytes > 0 && (self.snap.snapshot.is_some() || self.fork.forks.is_some()) {
-            return Err(crate::config::ConfigError::SharedMem(
-                crate::devices::shared_mem::NOT_CAPTURED.into(),
-            ));
-        }
         Ok(VmConfig {
             mem_bytes: self.mem,
             vcpus: self.vcpus,

@@ -330,15 +330,6 @@ impl VmConfig {
                 format_size(bytes)
             ));
         }
-        use crate::dirty::TrackerKind;
-        if matches!(
-            self.track,
-            Some(TrackerKind::UffdWp | TrackerKind::UffdAsync | TrackerKind::SoftDirty)
-        ) {
-            return refuse(
-                "the kernel serves shared memory, so userfaultfd or soft-dirty tracking cannot cover it: use --track kvm-bitmap or kvm-ring".into(),
-            );
-        }
         if self.numa.scan_ms.is_some() || self.numa.policy.is_some() {
             return refuse(
                 "shared memory is the host's: the NUMA scanner and memory policies do not place it"

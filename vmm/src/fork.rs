@@ -126,9 +126,6 @@ pub fn fork_vm(vm: &mut VmHandle, opts: ForkOptions) -> Result<PendingFork, RunE
             opts.count
         )));
     }
-    if vm.ram().shared_file().is_some() {
-        return Err(fail(crate::devices::shared_mem::NOT_CAPTURED.into()));
-    }
     let kvm = open_kvm()?;
     // Outside the pause: the remap inside it then tears down only what the
     // guest touches from now on.

@@ -275,6 +275,10 @@ pub struct VmOutcome {
     pub zero_pages: u64,
     /// Its poisoned pages (rule 12: markers survive clones and forks).
     pub poisoned_pages: Vec<u64>,
+    /// With memory shared with the host: the word its last verify read
+    /// from the shared memory's third page (it maps the host's file).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub shared_seen: Option<u64>,
     /// µs from its machine's creation to its first I/O exit.
     #[serde(skip)]
     pub boot_us: Option<u64>,
@@ -301,6 +305,7 @@ impl VmOutcome {
             exclusive_pages: sharing.exclusive_pages,
             zero_pages: sharing.zero_pages,
             poisoned_pages: ram.poisoned_pages(),
+            shared_seen: None,
             boot_us: None,
             first_run_us: None,
         };
@@ -314,6 +319,7 @@ impl VmOutcome {
                 o.host_verify_mismatches = r.host_verify_mismatches;
                 o.boot_us = r.boot_us;
                 o.first_run_us = r.first_run_us;
+                o.shared_seen = r.shared_mem.and_then(|s| s.seen_at_verify);
             }
             Err(e) => {
                 o.status = e.kind().into();

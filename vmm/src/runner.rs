@@ -448,19 +448,22 @@ pub fn describe(
         mem_bytes: config.mem_bytes,
         regions: layout.ranges[..layout.nodes as usize]
             .iter()
-            .map(|r| (r.gpa, r.bytes, false, false))
-            .chain(
-                (config.shared_mem.bytes > 0)
-                    .then(|| (config.shared_gpa(), config.shared_mem.bytes, true, false)),
-            )
-            .chain(
-                (config.rom.bytes > 0).then(|| (config.rom_gpa(), config.rom.bytes, false, true)),
-            )
-            .map(|(gpa, size, shared, read_only)| RegionDesc {
+            .map(|r| (r.gpa, r.bytes, None, false))
+            .chain(config.shared_mem.file.as_ref().map(|f| {
+                (
+                    config.shared_gpa(),
+                    config.shared_mem.bytes,
+                    Some(f.to_string_lossy().into_owned()),
+                    false,
+                )
+            }))
+            .chain((config.rom.bytes > 0).then(|| (config.rom_gpa(), config.rom.bytes, None, true)))
+            .map(|(gpa, size, file, read_only)| RegionDesc {
                 gpa,
                 size,
-                shared,
+                shared: file.is_some(),
                 read_only,
+                file,
                 hint: config.ram.hint.name().into(),
             })
             .collect(),
@@ -495,8 +498,6 @@ pub fn run(config: &VmConfig, hooks: RunHooks, sink: SerialSink) -> Result<RunRe
     let kvm = open_kvm()?;
     let mut ram = GuestRam::new(config.mem_bytes, config.ram)?;
     crate::numa::split(config, &mut ram)?;
-    crate::devices::shared_mem::map_into(&mut ram, &config.shared_mem)
-        .map_err(|e| RunError::Runtime(e.to_string()))?;
     let placement = crate::numa::place(config, &ram)?;
     let ram = Arc::new(ram);
     let created = Instant::now();
@@ -710,12 +711,13 @@ pub fn supervise(
         t.get()
             .map(|t| t.duration_since(created).as_micros() as u64)
     };
-    let (rom_check, shared_check) = (sup.rom_check, sup.shared_check);
+    let (rom_check, shared_check, shared_seen) = (sup.rom_check, sup.shared_check, sup.shared_seen);
     let mut report = sup.into_report(config, &ram, since_created(&first_io));
     report.first_run_us = since_created(&first_run);
     report.block = block.map(|b| b.stats());
     report.rom = rom.map(|r| r.report(rom_check, report.block.map_or(0, |b| b.refused)));
-    report.shared_mem = crate::devices::shared_mem::report(&ram, &config.shared_mem, shared_check);
+    report.shared_mem =
+        crate::devices::shared_mem::report(&ram, &config.shared_mem, shared_check, shared_seen);
     report.numa = crate::numa::report(placement.as_deref(), &ram, scanner);
     drop(vm);
     Ok(report)
@@ -835,6 +837,8 @@ struct Supervisor {
     rom_check: Option<u64>,
     /// The bits of vCPU 0's `SharedCheck` event, if it sent one.
     shared_check: Option<u64>,
+    /// The word of vCPU 0's last `SharedSeen` event, if it sent one.
+    shared_seen: Option<u64>,
 }
 
 impl Supervisor {
@@ -880,6 +884,7 @@ impl Supervisor {
             scan: None,
             rom_check: None,
             shared_check: None,
+            shared_seen: None,
         }
     }
 
@@ -1028,6 +1033,7 @@ impl Supervisor {
             Event::Waiting => self.vcpu_started(v),
             Event::RomCheck => self.rom_check = Some(arg),
             Event::SharedCheck => self.shared_check = Some(arg),
+            Event::SharedSeen => self.shared_seen = Some(arg),
             Event::Progress | Event::Done | Event::RoundEnd => {
                 if let Some(p) = self.progress.get_mut(v) {
                     *p = arg;

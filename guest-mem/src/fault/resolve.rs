@@ -370,7 +370,11 @@ impl MemoryCore {
         };
         let tracking = self.wp_mode() != WpMode::Off;
         let mut total = 0;
-        for region in self.regions.load().iter() {
+        let engine_served = self.regions.load();
+        for region in engine_served
+            .iter()
+            .filter(|r| r.backing.uses_fault_engine())
+        {
             let lo = start.max(region.gpa);
             let hi = end.min(region.gpa + region.size);
             if lo >= hi {

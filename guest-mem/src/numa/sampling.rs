@@ -37,7 +37,7 @@ impl GuestRam {
             WpMode::Off => false,
         };
         let mut armed = 0;
-        for region in self.regions() {
+        for region in self.engine_regions() {
             if !pages.iter().any(|g| region.contains_gpa(*g)) {
                 continue;
             }
@@ -102,7 +102,7 @@ impl GuestRam {
                 }
             }
         }
-        let regions = self.regions();
+        let regions = self.engine_regions();
         let mut last: Option<&std::sync::Arc<crate::region::Region>> = None;
         for p in pages {
             let gpa = p * PAGE_SIZE;
@@ -145,7 +145,7 @@ impl GuestRam {
         let keep = self.core.wp_mode() != WpMode::Off || self.core.live_copy.load().is_some();
         if !keep {
             if let Some(uffd) = &self.core.uffd {
-                for region in self.regions() {
+                for region in self.engine_regions() {
                     let idle: Vec<u64> = samples
                         .iter()
                         .filter(|(g, users)| **users == 0 && region.contains_gpa(**g))

@@ -157,7 +157,7 @@ impl GuestRam {
             .uffd
             .as_ref()
             .ok_or(TrackError::NoFaultEngine("write-protect tracking"))?;
-        for r in self.regions() {
+        for r in self.engine_regions() {
             let _g = r.lock.lock_or_recover();
             uffd.write_protect(r.host_start(), r.size, true)?;
             let mut c = Collect(Vec::new(), |e: Entry| e.is_present() && !e.is_uffd_wp());
@@ -177,7 +177,7 @@ impl GuestRam {
         self.core
             .wp_mode
             .store(WpMode::Off as u8, Ordering::Release);
-        for r in self.regions() {
+        for r in self.engine_regions() {
             let _g = r.lock.lock_or_recover();
             uffd.write_protect(r.host_start(), r.size, false)?;
             let mut c = Collect(Vec::new(), |e: Entry| e.is_uffd_wp());
@@ -239,7 +239,7 @@ impl GuestRam {
             .unwrap_or_default();
         window.sort_unstable();
         window.dedup();
-        for r in self.regions() {
+        for r in self.engine_regions() {
             let _g = r.lock.lock_or_recover();
             let mine: Vec<u64> = window
                 .iter()
@@ -270,7 +270,7 @@ impl GuestRam {
     /// the region's lock, walking only populated tables.
     pub fn live_write_all(&self, lc: &crate::live_copy::LiveCopy) {
         let mut buf = vec![0u8; LEAF_TABLE_SPAN as usize];
-        for r in self.regions() {
+        for r in self.engine_regions() {
             let mut start = r.gpa;
             let end = r.gpa + r.size;
             while start < end {
@@ -332,7 +332,7 @@ impl GuestRam {
             .as_ref()
             .ok_or(TrackError::NoFaultEngine("uffd-wp"))?;
         let mut out = Vec::new();
-        for r in self.regions() {
+        for r in self.engine_regions() {
             let _g = r.lock.lock_or_recover();
             let mut c = Collect(Vec::new(), |e: Entry| e.is_present() && !e.is_uffd_wp());
             self.core.table.walk_range(r.gpa, r.gpa + r.size, &mut c);
@@ -378,7 +378,7 @@ impl GuestRam {
         }
         let mut out = Vec::new();
         let mut scanned = 0;
-        for r in self.regions() {
+        for r in self.engine_regions() {
             let mut t = Tables(Vec::new());
             self.core.table.walk_range(r.gpa, r.gpa + r.size, &mut t);
             for (s, e) in t.0 {
@@ -476,7 +476,7 @@ impl GuestRam {
 
     /// Clears every dirty bit (a new baseline, e.g. after a full snapshot).
     pub fn clear_dirty(&self) {
-        for r in self.regions() {
+        for r in self.engine_regions() {
             let mut c = Collect(Vec::new(), |e: Entry| e.has(Flag::Dirty));
             self.core.table.walk_range(r.gpa, r.gpa + r.size, &mut c);
             for gpa in c.0 {

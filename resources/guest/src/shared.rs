@@ -38,6 +38,13 @@ impl SharedMem {
         })
     }
 
+    /// The first word of the third page, if there is one.
+    pub fn third_page_word(&self) -> Option<u64> {
+        // SAFETY: the shared memory's third page, identity-mapped.
+        (self.pages >= 3)
+            .then(|| unsafe { read_volatile((self.gpa + 2 * PAGE_SIZE) as *const u64) })
+    }
+
     /// Stores `SHARED_PROBE_WORD` into the first page and, given a block
     /// of the block device, has the device copy the first page into the
     /// second through it. Returns the `SHARED_CHECK_*` bits of what held.

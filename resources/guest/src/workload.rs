@@ -163,6 +163,11 @@ impl Ctx {
     }
 
     fn report_verify(&self) {
+        if self.vcpu == 0 {
+            if let Some(w) = self.shared.and_then(|s| s.third_page_word()) {
+                io::event(Event::SharedSeen, w);
+            }
+        }
         let m = self.verify();
         io::prefix(self.vcpu);
         io::print("verify: ");

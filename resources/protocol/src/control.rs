@@ -102,6 +102,10 @@ pub enum Event {
     /// the `SHARED_CHECK_*` bits of what held. Every check that failed
     /// also counts as a read mismatch in its verify.
     SharedCheck = 11,
+    /// vCPU 0's verify read this word (the arg) from the start of the
+    /// third page of its shared memory: what the host's file holds there
+    /// now (a restored, cloned or forked guest maps the file again).
+    SharedSeen = 12,
 }
 
 impl Event {
@@ -119,6 +123,7 @@ impl Event {
             Event::Waiting,
             Event::RomCheck,
             Event::SharedCheck,
+            Event::SharedSeen,
         ]
         .into_iter()
         .find(|e| *e as u32 == v)

@@ -5,17 +5,15 @@
 //! and the block device's reach the file at once, and whoever else maps it
 //! sees them, as with QEMU's ivshmem. A device pin there keeps the very
 //! page the file has (its unshare does nothing, guest-mem's rule 14). The
-//! kernel serves the range, not the fault engine: write-protect tracking,
-//! snapshots, clones and forks cannot cover it and are refused with it
-//! (QEMU likewise blocks migrating ivshmem memory it does not own).
+//! kernel serves the range, not the fault engine, so write-protect
+//! tracking and live snapshots pass it by. A snapshot records the file,
+//! not its content: a restore, a clone or a fork child maps the same file
+//! again and sees what the host and the other VMs have written there.
 
 use crate::config::SharedMemConfig;
 use guest_mem::{GuestRam, RamError};
 use guest_protocol::control::{SHARED_CHECK_DEVICE_COPIED, SHARED_CHECK_STORED};
 use std::path::{Path, PathBuf};
-
-/// Why a snapshot or fork of a VM with shared memory is refused.
-pub const NOT_CAPTURED: &str = "memory shared with the host (--shared-mem) stays the host's: a snapshot or fork cannot capture it (run without --shared-mem to snapshot or fork)";
 
 /// Why shared memory cannot be had.
 #[derive(Debug, thiserror::Error)]
@@ -58,6 +56,11 @@ fn open(path: &Path) -> Result<std::fs::File, SharedMemError> {
 /// check says whether its size will do).
 pub fn shared_for_file(path: &Path) -> Result<SharedMemConfig, SharedMemError> {
     let file = open(path)?;
+    // Recorded in snapshots: whoever restores one finds it from anywhere.
+    let path = &std::fs::canonicalize(path).map_err(|source| SharedMemError::Open {
+        path: path.into(),
+        source,
+    })?;
     let len = file
         .metadata()
         .map_err(|source| SharedMemError::Open {
@@ -122,6 +125,10 @@ pub struct SharedMemReport {
     /// What the guest's probe at boot found, if it sent one.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub guest_check: Option<GuestSharedCheck>,
+    /// The first word of the third page as the guest's last verify read
+    /// it, if it did.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub seen_at_verify: Option<u64>,
 }
 
 /// The guest's probe of its shared memory, from its `SharedCheck` event.
@@ -136,11 +143,13 @@ pub struct GuestSharedCheck {
 }
 
 /// The report of `ram`'s shared memory, if it has one; `guest_check` is
-/// the bits of the guest's `SharedCheck` event, if it sent one.
+/// the bits of the guest's `SharedCheck` event, `seen` the word of its
+/// last `SharedSeen`, if it sent them.
 pub fn report(
     ram: &GuestRam,
     shared: &SharedMemConfig,
     guest_check: Option<u64>,
+    seen: Option<u64>,
 ) -> Option<SharedMemReport> {
     let region = ram.shared_file()?;
     Some(SharedMemReport {
@@ -151,5 +160,6 @@ pub fn report(
             stored: bits & SHARED_CHECK_STORED != 0,
             device_copied: bits & SHARED_CHECK_DEVICE_COPIED != 0,
         }),
+        seen_at_verify: seen,
     })
 }

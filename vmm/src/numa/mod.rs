@@ -40,9 +40,9 @@ impl NumaConfig {
     }
 }
 
-/// Splits `ram` into the configuration's guest nodes, one region each,
-/// and carves its ROM (if any) from the top of the last (before the guest
-/// runs; the shared memory, if any, is carved next, below the ROM).
+/// Lays out guest memory before the guest runs: splits `ram` into the
+/// configuration's guest nodes, one region each, then carves the ROM (if
+/// any) from the top of the last and the shared memory (if any) below it.
 pub fn split(
     config: &crate::config::VmConfig,
     ram: &mut guest_mem::GuestRam,
@@ -53,8 +53,7 @@ pub fn split(
         .map(|r| r.bytes)
         .collect();
     // The last node's region holds the shared memory and the ROM too
-    // until they are carved from its top (the ROM here, the shared
-    // memory by `devices::shared_mem::map_into`).
+    // until they are carved from its top.
     let rom = config.rom.bytes;
     if let Some(last) = sizes.last_mut() {
         *last += rom + config.shared_mem.bytes;
@@ -63,7 +62,8 @@ pub fn split(
     if rom > 0 {
         ram.set_rom(rom)?;
     }
-    Ok(())
+    crate::devices::shared_mem::map_into(ram, &config.shared_mem)
+        .map_err(|e| guest_mem::RamError::Describe(e.to_string()))
 }
 
 /// When the configuration asks for placement, places the guest's nodes on

@@ -48,6 +48,7 @@ pub fn main(dir: &Path, json: bool) -> i32 {
             "markers": state.markers.len(),
             "working_set": &state.working_set,
             "rom": m.regions.iter().find(|r| r.read_only).map(|r| serde_json::json!({"gpa": r.gpa, "bytes": r.size})),
+            "shared_mem": m.regions.iter().find(|r| r.shared).map(|r| serde_json::json!({"gpa": r.gpa, "bytes": r.size, "file": r.file})),
             "poisoned_pages": state.markers.iter().filter(|m| m.kind == 2).map(|m| format!("{:#x}", m.gpa)).collect::<Vec<_>>(),
             "diff_parent": state.diff.as_ref().map(|d| uuid::Uuid::from_bytes(d.parent_id).to_string()),
             "diff_pages": state.diff.as_ref().map(|d| d.pages.len()),
@@ -83,7 +84,15 @@ pub fn main(dir: &Path, json: bool) -> i32 {
         if let Some(r) = m.regions.iter().find(|r| r.read_only) {
             println!("  rom: {} at {:#x}", format_size(r.size), r.gpa);
         }
-        let node_regions = m.regions.iter().filter(|r| !r.read_only);
+        if let Some(r) = m.regions.iter().find(|r| r.shared) {
+            println!(
+                "  shared memory: {} at {:#x}, the host's file {} (not in memory.bin)",
+                format_size(r.size),
+                r.gpa,
+                r.file.as_deref().unwrap_or("?")
+            );
+        }
+        let node_regions = m.regions.iter().filter(|r| !r.read_only && !r.shared);
         if node_regions.clone().count() > 1 || m.numa.placed {
             let nodes: Vec<String> = node_regions
                 .enumerate()

@@ -240,9 +240,44 @@ pub(crate) fn config_of(state: &SnapshotState) -> Result<VmConfig, SnapshotError
         // Poisoned pages come back from the snapshot's markers.
         poison: Vec::new(),
         rom: rom_of(m)?,
-        // Never in a snapshot (refused with it).
-        shared_mem: Default::default(),
+        shared_mem: shared_mem_of(m)?,
     })
+}
+
+/// The memory a snapshot's machine shared with the host: its one shared
+/// region, right below the ROM (or at the top), whose file is mapped again
+/// (it must still be there, as large as it was).
+fn shared_mem_of(
+    m: &crate::snapshot::state::MachineDesc,
+) -> Result<crate::config::SharedMemConfig, SnapshotError> {
+    let mut shared = m.regions.iter().filter(|r| r.shared);
+    let (r, None) = (shared.next(), shared.next()) else {
+        return Err(SnapshotError::Incompatible(
+            "more than one shared region: only one is supported".into(),
+        ));
+    };
+    let Some(r) = r else {
+        return Ok(Default::default());
+    };
+    let top = m.mem_bytes - rom_of(m)?.bytes;
+    let Some(path) = r
+        .file
+        .as_deref()
+        .filter(|_| r.gpa.checked_add(r.size) == Some(top))
+    else {
+        return Err(SnapshotError::Incompatible(
+            "the shared region: it must name its file and lie right below the ROM or at the top of guest memory".into(),
+        ));
+    };
+    let shared = crate::devices::shared_mem::shared_for_file(Path::new(path))
+        .map_err(|e| SnapshotError::Incompatible(format!("the guest's shared memory: {e}")))?;
+    if shared.bytes != r.size {
+        return Err(SnapshotError::Incompatible(format!(
+            "the guest's shared memory {path} is {} bytes now, it had {}",
+            shared.bytes, r.size
+        )));
+    }
+    Ok(shared)
 }
 
 /// The ROM a snapshot's machine had: its one read-only region, the last,
@@ -276,9 +311,19 @@ fn numa_of(m: &crate::snapshot::state::MachineDesc) -> Result<NumaConfig, Snapsh
     if n.vcpu_node.len() != m.vcpus as usize {
         return Err(bad("one node per vCPU is not recorded"));
     }
-    // The nodes' RAM; the ROM (`rom_of`) is the top of the last node.
-    let nodes: Vec<_> = m.regions.iter().filter(|r| !r.read_only).collect();
-    let rom_bytes = rom_of(m)?.bytes;
+    // The nodes' RAM; the shared memory and the ROM are the top of the
+    // last node.
+    let nodes: Vec<_> = m
+        .regions
+        .iter()
+        .filter(|r| !r.read_only && !r.shared)
+        .collect();
+    let top_bytes = rom_of(m)?.bytes
+        + m.regions
+            .iter()
+            .filter(|r| r.shared)
+            .map(|r| r.size)
+            .sum::<u64>();
     let mut at = 0;
     for r in &nodes {
         if r.gpa != at {
@@ -300,7 +345,7 @@ fn numa_of(m: &crate::snapshot::state::MachineDesc) -> Result<NumaConfig, Snapsh
                 .iter()
                 .enumerate()
                 .map(|(k, r)| NodeSpec {
-                    bytes: r.size + if k + 1 == nodes.len() { rom_bytes } else { 0 },
+                    bytes: r.size + if k + 1 == nodes.len() { top_bytes } else { 0 },
                     vcpus: Some(
                         (0..m.vcpus)
                             .filter(|v| n.vcpu_node[*v as usize] == k as u32)

@@ -21,7 +21,7 @@ use serde::{Deserialize, Serialize};
 /// File magic.
 pub const STATE_MAGIC: &[u8; 8] = b"VMMSNAP1";
 /// Format version this VMM writes and reads.
-pub const STATE_VERSION: u32 = 3;
+pub const STATE_VERSION: u32 = 4;
 /// Largest `state.bin` accepted.
 pub const MAX_STATE_BYTES: u64 = 64 << 20;
 /// Bytes covered by one memory checksum.
@@ -86,6 +86,9 @@ pub struct RegionDesc {
     pub shared: bool,
     /// Read-only.
     pub read_only: bool,
+    /// The file a shared region maps (memory shared with the host, which
+    /// a restore maps again; its content is not in the snapshot).
+    pub file: Option<String>,
     /// Access hint (`normal`, `sequential`, `random`).
     pub hint: String,
 }

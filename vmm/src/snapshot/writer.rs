@@ -175,11 +175,6 @@ pub fn start_snapshot(
     if dir.exists() {
         return Err(SnapshotError::Exists(dir.to_path_buf()));
     }
-    if vm.ram().shared_file().is_some() {
-        return Err(SnapshotError::Incompatible(
-            crate::devices::shared_mem::NOT_CAPTURED.into(),
-        ));
-    }
     // A diff: the parent chain is opened (and checked) before anything else.
     let parent = match parent {
         Some(p) => Some(ParentRef {
