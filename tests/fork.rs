@@ -201,3 +201,24 @@ fn a_vm_restored_copy_on_write_forks_too() {
     }
     let _ = std::fs::remove_dir_all(&dir);
 }
+
+/// KVM completes a vCPU's port I/O only on its next `KVM_RUN`: a fork
+/// must not capture the vCPU in between, or each child would run that I/O
+/// again. The io workload reads the block device's status after every
+/// command, and a child's new device answers "no command yet": a child
+/// that ran its parent's last status read again counts a mismatch.
+#[test]
+fn fork_children_never_rerun_the_parents_last_io() {
+    for after in ["40", "100", "170"] {
+        let o = run_with_fork(
+            after,
+            "8",
+            &["--mem", "64M", "--pages", "128", "--workload", "io"],
+        );
+        assert_eq!(o.code, 0, "{}", o.stdout);
+        let j = o.json();
+        for c in j["forks"][0]["children"].as_array().expect("children") {
+            assert_eq!(c["verify_mismatches"], 0, "fork at {after}: {c}");
+        }
+    }
+}

@@ -415,6 +415,9 @@ pub struct Machine {
     pub tracking: Option<Tracking>,
     /// The command sequence numbers to continue from (0 after a fresh boot).
     pub command_seq: Vec<u32>,
+    /// Each vCPU's port registers to continue from (empty after a fresh
+    /// boot).
+    pub ports: Vec<crate::snapshot::state::PortRegs>,
     /// The CPUID the vCPUs were given.
     pub cpuid: Vec<kvm_cpuid_entry2>,
     /// What snapshots record about the machine.
@@ -541,6 +544,7 @@ pub fn run(config: &VmConfig, hooks: RunHooks, sink: SerialSink) -> Result<RunRe
         created,
         tracking,
         command_seq: vec![0; config.vcpus as usize],
+        ports: Vec::new(),
         cpuid,
         machine: describe(config, fnv1a_hex(&image.bytes), placement.as_deref()),
         restored: false,
@@ -569,6 +573,7 @@ pub fn supervise(
         created,
         tracking,
         command_seq,
+        ports,
         cpuid,
         machine: desc,
         restored,
@@ -618,6 +623,7 @@ pub fn supervise(
         .with_capture(capture.clone(), cpuid.clone())
         .with_first_run(first_run.clone())
         .with_block(block.clone())
+        .with_ports(ports.get(i).copied().unwrap_or_default())
         .with_rom(rom.clone())
         .with_lazy_slot(lazy_slot.clone())
         .with_start_gate(hooks.start_gate.clone());

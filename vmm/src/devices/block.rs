@@ -56,6 +56,8 @@ pub enum Status {
     /// The page may not be written (a read-only region, rule 14) or is
     /// poisoned.
     Refused = guest_protocol::control::BLOCK_STATUS_REFUSED,
+    /// No command yet (what a new device, e.g. a restored VM's, reports).
+    NoCommand = 0xff,
 }
 
 /// Block device errors.
@@ -275,7 +277,7 @@ impl BlockDevice {
                 slots: (0..SLOTS).map(|_| None).collect(),
                 disk_copy: None,
             }),
-            regs: Mutex::new(vec![(0, 0, Status::Ok as u8); vcpus as usize]),
+            regs: Mutex::new(vec![(0, 0, Status::NoCommand as u8); vcpus as usize]),
             stats: Mutex::new(BlockStats::default()),
         })
     }
@@ -715,6 +717,19 @@ impl BlockDevice {
                 }
             }
             _ => {}
+        }
+    }
+
+    /// vCPU `vcpu`'s registers: its page and block arguments and the
+    /// status of its last command.
+    pub fn regs_of(&self, vcpu: u32) -> Option<(u32, u32, u8)> {
+        self.regs.lock_or_recover().get(vcpu as usize).copied()
+    }
+
+    /// Sets vCPU `vcpu`'s registers (a restored vCPU's, before it runs).
+    pub fn set_regs_of(&self, vcpu: u32, regs: (u32, u32, u8)) {
+        if let Some(r) = self.regs.lock_or_recover().get_mut(vcpu as usize) {
+            *r = regs;
         }
     }
 

@@ -24,6 +24,19 @@ pub struct ControlLatch {
 }
 
 impl ControlLatch {
+    /// A latch holding the argument halves `[lo, hi]` (a restored vCPU's).
+    pub fn holding(arg: [u32; 2]) -> ControlLatch {
+        ControlLatch {
+            lo: arg[0],
+            hi: arg[1],
+        }
+    }
+
+    /// The argument halves it holds, `[lo, hi]`.
+    pub fn arg(&self) -> [u32; 2] {
+        [self.lo, self.hi]
+    }
+
     /// True for the ports this device decodes.
     pub fn claims(port: u16) -> bool {
         matches!(port, CONTROL_PORT | ARG_LO_PORT | ARG_HI_PORT)

@@ -469,6 +469,7 @@ pub(crate) fn machine_from_state(
         created,
         tracking: None,
         command_seq: state.devices.command_seq.clone(),
+        ports: state.vcpus.iter().map(|v| v.ports).collect(),
         cpuid,
         machine: state.machine.clone(),
         restored: true,

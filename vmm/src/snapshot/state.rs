@@ -64,6 +64,20 @@ pub struct SavedVcpu {
     pub mp_state: kvm_mp_state,
     /// The CPUID the vCPU was given.
     pub cpuid: Vec<kvm_cpuid_entry2>,
+    /// Its port registers in the VMM's devices.
+    pub ports: PortRegs,
+}
+
+/// One vCPU's registers in the VMM's port devices: what it wrote there
+/// and what it may read next. A guest captured between the `out`s of one
+/// event, or between a block command and the read of its status, goes on
+/// from there in a restored VM, a clone or a fork child.
+#[derive(Clone, Copy, Debug, Default, Serialize, Deserialize, PartialEq, Eq)]
+pub struct PortRegs {
+    /// The control port's argument halves (low, high).
+    pub control_arg: [u32; 2],
+    /// The block device's page and block arguments and last status.
+    pub block: Option<(u32, u32, u8)>,
 }
 
 /// VM-wide state.
@@ -364,6 +378,7 @@ pub fn save_vcpu(fd: &VcpuFd, cpuid: &[kvm_cpuid_entry2]) -> Result<SavedVcpu, k
         events: fd.get_vcpu_events()?,
         mp_state: fd.get_mp_state()?,
         cpuid: cpuid.to_vec(),
+        ports: PortRegs::default(),
     })
 }
 

@@ -94,6 +94,11 @@ impl VcpuControl {
         }
     }
 
+    /// True while a pause is asked for.
+    pub fn pause_requested(&self) -> bool {
+        self.lock().request == Request::Pause
+    }
+
     /// Called by a vCPU thread when it leaves its run loop for good.
     pub fn exited(&self) {
         let mut s = self.lock();

@@ -262,6 +262,17 @@ impl VcpuRunner {
         self
     }
 
+    /// Starts from the port registers a restored vCPU had (its control
+    /// latch, and its block device registers when the VM has the device).
+    pub fn with_ports(self, ports: crate::snapshot::state::PortRegs) -> Self {
+        let mut runner = self;
+        runner.latch = crate::devices::control_port::ControlLatch::holding(ports.control_arg);
+        if let (Some(b), Some(regs)) = (&runner.block, ports.block) {
+            b.set_regs_of(runner.index, regs);
+        }
+        runner
+    }
+
     /// Refuses the guest's writes to its ROM and serves the ROM's port.
     pub fn with_rom(mut self, rom: Option<Arc<crate::devices::rom::RomGuard>>) -> Self {
         self.rom = rom;
@@ -315,25 +326,53 @@ impl VcpuRunner {
         }
         let vcpu = self.index;
         let control = self.control.clone();
+        // The last exit was port I/O or MMIO, which KVM completes only on
+        // the next KVM_RUN (an `in` or MMIO read loads its data then, and
+        // with hardware virtualization an `out` steps past the instruction
+        // then): a state saved before would stand on the instruction, and
+        // a guest restored or forked from it would run the I/O again.
+        let mut io_pending = false;
         loop {
-            let fd = &self.fd;
-            let capture = &self.capture;
-            let mut before_park = || {
-                if let Some((slots, cpuid)) = capture {
-                    if let Some(epoch) = slots.pending(vcpu) {
-                        let state = save_vcpu(fd, cpuid).map_err(|e| e.to_string());
-                        slots.store(vcpu, epoch, state);
+            let completing = io_pending && control.pause_requested();
+            if completing {
+                // Complete it before the vCPU parks for a capture: one
+                // KVM_RUN that returns at once, running no guest code
+                // (KVM's `immediate_exit`).
+                self.fd.set_kvm_immediate_exit(1);
+            } else {
+                let (fd, capture, latch, block) =
+                    (&self.fd, &self.capture, &self.latch, &self.block);
+                let mut before_park = || {
+                    if let Some((slots, cpuid)) = capture {
+                        if let Some(epoch) = slots.pending(vcpu) {
+                            let ports = crate::snapshot::state::PortRegs {
+                                control_arg: latch.arg(),
+                                block: block.as_ref().and_then(|b| b.regs_of(vcpu)),
+                            };
+                            let state = save_vcpu(fd, cpuid)
+                                .map(|s| crate::snapshot::state::SavedVcpu { ports, ..s })
+                                .map_err(|e| e.to_string());
+                            slots.store(vcpu, epoch, state);
+                        }
                     }
+                };
+                if !control.checkpoint_with(&mut before_park) {
+                    log::debug!("vCPU {vcpu} stopped at {}", describe_registers(&self.fd));
+                    return VcpuOutcome::Stopped;
                 }
-            };
-            if !control.checkpoint_with(&mut before_park) {
-                log::debug!("vCPU {vcpu} stopped at {}", describe_registers(&self.fd));
-                return VcpuOutcome::Stopped;
+                if let Some(t) = &self.first_run {
+                    t.get_or_init(Instant::now);
+                }
             }
-            if let Some(t) = &self.first_run {
-                t.get_or_init(Instant::now);
-            }
-            let next = match self.fd.run() {
+            let result = self.fd.run();
+            io_pending = matches!(
+                result,
+                Ok(VcpuExit::IoOut(..)
+                    | VcpuExit::IoIn(..)
+                    | VcpuExit::MmioRead(..)
+                    | VcpuExit::MmioWrite(..))
+            );
+            let next = match result {
                 Ok(VcpuExit::IoOut(port, data)) => {
                     self.first_io.get_or_init(Instant::now);
                     let data = data.to_vec();
@@ -438,6 +477,9 @@ impl VcpuRunner {
                 Err(e) if e.errno() == libc::EINTR || e.errno() == libc::EAGAIN => Next::Run,
                 Err(source) => return VcpuOutcome::Fault(VcpuFault::Run { vcpu, source }),
             };
+            if completing {
+                self.fd.set_kvm_immediate_exit(0);
+            }
             match next {
                 Next::Run => {}
                 Next::Exit(outcome) => return outcome,
