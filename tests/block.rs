@@ -320,11 +320,16 @@ fn a_rom_is_read_only_to_the_guest_and_the_device_and_survives_snapshots() {
     let i = run_ok(&["inspect", dir.to_str().expect("utf-8"), "--json"]);
     assert_eq!(i["rom"]["gpa"], top, "{i}");
     for mode in ["eager", "mmap", "uffd"] {
-        let o = restore_mode(&dir, mode);
+        let o = restore_mode(&dir, mode, &[]);
         assert_eq!(o.code, 0, "{mode}: {}", o.stderr);
         check_rom(&o.json(), false);
     }
-    let o = clone_count(&dir, "2");
+    // A guest that shared no memory has none to map again.
+    let o = restore_mode(&dir, "eager", &["--shared-mem", rom]);
+    assert_ne!(o.code, 0, "{}", o.stdout);
+    let e = o.json()["error"].as_str().unwrap_or("").to_string();
+    assert!(e.contains("shared no memory"), "{e}");
+    let o = clone_count(&dir, "2", &[]);
     assert_eq!(o.code, 0, "{}", o.stderr);
     let j = o.json();
     for c in j["clones"].as_array().expect("clones") {
@@ -415,13 +420,22 @@ fn shared_memory_is_the_hosts_file_and_a_device_pin_leaves_it_shared() {
         .expect("write");
     let i = run_ok(&["inspect", snap.to_str().expect("utf-8"), "--json"]);
     assert_eq!(i["shared_mem"]["file"], path, "{i}");
+    // The snapshot names its file, but only the user's --shared-mem maps
+    // one (a snapshot is input).
+    let o = restore_mode(&snap, "eager", &[]);
+    assert_ne!(o.code, 0, "{}", o.stdout);
+    assert!(o.json()["error"]
+        .as_str()
+        .unwrap_or("")
+        .contains("--shared-mem FILE"));
+    let shm = ["--shared-mem", path];
     for mode in ["eager", "mmap", "uffd"] {
-        let o = restore_mode(&snap, mode);
+        let o = restore_mode(&snap, mode, &shm);
         assert_eq!(o.code, 0, "{mode}: {}", o.stderr);
         let j = o.json();
         assert_eq!(j["shared_mem"]["seen_at_verify"], word, "{mode}: {j}");
     }
-    let o = clone_count(&snap, "2");
+    let o = clone_count(&snap, "2", &shm);
     assert_eq!(o.code, 0, "{}", o.stderr);
     let j = o.json();
     for c in j["clones"].as_array().expect("clones") {
@@ -441,11 +455,11 @@ fn shared_memory_is_the_hosts_file_and_a_device_pin_leaves_it_shared() {
     // A snapshot whose file is gone is refused, naming it.
     let moved = dir.join("moved.bin");
     std::fs::rename(&file, &moved).expect("rename");
-    let o = restore_mode(&snap, "eager");
+    let o = restore_mode(&snap, "eager", &shm);
     assert_ne!(o.code, 0, "{}", o.stdout);
     let j = o.json();
     let e = j["error"].as_str().unwrap_or("");
-    assert!(e.contains("shared memory") && e.contains(path), "{j}");
+    assert!(e.contains("--shared-mem") && e.contains(path), "{j}");
     std::fs::rename(&moved, &file).expect("rename");
     // Userfaultfd tracking covers the VM's own memory and passes the
     // kernel-served file by.

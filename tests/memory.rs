@@ -223,11 +223,11 @@ fn an_injected_memory_error_stops_the_guest_after_restore_clone_and_fork() {
     let i = run_ok(&["inspect", dir.to_str().expect("utf-8"), "--json"]);
     assert_eq!(i["poisoned_pages"][0], bad_hex, "{i}");
     for mode in ["eager", "mmap", "uffd"] {
-        let o = restore_mode(&dir, mode);
+        let o = restore_mode(&dir, mode, &[]);
         assert_eq!(o.code, 1, "{mode}: {}", o.stderr);
         stops_at_bad(&o.json(), mode);
     }
-    let o = clone_count(&dir, "2");
+    let o = clone_count(&dir, "2", &[]);
     assert_eq!(o.code, 1, "{}", o.stderr);
     let j = o.json();
     let clones = j["clones"].as_array().expect("clones");

@@ -612,7 +612,11 @@ fn poisoned_pages_survive_snapshot_and_restore() {
                 }
             },
         ));
-        let opts = RestoreOptions { mode, verify: true };
+        let opts = RestoreOptions {
+            mode,
+            verify: true,
+            shared_mem: None,
+        };
         let (r, _) = restore(&dir, &opts, hooks, SerialSink::Capture).expect("restore");
         assert_eq!(
             r.status,

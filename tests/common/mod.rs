@@ -298,16 +298,20 @@ pub fn run_with_snapshot(dir: &std::path::Path, after: &str, args: &[&str]) -> O
     vmm(&all, T)
 }
 
-/// `vmm restore DIR --mode MODE --json`, as it ended.
-pub fn restore_mode(dir: &std::path::Path, mode: &str) -> Output {
+/// `vmm restore DIR --mode MODE --json EXTRA...`, as it ended.
+pub fn restore_mode(dir: &std::path::Path, mode: &str, extra: &[&str]) -> Output {
     let dir = dir.to_str().expect("utf-8");
-    vmm(&["restore", dir, "--mode", mode, "--json"], T)
+    let mut all = vec!["restore", dir, "--mode", mode, "--json"];
+    all.extend_from_slice(extra);
+    vmm(&all, T)
 }
 
-/// `vmm clone DIR --count N --json`, as it ended.
-pub fn clone_count(dir: &std::path::Path, count: &str) -> Output {
+/// `vmm clone DIR --count N --json EXTRA...`, as it ended.
+pub fn clone_count(dir: &std::path::Path, count: &str, extra: &[&str]) -> Output {
     let dir = dir.to_str().expect("utf-8");
-    vmm(&["clone", dir, "--count", count, "--json"], T)
+    let mut all = vec!["clone", dir, "--count", count, "--json"];
+    all.extend_from_slice(extra);
+    vmm(&all, T)
 }
 
 /// `vmm run --json --fork-after-pages AFTER --forks K ARGS...`, as it

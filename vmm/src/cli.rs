@@ -247,6 +247,12 @@ pub struct RestoreArgs {
     /// Have the guest run its consistency check at its next poll point.
     #[arg(long)]
     pub verify: bool,
+    /// For a snapshot of a guest that shared memory with the host
+    /// (`vmm run --shared-mem`): the file to map there again, as large as
+    /// it was (the snapshot names the file it had, but never maps one by
+    /// itself).
+    #[arg(long, value_name = "FILE")]
+    pub shared_mem: Option<PathBuf>,
     /// Snapshot flags (a diff against the restored snapshot with
     /// --snapshot-parent).
     #[command(flatten)]
@@ -276,6 +282,12 @@ pub struct CloneArgs {
     /// from the snapshot into a page cache the clones share).
     #[arg(long, default_value = "mmap", value_parser = parse_clone_mode)]
     pub mode: crate::snapshot::clone::CloneMode,
+    /// For a snapshot of a guest that shared memory with the host
+    /// (`vmm run --shared-mem`): the file to map there again, as large as
+    /// it was (the snapshot names the file it had, but never maps one by
+    /// itself).
+    #[arg(long, value_name = "FILE")]
+    pub shared_mem: Option<PathBuf>,
     /// Print exactly one JSON object on stdout.
     #[arg(long)]
     pub json: bool,
@@ -288,6 +300,7 @@ pub fn cmd_clone(args: &CloneArgs) -> i32 {
         mode: args.mode,
         seed_base: args.seed_base,
         fail_setup_at: None,
+        shared_mem: args.shared_mem.clone(),
     };
     match crate::snapshot::clone::clone_vms(&args.dir, &opts) {
         Ok(r) => {
@@ -452,8 +465,9 @@ pub struct RunArgs {
     /// Share this file with the guest: mapped shared (not copy-on-write)
     /// into the top of --mem below the ROM, all of it (a multiple of 4 KiB,
     /// 8 KiB to 1 GiB); the guest's and the block device's writes reach the
-    /// file at once. Snapshots record the file, not its content: restores,
-    /// clones and forks map the same file again.
+    /// file at once. Snapshots record the file, not its content: forks map
+    /// the same file again, restores and clones the one their own
+    /// --shared-mem names.
     #[arg(long, value_name = "FILE")]
     pub shared_mem: Option<PathBuf>,
     /// Fork flags.
@@ -697,6 +711,7 @@ pub fn cmd_restore(args: &RestoreArgs) -> i32 {
     let opts = RestoreOptions {
         mode: args.mode,
         verify: args.verify,
+        shared_mem: args.shared_mem.clone(),
     };
     // The restored machine's backing decides whether a live snapshot can
     // run; the restore refuses it later if not, with the same message.

@@ -198,7 +198,11 @@ pub fn fork_vm(vm: &mut VmHandle, opts: ForkOptions) -> Result<PendingFork, RunE
         },
         diff: None,
     };
-    let mut config = config_of(&state).map_err(RunError::from)?;
+    // The parent's own shared file (its description is the VMM's, not
+    // input), mapped again by every child.
+    let shared = state.machine.regions.iter().find_map(|r| r.file.clone());
+    let mut config =
+        config_of(&state, shared.as_deref().map(std::path::Path::new)).map_err(RunError::from)?;
     if let Some((file, crc, blocks)) = disk {
         config.disk = crate::devices::block::DiskSource::CopyOf {
             image: Arc::new(file),

@@ -50,6 +50,9 @@ pub struct CloneOptions {
     /// Tests: make the setup of this clone fail after its memory is mapped
     /// (an injected mapping failure, rule 7).
     pub fail_setup_at: Option<u32>,
+    /// The file every clone maps as the memory the snapshot's guest shared
+    /// with the host, for a snapshot of a guest that had some.
+    pub shared_mem: Option<std::path::PathBuf>,
 }
 
 /// One clone's outcome.
@@ -231,7 +234,7 @@ pub fn clone_vms(dir: &Path, opts: &CloneOptions) -> Result<CloneReport, RunErro
     let begin = Instant::now();
     let chain = Arc::new(Chain::open(dir)?);
     let state = &chain.head().state;
-    let mut config = config_of(state)?;
+    let mut config = config_of(state, opts.shared_mem.as_deref())?;
     config.disk = super::restore::disk_of(state, dir)?;
     let kvm = open_kvm()?;
     check_host_cpu(&kvm, state)?;

@@ -61,6 +61,9 @@ pub struct RestoreOptions {
     pub mode: RestoreMode,
     /// Make the guest run its consistency check at its next poll point.
     pub verify: bool,
+    /// The file to map as the memory the guest shared with the host, for
+    /// a snapshot of a guest that had some.
+    pub shared_mem: Option<std::path::PathBuf>,
 }
 
 /// What the restore itself cost.
@@ -205,7 +208,13 @@ pub(crate) fn disk_of(state: &SnapshotState, dir: &Path) -> Result<DiskSource, S
     })
 }
 
-pub(crate) fn config_of(state: &SnapshotState) -> Result<VmConfig, SnapshotError> {
+/// `shared_mem`: the file to map as the memory the snapshot's guest
+/// shared with the host (the user names it; a snapshot's own record of
+/// its path is never mapped by itself).
+pub(crate) fn config_of(
+    state: &SnapshotState,
+    shared_mem: Option<&Path>,
+) -> Result<VmConfig, SnapshotError> {
     let m = &state.machine;
     let backing = BackingKind::from_name(&m.backing)
         .ok_or_else(|| SnapshotError::Incompatible(format!("unknown backing {:?}", m.backing)))?;
@@ -240,42 +249,55 @@ pub(crate) fn config_of(state: &SnapshotState) -> Result<VmConfig, SnapshotError
         // Poisoned pages come back from the snapshot's markers.
         poison: Vec::new(),
         rom: rom_of(m)?,
-        shared_mem: shared_mem_of(m)?,
+        shared_mem: shared_mem_of(m, shared_mem)?,
     })
 }
 
 /// The memory a snapshot's machine shared with the host: its one shared
-/// region, right below the ROM (or at the top), whose file is mapped again
-/// (it must still be there, as large as it was).
+/// region, right below the ROM (or at the top). The file mapped there
+/// again is the one the user names (`given`), as large as the region: a
+/// snapshot file is input, and naming a file in it must not be enough to
+/// have the VMM map that file into a guest.
 fn shared_mem_of(
     m: &crate::snapshot::state::MachineDesc,
+    given: Option<&Path>,
 ) -> Result<crate::config::SharedMemConfig, SnapshotError> {
+    let bad = |why: String| Err(SnapshotError::Incompatible(why));
     let mut shared = m.regions.iter().filter(|r| r.shared);
     let (r, None) = (shared.next(), shared.next()) else {
-        return Err(SnapshotError::Incompatible(
-            "more than one shared region: only one is supported".into(),
-        ));
+        return bad("more than one shared region: only one is supported".into());
     };
-    let Some(r) = r else {
-        return Ok(Default::default());
+    let (r, given) = match (r, given) {
+        (None, None) => return Ok(Default::default()),
+        (None, Some(p)) => {
+            return bad(format!(
+                "--shared-mem {}: the snapshot's guest shared no memory with the host",
+                p.display()
+            ))
+        }
+        (Some(r), None) => {
+            return bad(format!(
+                "the snapshot's guest shared memory with the host ({}): name the file to map again with --shared-mem FILE",
+                r.file.as_deref().unwrap_or("its file")
+            ))
+        }
+        (Some(r), Some(p)) => (r, p),
     };
     let top = m.mem_bytes - rom_of(m)?.bytes;
-    let Some(path) = r
-        .file
-        .as_deref()
-        .filter(|_| r.gpa.checked_add(r.size) == Some(top))
-    else {
-        return Err(SnapshotError::Incompatible(
-            "the shared region: it must name its file and lie right below the ROM or at the top of guest memory".into(),
-        ));
-    };
-    let shared = crate::devices::shared_mem::shared_for_file(Path::new(path))
-        .map_err(|e| SnapshotError::Incompatible(format!("the guest's shared memory: {e}")))?;
+    if r.gpa.checked_add(r.size) != Some(top) {
+        return bad(
+            "the shared region must lie right below the ROM or at the top of guest memory".into(),
+        );
+    }
+    let shared = crate::devices::shared_mem::shared_for_file(given)
+        .map_err(|e| SnapshotError::Incompatible(e.to_string()))?;
     if shared.bytes != r.size {
-        return Err(SnapshotError::Incompatible(format!(
-            "the guest's shared memory {path} is {} bytes now, it had {}",
-            shared.bytes, r.size
-        )));
+        return bad(format!(
+            "--shared-mem {} is {} bytes; the snapshot's guest shared {}",
+            given.display(),
+            shared.bytes,
+            r.size
+        ));
     }
     Ok(shared)
 }
@@ -573,7 +595,7 @@ pub fn restore(
     let chain = Arc::new(Chain::open(dir)?);
     phases.mark("state_read");
     let state = &chain.head().state;
-    let mut config = config_of(state)?;
+    let mut config = config_of(state, opts.shared_mem.as_deref())?;
     config.disk = disk_of(state, dir)?;
     let signals = prepare_process()?;
     let kvm = open_kvm()?;

@@ -264,13 +264,12 @@ impl VcpuRunner {
 
     /// Starts from the port registers a restored vCPU had (its control
     /// latch, and its block device registers when the VM has the device).
-    pub fn with_ports(self, ports: crate::snapshot::state::PortRegs) -> Self {
-        let mut runner = self;
-        runner.latch = crate::devices::control_port::ControlLatch::holding(ports.control_arg);
-        if let (Some(b), Some(regs)) = (&runner.block, ports.block) {
-            b.set_regs_of(runner.index, regs);
+    pub fn with_ports(mut self, ports: crate::snapshot::state::PortRegs) -> Self {
+        self.latch = crate::devices::control_port::ControlLatch::holding(ports.control_arg);
+        if let (Some(b), Some(regs)) = (&self.block, ports.block) {
+            b.set_regs_of(self.index, regs);
         }
-        runner
+        self
     }
 
     /// Refuses the guest's writes to its ROM and serves the ROM's port.
@@ -328,9 +327,9 @@ impl VcpuRunner {
         let control = self.control.clone();
         // The last exit was port I/O or MMIO, which KVM completes only on
         // the next KVM_RUN (an `in` or MMIO read loads its data then, and
-        // with hardware virtualization an `out` steps past the instruction
-        // then): a state saved before would stand on the instruction, and
-        // a guest restored or forked from it would run the I/O again.
+        // an `out` on KVM's fast PIO path steps past the instruction then):
+        // a state saved before would stand on the instruction, and a guest
+        // restored or forked from it would run the I/O again.
         let mut io_pending = false;
         loop {
             let completing = io_pending && control.pause_requested();
