@@ -145,8 +145,8 @@ mod tests {
         assert!(gate.wait());
     }
 
-    #[test]
-    fn members_answer_in_turn_and_a_slow_one_holds_the_rest_no_longer_than_the_limit() {
+    /// An open gate two members passed.
+    fn opened_with_two_members() -> Arc<StartGate> {
         let (gate, guard) = StartGate::new();
         let threads = waiters(&gate, 2);
         while gate.gate.lock_or_recover().members < 2 {
@@ -156,6 +156,12 @@ mod tests {
         for t in threads {
             assert!(t.join().expect("waiter"));
         }
+        gate
+    }
+
+    #[test]
+    fn members_answer_in_turn_and_a_slow_one_holds_the_rest_no_longer_than_the_limit() {
+        let gate = opened_with_two_members();
         // The first to answer waits for the second.
         let g = gate.clone();
         let first = std::thread::spawn(move || {
@@ -169,15 +175,7 @@ mod tests {
         assert!(first.join().expect("first") >= Duration::from_millis(30));
         // A member that never answers holds the others only until no
         // answer came for the limit.
-        let (gate, guard) = StartGate::new();
-        let threads = waiters(&gate, 2);
-        while gate.gate.lock_or_recover().members < 2 {
-            std::thread::yield_now();
-        }
-        guard.open();
-        for t in threads {
-            assert!(t.join().expect("waiter"));
-        }
+        let gate = opened_with_two_members();
         let t = Instant::now();
         gate.answered(Duration::from_millis(20));
         let waited = t.elapsed();
