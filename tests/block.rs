@@ -360,17 +360,6 @@ fn a_rom_is_read_only_to_the_guest_and_the_device_and_survives_snapshots() {
     }
 }
 
-/// True when `path` lies on tmpfs (where the kernel lets a device pin file
-/// pages for long).
-fn on_tmpfs(path: &std::path::Path) -> bool {
-    use std::os::unix::ffi::OsStrExt;
-    let c = std::ffi::CString::new(path.as_os_str().as_bytes()).expect("path");
-    // SAFETY: `statfs` is plain integers: all zeros is a valid value.
-    let mut st: libc::statfs = unsafe { std::mem::zeroed() };
-    // SAFETY: a NUL-terminated path and a buffer we own.
-    unsafe { libc::statfs(c.as_ptr(), &mut st) == 0 && st.f_type as i64 == 0x0102_1994 }
-}
-
 /// `--shared-mem`: a file mapped shared (not copy-on-write) into guest
 /// memory, from the CLI on real KVM. The guest's store and the io_uring
 /// device's write (a read-write pin of a shared page: rule 14, its unshare
@@ -476,7 +465,7 @@ fn shared_memory_is_the_hosts_file_and_a_device_pin_leaves_it_shared() {
     // A file on a disk filesystem: the kernel refuses the device's long
     // pins, so the io workload is refused with it up front.
     let disk = temp_file("shared-disk", &vec![0u8; 8192]);
-    if !on_tmpfs(&disk) {
+    if !vmm::host_fs::on_tmpfs(&disk) {
         assert_usage_error(
             &[
                 "run",

@@ -12,6 +12,7 @@
 //! * [`bench`]: `vmm bench ...`.
 //! * [`cli`]: the command line.
 //! * [`clock`]: monotonic timestamps shared with the benchmarks.
+//! * [`host_fs`]: which filesystem a host file lies on.
 
 pub mod bench;
 pub mod cli;
@@ -21,6 +22,7 @@ pub mod devices;
 pub mod dirty;
 pub mod fork;
 pub mod guest_image;
+pub mod host_fs;
 pub mod numa;
 pub mod oracle;
 pub mod report;

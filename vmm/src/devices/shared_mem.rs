@@ -41,51 +41,35 @@ pub enum SharedMemError {
     Ram(#[from] RamError),
 }
 
-fn open(path: &Path) -> Result<std::fs::File, SharedMemError> {
-    std::fs::OpenOptions::new()
+/// `path` opened for reading and writing, and its length.
+fn open_sized(path: &Path) -> Result<(std::fs::File, u64), SharedMemError> {
+    let fail = |source| SharedMemError::Open {
+        path: path.into(),
+        source,
+    };
+    let file = std::fs::OpenOptions::new()
         .read(true)
         .write(true)
         .open(path)
-        .map_err(|source| SharedMemError::Open {
-            path: path.into(),
-            source,
-        })
+        .map_err(fail)?;
+    let len = file.metadata().map_err(fail)?.len();
+    Ok((file, len))
 }
 
 /// The shared memory `path` gives: all of the file (the configuration's
 /// check says whether its size will do).
 pub fn shared_for_file(path: &Path) -> Result<SharedMemConfig, SharedMemError> {
-    let file = open(path)?;
+    let (file, len) = open_sized(path)?;
     // Recorded in snapshots: whoever restores one finds it from anywhere.
-    let path = &std::fs::canonicalize(path).map_err(|source| SharedMemError::Open {
+    let path = std::fs::canonicalize(path).map_err(|source| SharedMemError::Open {
         path: path.into(),
         source,
     })?;
-    let len = file
-        .metadata()
-        .map_err(|source| SharedMemError::Open {
-            path: path.into(),
-            source,
-        })?
-        .len();
     Ok(SharedMemConfig {
         bytes: len,
-        file: Some(path.into()),
-        pinnable: on_pinnable_fs(&file),
+        file: Some(path),
+        pinnable: crate::host_fs::lets_devices_pin(&file),
     })
-}
-
-/// True when `file` lies on tmpfs or hugetlbfs, whose pages the kernel
-/// lets a device pin for long (`FOLL_LONGTERM`, as io_uring's fixed
-/// buffers do); a disk filesystem's page cache it does not.
-fn on_pinnable_fs(file: &std::fs::File) -> bool {
-    const TMPFS_MAGIC: i64 = 0x0102_1994;
-    const HUGETLBFS_MAGIC: i64 = 0x9584_58f6;
-    // SAFETY: `statfs` is plain integers: all zeros is a valid value.
-    let mut st: libc::statfs = unsafe { std::mem::zeroed() };
-    // SAFETY: a descriptor we hold open and the buffer above.
-    let rc = unsafe { libc::fstatfs(std::os::fd::AsRawFd::as_raw_fd(file), &mut st) };
-    rc == 0 && matches!(st.f_type as i64, TMPFS_MAGIC | HUGETLBFS_MAGIC)
 }
 
 /// Maps the configuration's file into the top of `ram` below its ROM
@@ -94,14 +78,7 @@ pub fn map_into(ram: &mut GuestRam, shared: &SharedMemConfig) -> Result<(), Shar
     let Some(path) = &shared.file else {
         return Ok(());
     };
-    let file = open(path)?;
-    let len = file
-        .metadata()
-        .map_err(|source| SharedMemError::Open {
-            path: path.clone(),
-            source,
-        })?
-        .len();
+    let (file, len) = open_sized(path)?;
     if len != shared.bytes {
         return Err(SharedMemError::Resized {
             path: path.clone(),

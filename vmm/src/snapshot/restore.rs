@@ -419,20 +419,6 @@ fn load_chain(ram: &GuestRam, chain: &Chain) -> Result<u64, RunError> {
     Ok(pages)
 }
 
-/// True when `path` lies on a tmpfs.
-fn on_tmpfs(path: &Path) -> bool {
-    use std::os::unix::ffi::OsStrExt;
-    let Ok(c) = std::ffi::CString::new(path.as_os_str().as_bytes()) else {
-        return false;
-    };
-    // SAFETY: statfs writes into the zeroed struct we own; the path is a
-    // NUL-terminated string.
-    unsafe {
-        let mut st: libc::statfs = std::mem::zeroed();
-        libc::statfs(c.as_ptr(), &mut st) == 0 && st.f_type == 0x0102_1994 // TMPFS_MAGIC
-    }
-}
-
 /// The machine `state` describes, on `ram` (its memory loaded or served
 /// already): rule 12's poisoned pages marked again, then the VM with its
 /// irqchip, then each vCPU. `config` is the run's configuration, made
@@ -525,7 +511,7 @@ impl MappableImage {
             );
             (Some(image), true, what)
         } else {
-            let on_tmp = on_tmpfs(&dir.join("memory.bin"));
+            let on_tmp = crate::host_fs::on_tmpfs(&dir.join("memory.bin"));
             (None, on_tmp, "memory.bin".to_string())
         };
         let note = if on_tmp {
