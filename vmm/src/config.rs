@@ -207,7 +207,7 @@ impl VmConfig {
             .unwrap_or(NumaLayout::single(self.mem_bytes));
         // The shared memory and the ROM are the top of the last node's
         // memory: the guest's RAM (and its work area) lies below them.
-        let last = (layout.nodes.clamp(1, MAX_NODES as u32) - 1) as usize;
+        let last = last_node(&layout);
         layout.ranges[last].bytes = layout.ranges[last]
             .bytes
             .saturating_sub(self.rom.bytes + self.shared_mem.bytes);
@@ -282,6 +282,14 @@ impl VmConfig {
         Ok(())
     }
 
+    /// True when the last NUMA node keeps RAM past the fixed layout below
+    /// the shared memory and the ROM carved from its top.
+    fn ram_below_top(&self) -> bool {
+        let layout = self.numa_layout();
+        let last = layout.ranges[last_node(&layout)];
+        last.bytes > 0 && last.end() > WORK_GPA
+    }
+
     fn validate_rom(&self) -> Result<(), ConfigError> {
         let bytes = self.rom.bytes;
         if bytes == 0 {
@@ -293,9 +301,7 @@ impl VmConfig {
                 format_size(MAX_ROM_BYTES)
             )));
         }
-        let layout = self.numa_layout();
-        let last = layout.ranges[(layout.nodes.clamp(1, MAX_NODES as u32) - 1) as usize];
-        if last.bytes == 0 || last.end() <= WORK_GPA {
+        if !self.ram_below_top() {
             return Err(ConfigError::Rom(format!(
                 "--rom: a ROM of {} leaves no RAM below it in the last NUMA node: give the guest more --mem",
                 format_size(bytes)
@@ -322,9 +328,7 @@ impl VmConfig {
                 format_size(MAX_SHARED_BYTES)
             ));
         }
-        let layout = self.numa_layout();
-        let last = layout.ranges[(layout.nodes.clamp(1, MAX_NODES as u32) - 1) as usize];
-        if last.bytes == 0 || last.end() <= WORK_GPA {
+        if !self.ram_below_top() {
             return refuse(format!(
                 "{} of shared memory leaves no RAM below it in the last NUMA node: give the guest more --mem",
                 format_size(bytes)
@@ -440,6 +444,11 @@ impl VmConfig {
         }
         Ok(())
     }
+}
+
+/// The index of `layout`'s last node.
+fn last_node(layout: &NumaLayout) -> usize {
+    (layout.nodes.clamp(1, MAX_NODES as u32) - 1) as usize
 }
 
 /// The host's physical RAM in bytes, if it can be read.

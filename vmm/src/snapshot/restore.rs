@@ -220,6 +220,9 @@ pub(crate) fn config_of(
         .ok_or_else(|| SnapshotError::Incompatible(format!("unknown backing {:?}", m.backing)))?;
     let workload = Workload::from_name(&m.workload)
         .ok_or_else(|| SnapshotError::Incompatible(format!("unknown workload {:?}", m.workload)))?;
+    let rom = rom_of(m)?;
+    let shared_mem = shared_mem_of(m, rom.bytes, shared_mem)?;
+    let numa = numa_of(m, rom.bytes + shared_mem.bytes)?;
     Ok(VmConfig {
         mem_bytes: m.mem_bytes,
         vcpus: m.vcpus,
@@ -245,21 +248,23 @@ pub(crate) fn config_of(
         round_per_pass: m.round_per_pass,
         track: None,
         disk: Default::default(),
-        numa: numa_of(m)?,
+        numa,
         // Poisoned pages come back from the snapshot's markers.
         poison: Vec::new(),
-        rom: rom_of(m)?,
-        shared_mem: shared_mem_of(m, shared_mem)?,
+        rom,
+        shared_mem,
     })
 }
 
 /// The memory a snapshot's machine shared with the host: its one shared
-/// region, right below the ROM (or at the top). The file mapped there
+/// region, right below the ROM of `rom_bytes` (or at the top). The file
+/// mapped there
 /// again is the one the user names (`given`), as large as the region: a
 /// snapshot file is input, and naming a file in it must not be enough to
 /// have the VMM map that file into a guest.
 fn shared_mem_of(
     m: &crate::snapshot::state::MachineDesc,
+    rom_bytes: u64,
     given: Option<&Path>,
 ) -> Result<crate::config::SharedMemConfig, SnapshotError> {
     let bad = |why: String| Err(SnapshotError::Incompatible(why));
@@ -283,8 +288,7 @@ fn shared_mem_of(
         }
         (Some(r), Some(p)) => (r, p),
     };
-    let top = m.mem_bytes - rom_of(m)?.bytes;
-    if r.gpa.checked_add(r.size) != Some(top) {
+    if r.gpa.checked_add(r.size) != Some(m.mem_bytes - rom_bytes) {
         return bad(
             "the shared region must lie right below the ROM or at the top of guest memory".into(),
         );
@@ -326,26 +330,23 @@ fn rom_of(m: &crate::snapshot::state::MachineDesc) -> Result<RomConfig, Snapshot
 
 /// The NUMA settings a snapshot's machine ran with: its nodes (one region
 /// each) and vCPUs as they were, placed again where it was placed (mapped
-/// onto this host by `Placement::plan`).
-fn numa_of(m: &crate::snapshot::state::MachineDesc) -> Result<NumaConfig, SnapshotError> {
+/// onto this host by `Placement::plan`). `top_bytes`: the shared memory
+/// and the ROM, carved from the top of the last node.
+fn numa_of(
+    m: &crate::snapshot::state::MachineDesc,
+    top_bytes: u64,
+) -> Result<NumaConfig, SnapshotError> {
     let bad = |why: &str| SnapshotError::Incompatible(format!("the NUMA layout: {why}"));
     let n = &m.numa;
     if n.vcpu_node.len() != m.vcpus as usize {
         return Err(bad("one node per vCPU is not recorded"));
     }
-    // The nodes' RAM; the shared memory and the ROM are the top of the
-    // last node.
+    // The nodes' RAM.
     let nodes: Vec<_> = m
         .regions
         .iter()
         .filter(|r| !r.read_only && !r.shared)
         .collect();
-    let top_bytes = rom_of(m)?.bytes
-        + m.regions
-            .iter()
-            .filter(|r| r.shared)
-            .map(|r| r.size)
-            .sum::<u64>();
     let mut at = 0;
     for r in &nodes {
         if r.gpa != at {
