@@ -2,8 +2,8 @@
 
 use core::arch::asm;
 use guest_protocol::control::{
-    Event, ARG_HI_PORT, ARG_LO_PORT, BLOCK_BLOCK_PORT, BLOCK_CMD_PORT, BLOCK_PAGE_PORT,
-    CONTROL_PORT, SERIAL_PORT,
+    Event, ARG_HI_PORT, ARG_LO_PORT, BLOCK_BLOCK_PORT, BLOCK_CMD_PORT, BLOCK_CMD_READ,
+    BLOCK_CMD_WRITE, BLOCK_PAGE_PORT, CONTROL_PORT, SERIAL_PORT,
 };
 
 fn outl(port: u16, value: u32) {
@@ -36,6 +36,15 @@ pub fn block(cmd: u8, page: u64, block: u64) -> u8 {
     outl(BLOCK_BLOCK_PORT, block as u32);
     outb(BLOCK_CMD_PORT, cmd);
     inb(BLOCK_CMD_PORT)
+}
+
+/// Has the block device copy guest page `from` into guest page `to`
+/// through block `block` (written out, then read back); true when both
+/// commands succeeded.
+pub fn copy_through_block(from: u64, to: u64, block: u64) -> bool {
+    let out = self::block(BLOCK_CMD_WRITE, from, block);
+    let back = self::block(BLOCK_CMD_READ, to, block);
+    out == 0 && back == 0
 }
 
 fn inl(port: u16) -> u32 {

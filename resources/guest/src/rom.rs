@@ -6,9 +6,8 @@ use crate::io;
 use core::ptr::{read_volatile, write_volatile};
 use guest_protocol::boot_info::{rom_sum, BootInfo};
 use guest_protocol::control::{
-    BLOCK_CMD_READ, BLOCK_CMD_WRITE, BLOCK_STATUS_REFUSED, ROM_CHECK_CONTENT,
-    ROM_CHECK_CPU_REFUSED, ROM_CHECK_DEVICE_COPIED, ROM_CHECK_DEVICE_REFUSED,
-    ROM_CHECK_DEVICE_TRIED,
+    BLOCK_CMD_READ, BLOCK_STATUS_REFUSED, ROM_CHECK_CONTENT, ROM_CHECK_CPU_REFUSED,
+    ROM_CHECK_DEVICE_COPIED, ROM_CHECK_DEVICE_REFUSED, ROM_CHECK_DEVICE_TRIED,
 };
 use guest_protocol::layout::PAGE_SIZE;
 
@@ -79,11 +78,10 @@ impl Rom {
             held |= ROM_CHECK_CPU_REFUSED;
         }
         if let Some((block, scratch)) = device {
-            let out = io::block(BLOCK_CMD_WRITE, self.gpa / PAGE_SIZE, block);
-            let back = io::block(BLOCK_CMD_READ, scratch / PAGE_SIZE, block);
+            let copied = io::copy_through_block(self.gpa / PAGE_SIZE, scratch / PAGE_SIZE, block);
             // SAFETY: the caller's free scratch page, identity-mapped.
             let copy = unsafe { read_volatile(scratch as *const u64) };
-            if out == 0 && back == 0 && copy == before {
+            if copied && copy == before {
                 held |= ROM_CHECK_DEVICE_COPIED;
             }
             held |= ROM_CHECK_DEVICE_TRIED;

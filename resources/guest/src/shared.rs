@@ -7,9 +7,7 @@
 use crate::io;
 use core::ptr::{read_volatile, write_volatile};
 use guest_protocol::boot_info::{BootInfo, SHARED_PROBE_WORD};
-use guest_protocol::control::{
-    BLOCK_CMD_READ, BLOCK_CMD_WRITE, SHARED_CHECK_DEVICE_COPIED, SHARED_CHECK_STORED,
-};
+use guest_protocol::control::{SHARED_CHECK_DEVICE_COPIED, SHARED_CHECK_STORED};
 use guest_protocol::layout::PAGE_SIZE;
 
 /// Where the shared memory is.
@@ -62,11 +60,10 @@ impl SharedMem {
         }
         if let Some(block) = block.filter(|_| self.pages >= 2) {
             let page = self.gpa / PAGE_SIZE;
-            let out = io::block(BLOCK_CMD_WRITE, page, block);
-            let back = io::block(BLOCK_CMD_READ, page + 1, block);
+            let done = io::copy_through_block(page, page + 1, block);
             // SAFETY: the second page of the shared memory, identity-mapped.
             let copied = unsafe { read_volatile((self.gpa + PAGE_SIZE) as *const u64) };
-            if out == 0 && back == 0 && copied == SHARED_PROBE_WORD {
+            if done && copied == SHARED_PROBE_WORD {
                 held |= SHARED_CHECK_DEVICE_COPIED;
             }
         }
