@@ -97,7 +97,11 @@ impl GuestRam {
         // children get copies of their content now. (A pinned page of a
         // file shared with the host is that file's on every side.)
         let mut pinned: Vec<u64> = self.pinned_pages();
-        pinned.retain(|g| self.engine_serves(*g));
+        pinned.retain(|g| {
+            regions
+                .iter()
+                .any(|r| r.contains_gpa(*g) && r.backing.uses_fault_engine())
+        });
         let mut copies = Vec::with_capacity(pinned.len());
         for &gpa in &pinned {
             let mut page = vec![0u8; PAGE_SIZE as usize];

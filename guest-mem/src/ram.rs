@@ -324,7 +324,8 @@ impl GuestRam {
     /// and devices' writes reach the file, whoever else maps it sees them,
     /// and a pin's unshare does nothing there (rule 14). The kernel serves
     /// its faults (the fault engine and the table do not see it), so
-    /// write-protect tracking, snapshots and forks cannot cover it. Call
+    /// write-protect tracking and live snapshots pass it by
+    /// ([`GuestRam::engine_regions`]) and a fork keeps it shared. Call
     /// once, after [`GuestRam::split_into_nodes`], before the guest runs.
     pub fn set_shared_file(&mut self, file: &std::fs::File) -> Result<Arc<Region>, RamError> {
         if self.shared_file.is_some() {

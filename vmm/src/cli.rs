@@ -567,7 +567,7 @@ pub struct ForkArgs {
 
 impl RunArgs {
     /// The VM configuration these flags describe (not yet validated; the
-    /// ROM file is sized here).
+    /// ROM and shared files are sized here).
     pub fn to_config(&self) -> Result<VmConfig, crate::config::ConfigError> {
         let rom = self
             .rom
